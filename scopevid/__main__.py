@@ -1,0 +1,5 @@
+import sys
+
+from scopevid.cli import main
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""The adapter protocol: the one seam every model family plugs into.
+
+An adapter turns (latents of the frames to forward, their sigmas, prompt conditioning, clean K/V
+context) into a guided velocity for those frames, and offers a cheap host feature for SCOPE.
+Adapters never import engine or cluster: what they need from them arrives as arguments:
+
+- a `ForwardSpec` says which absolute frames the forward covers, what clean context it attends
+  from the KV cache and which of its frames' K/V to store;
+- an `Attention` callable does the attention. The default (`local_attention`) runs SDPA on one
+  process; cluster.sequence wraps the same function in DeepSpeed's Ulysses all-to-all, so the model
+  code is identical on one rank or many.
+
+Shapes: latents of one forward are [F, C, H, W] (no batch axis: one video at a time); attention
+tensors are [B, S, heads, head_dim] with S = frames * tokens_per_frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class KVStore(Protocol):
+    """Clean-context K/V per layer and absolute frame (engine.kvcache implements it)."""
+
+    def get(self, layer: int, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def put(self, layer: int, frame: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+
+@dataclass
+class ForwardSpec:
+    """What one forward covers. Frame lists are of the full sequence (all shards, in order)."""
+
+    frames: list[int]  # absolute latent index of every forwarded frame; -1 marks padding
+    origin: int = 0  # absolute index that gets temporal position 0 (RoPE); positions = frame - origin
+    context: list[int] = field(default_factory=list)  # clean frames attended from `kv`, oldest first
+    store: frozenset[int] = frozenset()  # forwarded frames whose K/V go into `kv` (they are clean)
+    kv: KVStore | None = None
+    causal: bool = True  # block-causal over frames (a frame attends to itself and earlier frames)
+    shard: tuple[int, int] | None = None  # [lo, hi) of `frames` held by this process (None: all)
+
+    def local_frames(self) -> list[int]:
+        lo, hi = self.shard if self.shard is not None else (0, len(self.frames))
+        return self.frames[lo:hi]
+
+    def local_positions(self) -> list[int]:
+        """Temporal RoPE positions of this process's frames (padding gets 0; its output is dropped)."""
+        return [f - self.origin if f >= 0 else 0 for f in self.local_frames()]
+
+
+Attention = Callable[..., torch.Tensor]  # (q, k, v, layer: int, spec: ForwardSpec) -> out, all [B, S, h, d]
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spec: ForwardSpec) -> torch.Tensor:
+    """Attention over one process's heads for the whole sequence of `spec.frames`.
+
+    Stores the K/V of `spec.store` frames, prepends the cached K/V of `spec.context` frames, and
+    applies the frame mask: padding keys are never attended; with `causal`, a query frame sees key
+    frames with index <= its own. Under Ulysses this runs between the two all-to-alls, so the KV
+    cache holds this rank's heads for every frame and no K/V ever moves between ranks.
+    """
+    b, s, h, d = q.shape
+    nf = len(spec.frames)
+    tpf = s // nf  # tokens per frame
+    if spec.kv is not None and spec.store:
+        for i, f in enumerate(spec.frames):
+            if f in spec.store:
+                sl = slice(i * tpf, (i + 1) * tpf)
+                spec.kv.put(layer, f, k[:, sl].detach(), v[:, sl].detach())
+    key_frames = list(spec.frames)
+    if spec.context:
+        if spec.kv is None:
+            raise ValueError("ForwardSpec.context needs a KV store")
+        got = spec.kv.get(layer, spec.context)
+        if got is None:
+            raise KeyError(f"KV cache lacks context frames {spec.context[0]}..{spec.context[-1]} at layer {layer}")
+        kc, vc = got
+        k = torch.cat([kc.to(k.dtype), k], dim=1)
+        v = torch.cat([vc.to(v.dtype), v], dim=1)
+        key_frames = list(spec.context) + key_frames
+    qf = torch.tensor(spec.frames, device=q.device).repeat_interleave(tpf)
+    kf = torch.tensor(key_frames, device=q.device).repeat_interleave(tpf)
+    allowed = (kf >= 0)[None, :].expand(qf.numel(), -1)
+    if spec.causal:
+        allowed = allowed & (kf[None, :] <= qf[:, None])
+    # padded queries see every real key: their outputs are discarded, but a row of -inf would give NaN
+    allowed = allowed | ((qf < 0)[:, None] & (kf >= 0)[None, :])
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[None, None]
+    )
+    return out.transpose(1, 2)
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompt(s). `cond`/`uncond` are model-specific tensors; `guidance` the CFG scale."""
+
+    cond: Any
+    uncond: Any = None
+    guidance: float = 1.0
+
+
+class Adapter(Protocol):
+    """What the engine needs from a model family."""
+
+    name: str
+    latent_channels: int
+    latent_hw: tuple[int, int]
+    temporal_compression: int  # pixel frames per latent frame after the first
+    causal: bool  # block-causal over frames: selective computation is exact with a KV cache
+
+    def sigmas(self, num_steps: int) -> tuple[float, ...]:
+        """T+1 noise levels from pure noise to clean, the model's own schedule (with its shift)."""
+
+    def encode_prompt(self, prompt: str, negative: str | None, guidance: float) -> Conditioning: ...
+
+    def host_feature(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
+        """SCOPE's pre-forward signal per frame, [F, ...]: cheap, computed without the block stack."""
+
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention
+    ) -> torch.Tensor:
+        """Guided velocity [F, C, H, W] for exactly the frames given (both CFG branches inside)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latent frames [F, C, H, W] -> pixels [F', H', W', 3] float in [0, 1]."""
+
+    def flops(self, frames: int, context: int) -> float:
+        """Analytic FLOPs of one velocity call on `frames` frames attending `context` cached frames."""

@@ -1,0 +1,143 @@
+"""Adapter for the bundled tiny DiT: weights loading (checked), prompts, guidance, decoding.
+
+Pixel space: a latent frame is an RGB frame in [-1, 1], so decoding is a rescale and there is no
+temporal compression.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from scopevid.adapters.base import Attention, Conditioning, ForwardSpec, local_attention
+from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
+from scopevid.errors import CheckpointError, ConfigError
+
+BUNDLED = Path(__file__).resolve().parents[2] / "weights"  # scopevid/weights
+
+
+def shifted_sigmas(num_steps: int, shift: float) -> tuple[float, ...]:
+    """T+1 flow-matching noise levels 1 -> 0 with the usual time shift s' = k s / (1 + (k - 1) s)."""
+    out = []
+    for i in range(num_steps + 1):
+        s = 1.0 - i / num_steps
+        out.append(shift * s / (1.0 + (shift - 1.0) * s))
+    return tuple(out)
+
+
+class TinyAdapter:
+    name = "tiny"
+    temporal_compression = 1
+    causal = True  # frame-level block-causal: selective computation is exact with the KV cache
+
+    def __init__(self, model: TinyDiT, shift: float = 3.0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.cfg = model.cfg
+        self.shift = shift
+        self.device, self.dtype = torch.device(device), dtype
+        self.latent_channels = self.cfg.channels
+        self.latent_hw = (self.cfg.size, self.cfg.size)
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "TinyAdapter":
+        weights = spec.get("weights", "bundled")
+        if weights == "random":
+            cfg = TinyDiTConfig.from_dict(spec.get("arch", {}))
+            torch.manual_seed(int(spec.get("init_seed", 0)))
+            model = TinyDiT(cfg)
+            for p in model.parameters():  # adaLN-zero would make a random model output zero: perturb
+                if p.dim() > 0 and float(p.abs().sum()) == 0.0:
+                    torch.nn.init.normal_(p, std=0.02)
+            return cls(model, float(spec.get("shift", 3.0)), device, dtype)
+        path = BUNDLED / "tiny.safetensors" if weights == "bundled" else Path(weights)
+        model, meta = load_tiny(path)
+        return cls(model, float(spec.get("shift", meta.get("shift", 3.0))), device, dtype)
+
+    # --- protocol -----------------------------------------------------------------------------
+    def sigmas(self, num_steps: int) -> tuple[float, ...]:
+        return shifted_sigmas(num_steps, self.shift)
+
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        vocab = {w: i for i, w in enumerate(self.cfg.vocab)}
+        words = prompt.lower().split()
+        unknown = [w for w in words if w not in vocab]
+        if unknown:
+            raise ConfigError(
+                f"prompt: unknown word(s) {unknown} for the tiny model; its vocabulary: {' '.join(self.cfg.vocab[1:])}"
+            )
+        ids = [vocab[w] for w in words][: self.cfg.max_prompt]
+        ids += [0] * (self.cfg.max_prompt - len(ids))
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative: str | None = None, guidance: float = 1.0) -> Conditioning:
+        cond = self.model.prompt_vector(self.tokenize(prompt))
+        uncond = self.model.prompt_vector(self.tokenize(negative or ""))
+        return Conditioning(cond=cond, uncond=uncond, guidance=float(guidance))
+
+    def host_feature(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
+        return self.model.host_feature(x.to(self.dtype), sigma, cond.cond)
+
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention
+    ) -> torch.Tensor:
+        x = x.to(self.dtype)
+        kv = spec.kv
+        spec_c = _with_branch(spec, kv, "cond")
+        v = self.model(x, sigma, cond.cond, spec_c, attention)
+        if cond.guidance != 1.0:
+            v_u = self.model(x, sigma, cond.uncond, _with_branch(spec, kv, "uncond"), attention)
+            v = v_u + cond.guidance * (v - v_u)
+        return v.float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((latents.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+
+    def flops(self, frames: int, context: int) -> float:
+        return self.model.flops(frames, context)
+
+
+def _with_branch(spec: ForwardSpec, kv, name: str) -> ForwardSpec:
+    if kv is None or not hasattr(kv, "branch"):
+        return spec
+    from dataclasses import replace
+
+    return replace(spec, kv=kv.branch(name))
+
+
+def load_tiny(path: Path) -> tuple[TinyDiT, dict]:
+    """Load tiny weights + their JSON config, checking every tensor's name, shape and dtype."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise CheckpointError(f"tiny weights not found: {path} (train them with `scopevid train`, or set model.weights: random)")
+    if not meta_path.is_file():
+        raise CheckpointError(f"tiny weights {path} lack their config {meta_path}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        cfg = TinyDiTConfig.from_dict(meta["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: not a tiny model config ({e})") from None
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"{path}: cannot read safetensors ({e})") from None
+    model = TinyDiT(cfg)
+    expected = model.state_dict()
+    for name, ref in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{path}: missing tensor {name!r}")
+        got = state[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {got.dtype}, expected {ref.dtype}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r}")
+    model.load_state_dict(state)
+    return model, meta

@@ -1,0 +1,47 @@
+"""`scopevid generate | train | bench | calibrate`: thin argument parsing over the engine.
+
+Errors a user can fix (ScopevidError) print as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from scopevid.errors import ScopevidError
+
+# subcommand -> module with add_arguments(parser) and main(args) -> int; imported lazily
+COMMANDS = {
+    "generate": ("scopevid.commands.generate", "generate a video: DIR/video.mp4, steps.parquet, summary.json"),
+    "train": ("scopevid.train.command", "train the bundled tiny model"),
+    "bench": ("scopevid.commands.bench", "side-by-side policy benchmarks to Parquet and PNG"),
+    "calibrate": ("scopevid.commands.calibrate", "search SCOPE thresholds for a speed or quality target"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="scopevid", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    for cmd, (mod, help_) in COMMANDS.items():
+        p = sub.add_parser(cmd, help=help_)
+        if cmd == name:  # import only the command that runs
+            try:
+                module = importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                parser.error(f"{cmd}: not available in this build ({e.name})")
+            module.add_arguments(p)
+            p.set_defaults(_main=module.main)
+    args = parser.parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except ScopevidError as e:
+        print(f"scopevid {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

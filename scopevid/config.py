@@ -1,0 +1,142 @@
+"""One typed, validated config per run, loaded from a YAML preset plus command-line overrides.
+
+Bad values fail at load time with a one-line ConfigError naming the field and what is allowed,
+never with a traceback from deep inside a rollout. Numbers from the paper live in configs/*.yaml.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scopevid.errors import ConfigError
+
+SCHEDULES = ("diffusion_forcing", "chunk_causal")
+SELECTIVE = ("off", "paper", "causal")
+SOLVERS = ("euler", "unipc")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "diffusion_forcing"
+    steps: int = 20
+    # diffusion forcing (SkyReels-V2), sizes in pixel frames like the official API
+    base_num_frames: int = 16
+    overlap_history: int = 4
+    ar_step: int = 0
+    causal_block_size: int = 1
+    selective: str = "off"
+    interval: int | None = None  # B of Eq. 9 in latent frames (selective: paper); None = window
+    # chunk-causal (MAGI-1), in latent frames
+    chunk_width: int = 6
+    window_size: int = 4
+    context_chunks: int = 4
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: dict
+    schedule: ScheduleConfig
+    prompt: str = ""
+    negative_prompt: str | None = None
+    guidance: float = 1.0
+    frames: int = 16
+    fps: int = 16
+    seed: int = 0
+    solver: str = "euler"
+    policy: str = "original"
+    policies: dict = field(default_factory=dict)  # name -> policy spec (from the presets file)
+    dtype: str = "float32"
+    device: str = "cpu"
+    stability: dict = field(default_factory=lambda: {"clip": 1.0, "explode": 4.0})
+    source: str = ""  # the YAML it came from
+
+    def policy_spec(self, name: str | None = None) -> dict:
+        name = name or self.policy
+        if name not in self.policies:
+            raise ConfigError(f"policy: unknown {name!r}; presets for this model: {', '.join(sorted(self.policies))}")
+        return dict(self.policies[name])
+
+    def with_overrides(self, **kw: Any) -> "RunConfig":
+        kw = {k: v for k, v in kw.items() if v is not None}
+        cfg = replace(self, **kw)
+        validate(cfg)
+        return cfg
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["schedule"] = {f.name: getattr(self.schedule, f.name) for f in fields(self.schedule)}
+        return out
+
+
+def load(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must be a mapping at top level")
+    raw = dict(raw)
+    presets = raw.pop("policy_presets", None)
+    policies = dict(raw.pop("policies", {}) or {})
+    if presets:
+        ppath = (path.parent / presets).resolve()
+        if not ppath.is_file():
+            raise ConfigError(f"policy_presets: no such file {ppath}")
+        policies = {**(yaml.safe_load(ppath.read_text()) or {}), **policies}
+    policies.setdefault("original", {"kind": "original"})
+    sched_raw = raw.pop("schedule", {}) or {}
+    sched = _build(ScheduleConfig, sched_raw, "schedule.")
+    if "model" not in raw or not isinstance(raw["model"], dict) or "kind" not in raw["model"]:
+        raise ConfigError("model: a mapping with at least `kind` is required")
+    cfg = _build(RunConfig, {**raw, "schedule": sched, "policies": policies, "source": str(path)}, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls, raw: dict, prefix: str):
+    names = {f.name: f for f in fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown field; allowed: {', '.join(n for n in names if n != 'source')}")
+    try:
+        return cls(**raw)
+    except TypeError as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _check(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {why}")
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate(cfg: RunConfig) -> None:
+    s = cfg.schedule
+    _check(_int(cfg.frames) and cfg.frames >= 1, "frames", f"must be a positive integer, got {cfg.frames!r}")
+    _check(_int(cfg.seed), "seed", f"must be an integer, got {cfg.seed!r}")
+    _check(_int(cfg.fps) and cfg.fps >= 1, "fps", f"must be a positive integer, got {cfg.fps!r}")
+    _check(isinstance(cfg.guidance, (int, float)) and cfg.guidance >= 0, "guidance", f"must be a number >= 0, got {cfg.guidance!r}")
+    _check(cfg.solver in SOLVERS, "solver", f"must be one of {', '.join(SOLVERS)}, got {cfg.solver!r}")
+    _check(cfg.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    _check(cfg.device == "cpu" or str(cfg.device).startswith("cuda"), "device", f"must be cpu or cuda[:N], got {cfg.device!r}")
+    _check(s.kind in SCHEDULES, "schedule.kind", f"must be one of {', '.join(SCHEDULES)}, got {s.kind!r}")
+    _check(_int(s.steps) and s.steps >= 1, "schedule.steps", f"must be a positive integer, got {s.steps!r}")
+    _check(s.selective in SELECTIVE, "schedule.selective", f"must be one of {', '.join(SELECTIVE)}, got {s.selective!r}")
+    for name in ("base_num_frames", "causal_block_size", "chunk_width", "window_size"):
+        v = getattr(s, name)
+        _check(_int(v) and v >= 1, f"schedule.{name}", f"must be a positive integer, got {v!r}")
+    for name in ("overlap_history", "ar_step", "context_chunks"):
+        v = getattr(s, name)
+        _check(_int(v) and v >= 0, f"schedule.{name}", f"must be an integer >= 0, got {v!r}")
+    _check(cfg.policy in cfg.policies, "policy", f"unknown {cfg.policy!r}; presets for this model: {', '.join(sorted(cfg.policies))}")

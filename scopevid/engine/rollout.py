@@ -1,0 +1,328 @@
+"""The rollout loop (DESIGN.md, "data flow of one iteration").
+
+For every iteration of the plan: host feature on this process's shard -> reduced discrepancy sums
+-> policy decision -> velocity by forward (Recompute), extrapolation (Predict) or reuse (Cache)
+-> solver step on the active frames -> finished frames leave as clean latents, in order.
+
+`Rollout.run()` is a generator of (absolute latent index, clean latent [C, H, W]) so callers can
+decode and write while the rollout goes on: memory is bounded by the window, not the video.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import torch
+
+from scopevid.adapters.base import Adapter, Conditioning, ForwardSpec
+from scopevid.engine.history import FeatureMemory, VelocityHistory
+from scopevid.engine.kvcache import KVCache
+from scopevid.engine.solvers import Euler
+from scopevid.engine.topology import LocalTopology, Topology
+from scopevid.scheduler import predictors
+from scopevid.scheduler.plan import Iteration
+from scopevid.scheduler.policies import Discrepancy, Mode, Policy, StepContext
+
+
+@dataclass
+class StepRecord:
+    """One row of steps.parquet."""
+
+    window: int
+    iteration: int  # within the window
+    serial: int
+    mode: str
+    reason: str
+    d: float | None
+    r: float | None
+    valid_lo: int  # absolute latent indices, [lo, hi)
+    valid_hi: int
+    compute_lo: int
+    compute_hi: int
+    active: int  # frames that advanced
+    frames_computed: int  # frames forwarded by the model (0 for Cache / Predict)
+    flops: float
+    seconds: float
+
+
+STEP_SCHEMA = pa.schema(
+    [("window", pa.int64()), ("iteration", pa.int64()), ("serial", pa.int64()), ("mode", pa.string()),
+     ("reason", pa.string()), ("d", pa.float64()), ("r", pa.float64()), ("valid_lo", pa.int64()),
+     ("valid_hi", pa.int64()), ("compute_lo", pa.int64()), ("compute_hi", pa.int64()), ("active", pa.int64()),
+     ("frames_computed", pa.int64()), ("flops", pa.float64()), ("seconds", pa.float64())]
+)
+
+
+@dataclass
+class RolloutStats:
+    counts: dict = field(default_factory=lambda: {m.label: 0 for m in Mode})
+    fallbacks: int = 0  # Predict rejected by the stability check and recomputed
+    frame_forwards: int = 0
+    flops: float = 0.0
+    iterations: int = 0
+
+
+def frame_noise(seed: int, frame: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Initial noise of one absolute frame: independent of windows, shards and ranks."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + frame) % (2**63 - 1))
+    return torch.randn(shape, generator=g)
+
+
+class Rollout:
+    def __init__(
+        self,
+        adapter: Adapter,
+        plan,
+        policy: Policy,
+        cond: Conditioning,
+        *,
+        seed: int,
+        solver=None,
+        topology: Topology | None = None,
+        predictor: str = "taylor2",
+        stability: predictors.Stability = predictors.Stability(),
+        num_steps: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        on_step: Callable[[StepRecord], None] | None = None,
+        check_decisions: bool = False,
+    ):
+        self.adapter, self.plan, self.policy, self.cond = adapter, plan, policy, cond
+        self.seed = seed
+        self.solver = solver or Euler()
+        self.topo = topology or LocalTopology()
+        self.predict = predictors.get(predictor)
+        self.stability = stability
+        self.device, self.dtype = torch.device(device), dtype
+        self.on_step = on_step
+        self.check_decisions = check_decisions
+        self.sigmas = tuple(adapter.sigmas(plan.num_steps))
+        self.noise_sigma = getattr(adapter, "noise_sigma", self.sigmas[0])
+        self.clean_sigma = getattr(adapter, "clean_sigma", 0.0)
+        self.history = VelocityHistory(depth=4)
+        self.features = FeatureMemory()
+        self.kv = KVCache()
+        self.stats = RolloutStats()
+        self.final: dict[int, torch.Tensor] = {}  # clean latents still needed (prefix / KV fill)
+        self.latents: dict[int, torch.Tensor] = {}  # current window's latents by absolute frame
+        self._prev_forward: list[int] = []
+        self._window = -1
+
+    # --- per-frame helpers -------------------------------------------------------------------
+    def _sigma_pair(self, u: int) -> tuple[float, float]:
+        t = len(self.sigmas) - 1
+        if u <= 0:
+            return self.noise_sigma, self.noise_sigma
+        if u > t:
+            return self.clean_sigma, self.clean_sigma
+        return self.sigmas[u - 1], self.sigmas[u]
+
+    def _shape(self) -> tuple[int, int, int]:
+        h, w = self.adapter.latent_hw
+        return (self.adapter.latent_channels, h, w)
+
+    def _enter_window(self, it: Iteration) -> None:
+        """A diffusion forcing window restarts attention from its own first frame, so K/V computed in
+        the previous window (which saw older frames) are not valid here: the cache starts empty."""
+        self._window = it.window
+        self.latents = {}
+        self.kv = KVCache()
+        for j, f in enumerate(it.frames):
+            if j < it.prefix:
+                self.latents[f] = self.final[f]
+            else:
+                self.latents[f] = frame_noise(self.seed, f, self._shape()).to(self.device, self.dtype)
+        first = it.frames[0] if it.context_start is None else min(it.frames[0], it.context_start)
+        for store in (self.history, self.features):
+            store.drop_before(first)
+
+    def _ensure_latents(self, it: Iteration) -> None:
+        """Chunk-causal plans have no windows: frames enter as the window slides."""
+        for f in it.frames:
+            if f not in self.latents:
+                self.latents[f] = self.final[f] if f in self.final else frame_noise(self.seed, f, self._shape()).to(self.device, self.dtype)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> Iterator[tuple[int, torch.Tensor]]:
+        next_emit = 0
+        for it in self.plan.iterations():
+            if it.window != self._window:
+                self._enter_window(it)
+            self._ensure_latents(it)
+            rec = self._iterate(it)
+            if self.on_step is not None:
+                self.on_step(rec)
+            while next_emit in self.final:
+                yield next_emit, self.final[next_emit]
+                next_emit += 1
+            self._evict(it)
+
+    def _iterate(self, it: Iteration) -> StepRecord:
+        t0 = time.perf_counter()
+        frames = list(it.frames)
+        c_lo, c_hi = it.compute
+        comp = frames[c_lo:c_hi]
+        active = [frames[j] for j in it.active]
+        sig = {frames[j]: self._sigma_pair(u) for j, u in enumerate(it.progress)}
+        prog = {frames[j]: u for j, u in enumerate(it.progress)}
+
+        disc = None
+        if self.policy.needs_feature:
+            disc = self._discrepancy(comp, sig, it)
+        steps = [prog[f] - 1 for f in active] or [0]
+        ctx = StepContext(
+            serial=it.serial,
+            index=it.index,
+            window=it.window,
+            num_steps=it.num_steps,
+            cache_ready=all(self.history.count(f) >= 1 for f in active),
+            history=min((self.history.count(f) for f in active), default=0),
+            min_step=min(steps),
+            max_step=max(steps),
+        )
+        decision = self.policy.decide(ctx, disc)
+        mode = decision.mode
+        if self.check_decisions:
+            self.topo.check(f"{it.serial}:{int(mode)}:{decision.r!r}")
+
+        v: dict[int, torch.Tensor] = {}
+        computed, flops = 0, 0.0
+        if mode == Mode.PREDICT:
+            v = self._predict(active, sig)
+            if v is None:
+                mode = Mode.RECOMPUTE
+                self.stats.fallbacks += 1
+        if mode == Mode.CACHE:
+            v = {f: self.history.last(f) for f in active}
+        if mode == Mode.RECOMPUTE:
+            v, computed, flops = self._forward(it, comp, sig)
+            for f in active:
+                self.history.push(f, sig[f][0], v[f])
+        self.policy.record(mode)
+
+        for f in active:
+            s, s_next = sig[f]
+            self.latents[f] = self.solver.step(f, self.latents[f], v[f].to(self.latents[f].dtype), s, s_next, prog[f] - 1)
+            if prog[f] == it.num_steps:
+                self.final[f] = self.latents[f]
+        for j in range(it.prefix):  # clean prefix frames are final from the start
+            self.final.setdefault(frames[j], self.latents[frames[j]])
+
+        self.stats.counts[mode.label] += 1
+        self.stats.frame_forwards += computed
+        self.stats.flops += flops
+        self.stats.iterations += 1
+        return StepRecord(
+            window=it.window,
+            iteration=it.index,
+            serial=it.serial,
+            mode=mode.label,
+            reason=decision.reason if mode == decision.mode else "predict-unstable",
+            d=decision.d,
+            r=decision.r,
+            valid_lo=frames[it.valid[0]],
+            valid_hi=frames[it.valid[1] - 1] + 1,
+            compute_lo=comp[0] if comp else frames[0],
+            compute_hi=comp[-1] + 1 if comp else frames[0],
+            active=len(active),
+            frames_computed=computed,
+            flops=flops,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _discrepancy(self, comp: list[int], sig: dict, it: Iteration) -> Discrepancy | None:
+        n_pad, (lo, hi) = self.topo.layout(len(comp))
+        self.topo.migrate(self._prev_feature_frames(), comp, [self.features])
+        mine = [f for f in comp[lo:hi]]
+        num = den = 0.0
+        seen = 0
+        if mine:
+            x = torch.stack([self.latents[f] for f in mine])
+            s = torch.tensor([sig[f][0] for f in mine], device=self.device, dtype=torch.float32)
+            spec = ForwardSpec(frames=comp, origin=it.start, shard=(lo, min(hi, len(comp))))
+            with torch.no_grad():
+                phi = self.adapter.host_feature(x, s, self.cond, spec)
+            seen = self.features.seen(mine)
+            num, den = self.features.sums(mine, phi)
+        self._feature_frames = comp
+        num, den, seen = self.topo.allreduce([num, den, seen])
+        return Discrepancy(num, den) if seen > 0 else None
+
+    def _prev_feature_frames(self) -> list[int]:
+        return getattr(self, "_feature_frames", [])
+
+    def _predict(self, active: list[int], sig: dict) -> dict[int, torch.Tensor] | None:
+        out, delta_sq, ref_sq, bad = {}, 0.0, 0.0, 0.0
+        for f in active:
+            vk = self.history.last(f)
+            vh = self.predict(self.history.get(f), sig[f][0])
+            out[f] = vh
+            bad += float((~torch.isfinite(vh)).sum())
+            delta_sq += float((vh.double() - vk.double()).pow(2).sum())
+            ref_sq += float(vk.double().pow(2).sum())
+        ok, scale = self.stability.verdict(delta_sq, ref_sq, bad)
+        if not ok:
+            return None
+        if scale != 1.0:
+            out = {f: self.history.last(f) + scale * (out[f] - self.history.last(f)) for f in active}
+        return out
+
+    def _forward(self, it: Iteration, comp: list[int], sig: dict) -> tuple[dict, int, float]:
+        """Recompute: forward the compute interval (plus clean context frames whose K/V are not yet
+        cached: the clean re-forward that no policy may skip), gather, return velocities."""
+        causal = bool(getattr(self.adapter, "causal", False))
+        context = list(it.context) if causal else []
+        fill: list[int] = []
+        if context:
+            missing = [f for f in context if not self._cached(f)]
+            if missing:
+                first = context.index(missing[0])
+                fill, context = context[first:], context[:first]
+        seq = fill + comp
+        n_pad, (lo, hi) = self.topo.layout(len(seq))
+        full = seq + [-1] * (n_pad - len(seq))
+        mine = full[lo:hi]
+        x = torch.stack([self.final[f] if f in fill else (self.latents[f] if f >= 0 else torch.zeros(self._shape(), device=self.device, dtype=self.dtype)) for f in mine])
+        s = torch.tensor([self.clean_sigma if (f in fill or f < 0) else sig[f][0] for f in mine], device=self.device, dtype=torch.float32)
+        spec = ForwardSpec(
+            frames=full,
+            origin=it.start,
+            context=context,
+            store=frozenset(fill) | frozenset(f for f in comp if self._is_clean(f, sig)) if causal else frozenset(),
+            kv=self.kv if causal else None,
+            causal=causal,
+            shard=(lo, hi),
+        )
+        with torch.no_grad():
+            out = self.adapter.velocity(x, s, self.cond, spec, self.topo.attention)
+        vel = self.topo.gather(out, len(seq))
+        v = {f: vel[i] for i, f in enumerate(seq) if f not in fill}
+        flops = self.adapter.flops(len(seq), len(context)) if hasattr(self.adapter, "flops") else 0.0
+        return v, len(seq), flops
+
+    def _is_clean(self, f: int, sig: dict) -> bool:
+        return f in self.final and sig[f][0] == self.clean_sigma
+
+    def _cached(self, f: int) -> bool:
+        return self.kv.has(f)
+
+    def _evict(self, it: Iteration) -> None:
+        """Drop what no later iteration reads. Frames before the window and its context are final
+        and already emitted (emission is in order and runs first)."""
+        lo = it.frames[0] if it.context_start is None else min(it.context_start, it.frames[0])
+        self.kv.evict_before(lo)
+        for f in [f for f in self.final if f < lo]:
+            del self.final[f]
+        for f in [f for f in self.latents if f < lo]:
+            del self.latents[f]
+
+def decision_digest(records: list[StepRecord]) -> str:
+    """A short hash of the decision sequence, for comparing runs and ranks."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.serial}:{r.mode}:{r.compute_lo}:{r.compute_hi};".encode())
+    return h.hexdigest()[:16]

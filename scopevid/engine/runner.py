@@ -1,0 +1,230 @@
+"""One generation job end to end: config -> adapter, plan, policy -> rollout -> streamed outputs.
+
+Used by `scopevid generate`, torchrun workers and the Ray driver alike; only the process that
+`writes` produces files (rank 0), every process runs the same rollout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from scopevid import adapters
+from scopevid.config import RunConfig
+from scopevid.engine.metrics import RunningQuality
+from scopevid.engine.rollout import STEP_SCHEMA, Rollout, StepRecord, decision_digest
+from scopevid.engine.sinks import FrameStore, Mp4Sink, RunLog, prepare_out_dir, write_json
+from scopevid.engine.solvers import SOLVERS
+from scopevid.engine.topology import LocalTopology, Topology
+from scopevid.errors import ConfigError
+from scopevid.scheduler import policies as policy_lib
+from scopevid.scheduler.predictors import Stability
+from scopevid.scheduler.schedules import ChunkCausalPlan, DiffusionForcingPlan
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def latent_count(pixel_frames: int, tc: int) -> int:
+    return (pixel_frames - 1) // tc + 1
+
+
+def build_plan(cfg: RunConfig, adapter):
+    s, tc = cfg.schedule, adapter.temporal_compression
+    latents = latent_count(cfg.frames, tc)
+    if s.kind == "diffusion_forcing":
+        return DiffusionForcingPlan(
+            latent_frames=latents,
+            window=latent_count(s.base_num_frames, tc),
+            num_steps=s.steps,
+            ar_step=s.ar_step,
+            block=s.causal_block_size,
+            overlap=latent_count(s.overlap_history, tc) if s.overlap_history > 0 else 0,
+            selective=s.selective,
+            interval=s.interval,
+        )
+    return ChunkCausalPlan(
+        latent_frames=latents,
+        chunk=s.chunk_width,
+        window_chunks=s.window_size,
+        num_steps=s.steps,
+        context_chunks=s.context_chunks,
+    )
+
+
+def build_solver(cfg: RunConfig, adapter):
+    if cfg.solver == "euler":
+        return SOLVERS["euler"]()
+    if hasattr(adapter, "make_solver"):
+        return adapter.make_solver(cfg.solver, cfg.schedule.steps)
+    raise ConfigError(f"solver: {cfg.solver!r} is not available for model {adapter.name}; allowed: euler")
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    records: list[StepRecord] = field(default_factory=list)
+
+
+class _Decoder:
+    """Decodes finished latents in small groups (adapters with a temporal VAE bring their own)."""
+
+    def __init__(self, adapter, group: int = 8):
+        self.adapter, self.group, self.buf = adapter, group, []
+
+    def push(self, latent: torch.Tensor) -> torch.Tensor | None:
+        self.buf.append(latent)
+        return self.flush() if len(self.buf) >= self.group else None
+
+    def flush(self) -> torch.Tensor | None:
+        if not self.buf:
+            return None
+        x, self.buf = torch.stack(self.buf), []
+        with torch.no_grad():
+            return self.adapter.decode(x)
+
+
+def run_once(
+    cfg: RunConfig,
+    adapter,
+    policy_name: str,
+    *,
+    video: Path | None = None,
+    frames_to: FrameStore | None = None,
+    reference: FrameStore | None = None,
+    steps_log: Path | None = None,
+    topology: Topology | None = None,
+    progress: bool = False,
+    check_decisions: bool = False,
+    keep_records: bool = True,
+) -> RunResult:
+    """One rollout under one policy. Writes what it is given paths for, as frames finish."""
+    topo = topology or LocalTopology()
+    writes = topo.rank == 0
+    plan = build_plan(cfg, adapter)
+    spec = cfg.policy_spec(policy_name)
+    predictor = spec.get("predictor", "taylor2")
+    policy = policy_lib.build(spec, policy_name)
+    cond = adapter.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance)
+    log = RunLog(steps_log, STEP_SCHEMA) if (steps_log and writes) else None
+    records: list[StepRecord] = []
+    bar = None
+    if progress and writes:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.num_iterations(), desc=f"{policy_name}", unit="it", dynamic_ncols=True)
+
+    def on_step(rec: StepRecord) -> None:
+        if keep_records:
+            records.append(rec)
+        if log is not None:
+            log.add(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(rec.mode[0].upper())
+
+    rollout = Rollout(
+        adapter, plan, policy, cond, seed=cfg.seed, solver=build_solver(cfg, adapter), topology=topo,
+        predictor=predictor, stability=Stability(**cfg.stability), device=cfg.device,
+        dtype=DTYPES[cfg.dtype], on_step=on_step, check_decisions=check_decisions,
+    )
+    sink = Mp4Sink(video, cfg.fps) if (video and writes) else None
+    decoder = adapter.stream_decoder() if hasattr(adapter, "stream_decoder") else _Decoder(adapter)
+    quality = RunningQuality() if reference is not None else None
+    ref_iter = reference.read() if reference is not None else None
+    ref_buf: list[torch.Tensor] = []
+    pixel_frames = 0
+
+    def emit(pixels: torch.Tensor | None) -> None:
+        nonlocal pixel_frames
+        if pixels is None or pixels.shape[0] == 0:
+            return
+        pixels = pixels[: max(0, cfg.frames - pixel_frames)]
+        pixel_frames += pixels.shape[0]
+        if sink is not None:
+            sink.write(pixels)
+        if frames_to is not None and writes:
+            frames_to.write(pixels)
+        if quality is not None:
+            need = pixels.shape[0]
+            while sum(r.shape[0] for r in ref_buf) < need:
+                ref_buf.append(next(ref_iter))
+            ref = torch.cat(ref_buf)
+            quality.add(pixels, ref[:need])
+            ref_buf[:] = [ref[need:]] if ref.shape[0] > need else []
+
+    t0 = time.perf_counter()
+    try:
+        for _, latent in rollout.run():
+            if writes:
+                emit(decoder.push(latent))
+        if writes:
+            emit(decoder.flush())
+    finally:
+        if sink is not None:
+            sink.close()
+        if log is not None:
+            log.close()
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - t0
+    st = rollout.stats
+    full = sum(r.frames_computed / max(1, r.valid_hi - r.valid_lo) for r in records)
+    comp_len = [r.compute_hi - r.compute_lo for r in records]
+    valid_len = [r.valid_hi - r.valid_lo for r in records]
+    summary = {
+        "policy": policy_name,
+        "policy_spec": spec,
+        "frames": pixel_frames if writes else None,
+        "latent_frames": plan.latent_frames,
+        "iterations": st.iterations,
+        "wall_seconds": wall,
+        "full_forwards": full,
+        "frame_forwards": st.frame_forwards,
+        "flops": st.flops,
+        "counts": dict(st.counts),
+        "predict_fallbacks": st.fallbacks,
+        "mean_compute_interval": sum(comp_len) / max(1, len(comp_len)),
+        "mean_valid_interval": sum(valid_len) / max(1, len(valid_len)),
+        "decision_digest": decision_digest(records) if keep_records else None,
+    }
+    if quality is not None:
+        summary.update(quality.result())
+    return RunResult(summary, records)
+
+
+def generate(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    compare: bool = False,
+    overwrite: bool = False,
+    topology: Topology | None = None,
+    progress: bool = True,
+    check_decisions: bool = False,
+) -> dict:
+    """`scopevid generate`: DIR/video.mp4, DIR/steps.parquet, DIR/summary.json (+ --compare)."""
+    topo = topology or LocalTopology()
+    writes = topo.rank == 0
+    out = prepare_out_dir(out, overwrite) if writes else Path(out)
+    adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
+    summary = {"config": cfg.to_dict(), "model": adapter.name, "world_size": topo.world}
+    reference = None
+    if compare and cfg.policy != "original":
+        reference = FrameStore(out / "original_frames") if writes else None
+        ref = run_once(cfg, adapter, "original", video=out / "original.mp4", frames_to=reference,
+                       steps_log=out / "original_steps.parquet", topology=topo, progress=progress)
+        summary["original"] = ref.summary
+    res = run_once(cfg, adapter, cfg.policy, video=out / "video.mp4", reference=reference,
+                   steps_log=out / "steps.parquet", topology=topo, progress=progress, check_decisions=check_decisions)
+    summary.update(res.summary)
+    if "original" in summary:
+        o = summary["original"]
+        summary["speedup_wall"] = o["wall_seconds"] / max(res.summary["wall_seconds"], 1e-9)
+        summary["speedup_flops"] = o["flops"] / max(res.summary["flops"], 1e-9)
+        summary["speedup_forwards"] = o["full_forwards"] / max(res.summary["full_forwards"], 1e-9)
+    if writes:
+        write_json(out / "summary.json", summary)
+    return summary

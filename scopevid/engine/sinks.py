@@ -1,0 +1,109 @@
+"""Streaming outputs: MP4 frames as they finish, the per-iteration run log, the summary, and a
+raw frame store (for --compare references). Each writes incrementally, so a crash keeps what was done.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from scopevid.errors import OutputExistsError
+
+
+def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Create the output directory; refuse one that already holds results unless told to overwrite."""
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output directory {out} is not empty; pass --overwrite or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    return (frames.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+class Mp4Sink:
+    """H.264 via imageio-ffmpeg; frames are appended (and flushed by ffmpeg) as they arrive."""
+
+    def __init__(self, path: Path, fps: int):
+        self.path, self.fps, self._w, self.frames = Path(path), fps, None, 0
+
+    def write(self, frames: torch.Tensor) -> None:
+        import imageio.v2 as imageio
+
+        if self._w is None:
+            h, w = frames.shape[1:3]
+            # macro_block_size=1 keeps tiny frames (32x32) at their size; yuv420p needs even sides
+            self._w = imageio.get_writer(
+                str(self.path), fps=self.fps, codec="libx264", quality=8, macro_block_size=2 if (h % 2 or w % 2) else 1,
+                ffmpeg_log_level="error", pixelformat="yuv420p",
+            )
+        for f in to_uint8(frames):
+            self._w.append_data(f)
+            self.frames += 1
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None
+
+
+class FrameStore:
+    """Frames as float16 .npy chunks on disk: a reference video that streams back in order."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.chunks = 0
+
+    def write(self, frames: torch.Tensor) -> None:
+        np.save(self.path / f"{self.chunks:06d}.npy", frames.to(torch.float16).cpu().numpy())
+        self.chunks += 1
+
+    def read(self):
+        for p in sorted(self.path.glob("*.npy")):
+            yield torch.from_numpy(np.load(p)).float()
+
+
+class RunLog:
+    """steps.parquet, one row per iteration, flushed every `every` rows by a ParquetWriter."""
+
+    def __init__(self, path: Path, schema: pa.Schema, every: int = 64):
+        self.path, self.every, self.schema = Path(path), every, schema
+        self.rows: list[dict] = []
+        self._writer = None
+        self.total = 0
+
+    def add(self, record) -> None:
+        self.rows.append(asdict(record) if not isinstance(record, dict) else record)
+        if len(self.rows) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(str(self.path), self.schema)
+        self._writer.write_table(table)
+        self.total += len(self.rows)
+        self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)

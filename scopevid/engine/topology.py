@@ -1,0 +1,57 @@
+"""How the engine sees the process group: one process here; cluster.sequence implements many.
+
+The engine stays free of torch.distributed: it asks the topology which contiguous part of the
+compute interval this process forwards, to sum scalars over processes, and to gather velocities
+so that every process holds the same latents and takes the same step.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from scopevid.adapters.base import Attention, local_attention
+
+
+class Topology(Protocol):
+    rank: int
+    world: int
+    attention: Attention
+
+    def layout(self, n: int) -> tuple[int, tuple[int, int]]:
+        """For n frames: (padded length of the full sequence, this process's [lo, hi) of it)."""
+
+    def migrate(self, old: list[int], new: list[int], stores: list) -> None:
+        """Hand per-frame state (dict-like stores keyed by absolute frame) to the frames' new owners,
+        given the full frame lists of the previous and the current forward."""
+
+    def allreduce(self, values: list[float]) -> list[float]:
+        """Sum over processes in float64 (identical on every process)."""
+
+    def gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Concatenate every process's [rows, ...] along dim 0 and drop padding: [n, ...]."""
+
+    def check(self, digest: str) -> None:
+        """Debug: fail loudly if processes disagree on a decision digest."""
+
+
+class LocalTopology:
+    rank = 0
+    world = 1
+    attention: Attention = staticmethod(local_attention)
+
+    def layout(self, n: int) -> tuple[int, tuple[int, int]]:
+        return n, (0, n)
+
+    def migrate(self, old: list[int], new: list[int], stores: list) -> None:
+        pass
+
+    def allreduce(self, values: list[float]) -> list[float]:
+        return [float(v) for v in values]
+
+    def gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        return local[:n]
+
+    def check(self, digest: str) -> None:
+        pass

@@ -1,0 +1,21 @@
+"""Errors a user can act on. Each carries a one-line message that names the offending thing."""
+
+
+class ScopevidError(Exception):
+    """Base class: the CLI prints these as one line and exits non-zero, never as a traceback."""
+
+
+class ConfigError(ScopevidError, ValueError):
+    """A config field or argument has a bad value; the message names the field and what is allowed."""
+
+
+class CheckpointError(ScopevidError):
+    """A checkpoint directory or file is missing, partial, corrupt or of the wrong shape."""
+
+
+class OutputExistsError(ScopevidError):
+    """The output directory already holds results; we never overwrite them silently."""
+
+
+class DistributedError(ScopevidError):
+    """A rank died, timed out, or ranks disagreed on a decision."""

@@ -1,0 +1,1 @@
+"""Training the bundled tiny model: synthetic world, diffusion-forcing loop, detector, evaluation."""
