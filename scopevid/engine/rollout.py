@@ -72,6 +72,19 @@ def frame_noise(seed: int, frame: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=g)
 
 
+class PerFrameNoise:
+    """The default noise source: every absolute frame draws from its own seeded generator, so the
+    video is the same however it is windowed or sharded. A noise source is called once per window
+    (or chunk) with the frames that enter noisy; a pipeline-parity source can replay another
+    pipeline's generator sequence instead."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __call__(self, window: int, frames: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([frame_noise(self.seed, f, shape) for f in frames])
+
+
 class Rollout:
     def __init__(
         self,
@@ -90,9 +103,11 @@ class Rollout:
         dtype: torch.dtype = torch.float32,
         on_step: Callable[[StepRecord], None] | None = None,
         check_decisions: bool = False,
+        noise=None,
     ):
         self.adapter, self.plan, self.policy, self.cond = adapter, plan, policy, cond
         self.seed = seed
+        self.noise = noise or PerFrameNoise(seed)
         self.solver = solver or Euler()
         self.topo = topology or LocalTopology()
         self.predict = predictors.get(predictor)
@@ -131,20 +146,25 @@ class Rollout:
         self._window = it.window
         self.latents = {}
         self.kv = KVCache()
-        for j, f in enumerate(it.frames):
-            if j < it.prefix:
-                self.latents[f] = self.final[f]
-            else:
-                self.latents[f] = frame_noise(self.seed, f, self._shape()).to(self.device, self.dtype)
+        fresh = [f for j, f in enumerate(it.frames) if j >= it.prefix]
+        for f in it.frames[: it.prefix]:
+            self.latents[f] = self.final[f]
+        if fresh:
+            noise = self.noise(it.window, fresh, self._shape()).to(self.device, self.dtype)
+            self.latents.update(zip(fresh, noise))
         first = it.frames[0] if it.context_start is None else min(it.frames[0], it.context_start)
         for store in (self.history, self.features):
             store.drop_before(first)
 
     def _ensure_latents(self, it: Iteration) -> None:
         """Chunk-causal plans have no windows: frames enter as the window slides."""
+        fresh = [f for f in it.frames if f not in self.latents and f not in self.final]
         for f in it.frames:
-            if f not in self.latents:
-                self.latents[f] = self.final[f] if f in self.final else frame_noise(self.seed, f, self._shape()).to(self.device, self.dtype)
+            if f not in self.latents and f in self.final:
+                self.latents[f] = self.final[f]
+        if fresh:
+            noise = self.noise(it.window, fresh, self._shape()).to(self.device, self.dtype)
+            self.latents.update(zip(fresh, noise))
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> Iterator[tuple[int, torch.Tensor]]:
