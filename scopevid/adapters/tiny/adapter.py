@@ -49,9 +49,10 @@ class TinyAdapter:
             cfg = TinyDiTConfig.from_dict(spec.get("arch", {}))
             torch.manual_seed(int(spec.get("init_seed", 0)))
             model = TinyDiT(cfg)
-            for p in model.parameters():  # adaLN-zero would make a random model output zero: perturb
-                if p.dim() > 0 and float(p.abs().sum()) == 0.0:
-                    torch.nn.init.normal_(p, std=0.02)
+            with torch.no_grad():  # adaLN-zero would make a random model output zero: perturb
+                for p in model.parameters():
+                    if p.dim() > 0 and float(p.abs().sum()) == 0.0:
+                        torch.nn.init.normal_(p, std=0.02)
             return cls(model, float(spec.get("shift", 3.0)), device, dtype)
         path = BUNDLED / "tiny.safetensors" if weights == "bundled" else Path(weights)
         model, meta = load_tiny(path)
