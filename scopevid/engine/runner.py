@@ -114,7 +114,7 @@ def run_once(
     if progress and writes:
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.num_iterations(), desc=f"{policy_name}", unit="it", dynamic_ncols=True)
+        bar = tqdm(total=plan.num_iterations(), desc=f"{policy_name}", unit="it", dynamic_ncols=True, mininterval=0.5)
 
     def on_step(rec: StepRecord) -> None:
         if keep_records:

@@ -221,7 +221,8 @@ class TinyDiT(nn.Module):
         t = frames * cfg.tokens_per_frame
         s = (frames + context) * cfg.tokens_per_frame
         d = cfg.dim
-        per_block = 2 * t * d * (3 * d + d + 2 * int(d * cfg.mlp_ratio) + 6 * d) + 2 * 2 * t * s * d
-        io = 2 * t * d * cfg.channels * cfg.patch**2 * 2
+        per_token = 2 * d * (3 * d + d + 2 * int(d * cfg.mlp_ratio))  # qkv, proj, mlp
+        per_block = t * per_token + 2 * 2 * t * s * d + 2 * frames * d * 6 * d  # + scores/values + adaLN
+        io = 2 * t * d * cfg.channels * cfg.patch**2 * 2  # patch embed + head
         return float(cfg.depth * per_block + io)
 
