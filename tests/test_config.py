@@ -1,0 +1,108 @@
+"""Bad input gets one line that names the field and what is allowed; the CLI exits 2 without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from scopevid import config as config_lib
+from scopevid.cli import main
+from scopevid.errors import ConfigError
+
+
+def _edit(path, **changes):
+    data = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        if "." in key:
+            a, b = key.split(".")
+            data[a][b] = value
+        else:
+            data[key] = value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, field, allowed",
+    [
+        ({"schedule.selective": "sometimes"}, "schedule.selective", "off, paper, causal"),
+        ({"schedule.kind": "bidirectional"}, "schedule.kind", "diffusion_forcing, chunk_causal"),
+        ({"solver": "rk4"}, "solver", "euler, unipc"),
+        ({"frames": 0}, "frames", "positive integer"),
+        ({"schedule.steps": -3}, "schedule.steps", "positive integer"),
+        ({"policy": "turbo"}, "policy", "original"),
+        ({"dtype": "int8"}, "dtype", "float32"),
+        ({"bogus": 1}, "bogus", "unknown field"),
+        ({"schedule.bogus": 1}, "schedule.bogus", "unknown field"),
+    ],
+)
+def test_bad_values_name_the_field(tiny_config, change, field, allowed):
+    path = _edit(tiny_config(), **change)
+    with pytest.raises(ConfigError) as e:
+        config_lib.load(path)
+    msg = str(e.value)
+    assert msg.startswith(field), msg
+    assert allowed in msg, msg
+    assert "\n" not in msg
+
+
+def test_plan_level_errors_name_the_field(tiny_config, tmp_path):
+    from scopevid.engine.runner import generate
+
+    cfg = config_lib.load(_edit(tiny_config(), **{"schedule.causal_block_size": 3}))
+    with pytest.raises(ConfigError, match="^causal_block_size"):
+        generate(cfg, tmp_path / "o", progress=False)
+
+
+def test_unknown_prompt_word_lists_vocabulary(tiny_config, tmp_path):
+    cfg = config_lib.load(_edit(tiny_config(), prompt="purple dragon"))
+    from scopevid.engine.runner import generate
+
+    with pytest.raises(ConfigError, match="prompt: unknown word"):
+        generate(cfg, tmp_path / "o", progress=False)
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        config_lib.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config_lib.load(bad)
+
+
+def test_cli_prints_one_line_and_exits_2(tiny_config, tmp_path, capsys):
+    path = _edit(tiny_config(), **{"schedule.selective": "maybe"})
+    code = main(["generate", "--config", str(path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "schedule.selective" in err and "Traceback" not in err
+
+
+def test_cli_refuses_non_empty_out(tiny_config, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "video.mp4").write_bytes(b"earlier result")
+    proc = subprocess.run(
+        [sys.executable, "-m", "scopevid", "generate", "--config", str(tiny_config()), "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "not empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "video.mp4").read_bytes() == b"earlier result"
+
+
+def test_shipped_presets_load():
+    """Every preset in configs/ loads and names policies that build."""
+    from pathlib import Path
+
+    from scopevid.scheduler.policies import build
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        cfg = config_lib.load(path)
+        for name in cfg.policies:
+            build(cfg.policy_spec(name), name)
