@@ -20,6 +20,7 @@ Each uses the highest order its history supports (a frame with two points gets t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -110,9 +111,18 @@ class Stability:
     clip: float = 1.0
     explode: float = 4.0
 
+    def __post_init__(self) -> None:
+        from scopevid.errors import ConfigError
+
+        for field in ("clip", "explode"):
+            value = getattr(self, field)
+            if not (0.0 < value < math.inf):
+                raise ConfigError(f"stability.{field}: must be a finite ratio > 0, got {value}")
+
     def verdict(self, delta_sq: float, ref_sq: float, nonfinite: float) -> tuple[bool, float]:
         """(accept, scale for the delta) from reduced sums: |v̂-v_k|^2, |v_k|^2, count of non-finite."""
-        if nonfinite > 0 or delta_sq != delta_sq:
+        # any non-finite input rejects: a NaN or inf |v_k| would otherwise pass every comparison below
+        if nonfinite > 0 or not (math.isfinite(delta_sq) and math.isfinite(ref_sq)):
             return False, 0.0
         ref = ref_sq**0.5
         delta = delta_sq**0.5

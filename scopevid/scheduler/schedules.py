@@ -197,6 +197,8 @@ class ChunkCausalPlan:
         _require(self.latent_frames >= 1, "frames", f"must give at least 1 latent frame, got {self.latent_frames}")
         _require(self.chunk >= 1, "chunk_width", f"must be >= 1, got {self.chunk}")
         _require(self.window_chunks >= 1, "window_size", f"must be >= 1, got {self.window_chunks}")
+        _require(self.num_steps >= 1, "steps", f"must be >= 1, got {self.num_steps}")
+        _require(self.context_chunks >= 0, "context_chunks", f"must be >= 0 clean chunks, got {self.context_chunks}")
         _require(
             self.num_steps % self.window_chunks == 0,
             "steps",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scopevid.errors import ConfigError
+from scopevid.scheduler import predictors
 from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, StepContext
 
 
@@ -34,6 +35,8 @@ class ScopeConfig:
             raise ConfigError(f"horizon: H must be >= 0, got {self.horizon}")
         if self.warmup < 0:
             raise ConfigError(f"warmup: must be >= 0, got {self.warmup}")
+        if self.predictor not in predictors.PREDICTORS:
+            raise ConfigError(f"predictor: unknown {self.predictor!r}; allowed: {', '.join(predictors.PREDICTORS)}")
 
 
 class Scope(Policy):
@@ -58,12 +61,16 @@ class Scope(Policy):
             return Decision(Mode.RECOMPUTE, d, r_minus, "no-feature-history")
         if self.run >= cfg.horizon:
             return Decision(Mode.RECOMPUTE, d, r_minus, "horizon")
-        if r_minus < cfg.tau_c and ctx.cache_ready:
-            return Decision(Mode.CACHE, d, r_minus, "below-tau_c")
-        if r_minus < cfg.tau_p and ctx.history >= 2:
-            return Decision(Mode.PREDICT, d, r_minus, "below-tau_p")
-        reason = "above-tau_p" if r_minus >= cfg.tau_p else "no-history"
-        return Decision(Mode.RECOMPUTE, d, r_minus, reason)
+        # Eq. 3: each band allows exactly one cheap mode; without what that mode needs, Recompute.
+        if r_minus < cfg.tau_c:
+            if ctx.cache_ready:
+                return Decision(Mode.CACHE, d, r_minus, "below-tau_c")
+            return Decision(Mode.RECOMPUTE, d, r_minus, "no-cache")
+        if r_minus < cfg.tau_p:
+            if ctx.history >= predictors.min_history(cfg.predictor):
+                return Decision(Mode.PREDICT, d, r_minus, "below-tau_p")
+            return Decision(Mode.RECOMPUTE, d, r_minus, "no-history")
+        return Decision(Mode.RECOMPUTE, d, r_minus, "above-tau_p")  # also a NaN r^-
 
     def record(self, mode: Mode) -> None:
         if mode == Mode.RECOMPUTE:
