@@ -1,0 +1,347 @@
+"""SkyReels-V2 diffusion forcing behind the adapter protocol, with the semantics of diffusers'
+`SkyReelsV2DiffusionForcingPipeline` (0.42) and the official SkyworkAI/SkyReels-V2 code.
+
+What the pipeline does per forward, and where it lives here:
+- per-frame timesteps from the step matrix: 999 for frames not started, the scheduler's timestep
+  while denoising, 0 once clean. The engine hands per-frame sigmas; `sigmas()` publishes the
+  scheduler's own sigma table and `noise_sigma` / `clean_sigma`, and `_timesteps` maps each sigma
+  back to exactly the integer timestep the pipeline would pass;
+- addnoise_condition: the clean overlap-history prefix of a later window enters every forward as
+  x (1 - a/1000) + n a/1000 with timestep a (see `_prefix_frames` for how the prefix is known);
+- classifier-free guidance as two forwards (cond, uncond) when guidance > 1, combined in model dtype;
+- the fps embedding (0 for 16 fps, 1 otherwise) of models trained with inject_sample_info;
+- attention: bidirectional within the forward (official default). `causal_attention: N` gives the
+  block-causal mask over blocks of N latent frames that the official `--causal_attention` flag
+  sets, and that diffusers' pipeline sets whenever it is called with `causal_block_size=N`.
+Decoding streams through the Wan VAE's causal cache (`vae.StreamDecoder`).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from scopevid.adapters.base import Attention, Conditioning, ForwardSpec, local_attention
+from scopevid.adapters.skyreels_v2.loader import Components, load_checkpoint
+from scopevid.adapters.skyreels_v2.model import DFTransformer
+from scopevid.adapters.skyreels_v2.vae import LatentNorm, StreamDecoder
+from scopevid.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NOT_STARTED_T, CLEAN_T = 999, 0  # the step matrix's boundary timesteps
+
+SPEC_KEYS = {
+    "kind": "skyreels_v2",
+    "path": "checkpoint directory (diffusers layout, see docs/skyreels_v2.md)",
+    "height": "pixels, multiple of 16 (540P: 544)",
+    "width": "pixels, multiple of 16 (540P: 960)",
+    "shift": "flow shift of the sigma schedule (T2V: 8); default: the scheduler config's",
+    "fps": "fps embedding input (16 -> 0, else 1); default 24 like both pipelines",
+    "addnoise_condition": "noise level a on the overlap prefix (official default 20)",
+    "addnoise_rng": "'frame' (seeded per frame and forward: deterministic, shard-independent) "
+                    "or 'global' (torch's global RNG, as diffusers)",
+    "addnoise_seed": "seed of the 'frame' addnoise stream",
+    "causal_attention": "0 = bidirectional; N = block-causal over N latent frames; default: the checkpoint's num_frame_per_block",
+    "max_sequence_length": "prompt tokens (512)",
+    "vae_dtype": "float32 (default) | bfloat16 | float16",
+    "text_encoder_dtype": "default: the run dtype (float32 when that is float16: T5 overflows in fp16)",
+    "text_encoder_device": "default: the run device",
+}
+
+
+@dataclass
+class Prompt:
+    embeds: torch.Tensor  # [1, L, text_dim] encoder states, zero-padded after the prompt (as the pipeline)
+    context: torch.Tensor  # [1, L, D] after the DiT's text projection
+
+
+def clean_prompt(text: str) -> str:
+    """The pipelines' prompt cleaning: ftfy repair, HTML unescape (twice), whitespace collapse."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class SkyReelsV2Adapter:
+    name = "skyreels_v2"
+    causal = False  # bidirectional within the window: the engine never serves K/V context
+
+    def __init__(
+        self,
+        parts: Components,
+        *,
+        height: int = 544,
+        width: int = 960,
+        shift: float | None = None,
+        fps: int = 24,
+        addnoise_condition: float = 0.0,
+        addnoise_rng: str = "frame",
+        addnoise_seed: int = 0,
+        causal_attention: int | None = None,
+        max_sequence_length: int = 512,
+    ):
+        self.parts = parts
+        self.net = DFTransformer(parts.transformer)
+        self.vae = parts.vae
+        self.norm = LatentNorm(parts.vae)
+        self.device = parts.transformer.patch_embedding.weight.device
+        self.dtype = self.net.dtype
+        vae_cfg = parts.vae.config
+        self.temporal_compression = 2 ** sum(vae_cfg.temperal_downsample)
+        spatial = 2 ** len(vae_cfg.temperal_downsample)
+        if height % 16 or width % 16:
+            raise ConfigError(f"model.height/width: must be multiples of 16, got {height}x{width}")
+        self.latent_hw = (height // spatial, width // spatial)
+        self.latent_channels = parts.transformer.config.in_channels
+        _, ph, pw = self.net.patch
+        self.tokens_per_frame = (self.latent_hw[0] // ph) * (self.latent_hw[1] // pw)
+        self.fps_id = 0 if int(fps) == 16 else 1
+        self.addnoise = float(addnoise_condition)
+        if addnoise_rng not in ("frame", "global"):
+            raise ConfigError(f"model.addnoise_rng: must be 'frame' or 'global', got {addnoise_rng!r}")
+        self.addnoise_rng, self.addnoise_seed = addnoise_rng, int(addnoise_seed)
+        if causal_attention is None:
+            n = int(parts.transformer.config.num_frame_per_block)
+            causal_attention = n if n > 1 else 0
+        self.block_causal = int(causal_attention)
+        self.max_sequence_length = int(max_sequence_length)
+        from diffusers import UniPCMultistepScheduler
+
+        overrides = {} if shift is None else {"flow_shift": float(shift)}
+        self.scheduler = UniPCMultistepScheduler.from_config(parts.scheduler_config, **overrides)
+        sc = self.scheduler.config
+        if not (sc.use_flow_sigmas and sc.prediction_type == "flow_prediction"):
+            raise ConfigError("model: the scheduler config must use flow sigmas with flow_prediction (SkyReels-V2 DF)")
+        self.shift = float(sc.flow_shift)
+        self.noise_sigma, self.clean_sigma = 1.0, 0.0  # read by the engine; map to timesteps 999 and 0
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # (sigmas float64, timesteps long)
+        self._branches = 2
+        self._prefix_len: dict[int, int] | None = None  # window origin -> clean prefix frames (prepare_rollout)
+        self._origin_max: dict[int, int] = {}  # window origin -> last frame forwarded under it (fallback)
+        self._calls: dict[int, int] = {}  # window origin -> forwards so far (addnoise stream)
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "SkyReelsV2Adapter":
+        unknown = sorted(set(spec) - set(SPEC_KEYS))
+        if unknown:
+            raise ConfigError(f"model.{unknown[0]}: unknown field for skyreels_v2; allowed: {', '.join(SPEC_KEYS)}")
+        if not spec.get("path"):
+            raise ConfigError("model.path: the SkyReels-V2 checkpoint directory is required (see docs/skyreels_v2.md)")
+
+        def _dtype(key: str, default: torch.dtype) -> torch.dtype:
+            v = spec.get(key)
+            if v is None:
+                return default
+            if v not in DTYPES:
+                raise ConfigError(f"model.{key}: must be one of {', '.join(DTYPES)}, got {v!r}")
+            return DTYPES[v]
+
+        text_default = torch.float32 if dtype == torch.float16 else dtype
+        parts = load_checkpoint(
+            Path(spec["path"]),
+            device=device,
+            dtype=dtype,
+            vae_dtype=_dtype("vae_dtype", torch.float32),
+            text_dtype=_dtype("text_encoder_dtype", text_default),
+            text_device=spec.get("text_encoder_device") or device,
+        )
+        kw = {k: spec[k] for k in ("height", "width", "shift", "fps", "addnoise_condition", "addnoise_rng",
+                                   "addnoise_seed", "causal_attention", "max_sequence_length") if spec.get(k) is not None}
+        return cls(parts, **kw)
+
+    # --- schedule ------------------------------------------------------------------------------
+    def sigmas(self, num_steps: int) -> tuple[float, ...]:
+        """The scheduler's T+1 sigmas (last 0), exactly as the pipeline's per-frame schedulers hold them."""
+        self.scheduler.set_timesteps(num_steps)
+        sig, ts = self.scheduler.sigmas, self.scheduler.timesteps
+        keys = torch.cat([sig[:-1].double(), torch.tensor([self.noise_sigma, self.clean_sigma], dtype=torch.float64)])
+        vals = torch.cat([ts.long().cpu(), torch.tensor([NOT_STARTED_T, CLEAN_T])])
+        if len(set(keys.tolist())) != len(keys):
+            raise ConfigError(f"steps: {num_steps} steps give coinciding sigmas; choose fewer steps")
+        self._table = (keys, vals)
+        return tuple(float(s) for s in sig)
+
+    def solver_options(self) -> dict:
+        """For the engine's UniPC (`solver: unipc`): the scheduler config's multistep settings."""
+        sc = self.scheduler.config
+        if sc.thresholding or sc.solver_p is not None or not sc.predict_x0:
+            raise ConfigError("solver: unipc reproduces UniPC with predict_x0, no thresholding, no solver_p")
+        return {"order": int(sc.solver_order), "solver_type": sc.solver_type,
+                "lower_order_final": bool(sc.lower_order_final), "disable_corrector": tuple(sc.disable_corrector)}
+
+    def _timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Per-frame sigmas (float32 from the engine) -> the pipeline's integer timesteps [F] (long)."""
+        if self._table is None:
+            raise RuntimeError("SkyReelsV2Adapter.sigmas(num_steps) must be called before a forward")
+        keys, vals = self._table
+        dist = (sigma.detach().double().cpu()[:, None] - keys[None, :]).abs()
+        best, idx = dist.min(dim=1)
+        if bool((best > 1e-5).any()):
+            bad = float(sigma.flatten()[int(best.argmax())])
+            raise ValueError(f"sigma {bad} is not on this run's schedule (shift {self.shift}); was sigmas() called with the plan's steps?")
+        return vals[idx].to(self.device)
+
+    # --- prompts ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, text: str) -> torch.Tensor:
+        tok = self.parts.tokenizer(
+            [clean_prompt(text)], padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        te = self.parts.text_encoder
+        dev = next(te.parameters()).device
+        states = te(tok.input_ids.to(dev), tok.attention_mask.to(dev)).last_hidden_state  # [1, L, text_dim]
+        n = int(tok.attention_mask.gt(0).sum())
+        out = torch.zeros_like(states)
+        out[:, :n] = states[:, :n]  # the pipelines zero the states after the prompt's tokens
+        return out.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative: str | None = None, guidance: float = 1.0) -> Conditioning:
+        emb = self._encode(prompt)
+        cond = Prompt(emb, self.net.text_context(emb))
+        uncond = None
+        if guidance > 1.0:  # the pipeline's do_classifier_free_guidance
+            neg = self._encode(negative or "")
+            uncond = Prompt(neg, self.net.text_context(neg))
+        self._branches = 2 if uncond is not None else 1
+        return Conditioning(cond=cond, uncond=uncond, guidance=float(guidance))
+
+    # --- the overlap prefix (addnoise_condition) ------------------------------------------------
+    def prepare_rollout(self, plan) -> None:
+        """Called by the engine once per video: each window's clean prefix comes from the plan."""
+        self._origin_max.clear()
+        self._calls.clear()
+        windows = getattr(plan, "windows", None)
+        self._prefix_len = {w.start: w.prefix for w in windows()} if callable(windows) else None
+
+    def _prefix_frames(self, spec: ForwardSpec) -> set[int]:
+        """Frames of `spec` that are the clean overlap history of their window: [origin, origin + prefix).
+
+        From the plan when the engine called `prepare_rollout`. Otherwise recovered from the window
+        origins: a window's prefix is exactly the frames the previous window (a smaller origin) also
+        covered, and every frame of a window is forwarded at least once (each is active at some
+        iteration, and the compute interval always holds the active frames), so the last frame seen
+        under an earlier origin ends the prefix. spec.frames is the full sequence on every rank, so
+        all ranks agree. An origin smaller than one seen before starts a new video."""
+        o = spec.origin
+        real = [f for f in spec.frames if f >= 0]
+        if self._prefix_len is not None:
+            end = o + self._prefix_len.get(o, 0)
+        else:
+            if self._origin_max and o < max(self._origin_max):
+                self._origin_max.clear()
+                self._calls.clear()
+            earlier = [m for oo, m in self._origin_max.items() if oo < o]
+            end = max(earlier) + 1 if earlier else o
+            if real:
+                self._origin_max[o] = max(self._origin_max.get(o, -1), max(real))
+        return {f for f in real if o <= f < end}
+
+    def _condition_prefix(self, x: torch.Tensor, t: torch.Tensor, spec: ForwardSpec, prefix: set[int]) -> None:
+        """addnoise_condition on the prefix frames of this forward (in place on x [F, C, h, w], t [F])."""
+        o = spec.origin
+        k = self._calls[o] = self._calls.get(o, -1) + 1  # forwards in this window so far
+        local = spec.local_frames()
+        rows = [i for i, f in enumerate(local) if f in prefix]
+        a = 0.001 * self.addnoise
+        c, h, w = x.shape[1:]
+        if self.addnoise_rng == "global":
+            # what the pipeline draws: randn_like of the [1, C, P, h, w] prefix slice, in model dtype.
+            # Every rank draws all of it (and keeps its own frames), so seeded ranks stay in step.
+            ordered = [f for f in spec.frames if f in prefix]
+            if not ordered:
+                return
+            noise = torch.randn((1, c, len(ordered), h, w), dtype=x.dtype, device=x.device)[0].transpose(0, 1)
+            if not rows:
+                return
+            pick = torch.stack([noise[ordered.index(local[i])] for i in rows])
+        else:
+            if not rows:
+                return
+            pick = torch.stack([
+                torch.randn((c, h, w), generator=torch.Generator().manual_seed(
+                    (self.addnoise_seed * 1_000_003 + local[i]) * 10_007 + k), dtype=torch.float32).to(x.device, x.dtype)
+                for i in rows
+            ])
+        idx = torch.tensor(rows, device=x.device)
+        x[idx] = x[idx] * (1.0 - a) + pick * a
+        t[idx] = int(self.addnoise)
+
+    # --- protocol ------------------------------------------------------------------------------
+    def _inputs(self, x: torch.Tensor, sigma: torch.Tensor, spec: ForwardSpec, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, self.dtype).clone()
+        t = self._timesteps(sigma)
+        if self.addnoise > 0:
+            prefix = self._prefix_frames(spec)
+            if noise:
+                self._condition_prefix(x, t, spec, prefix)
+            else:  # the host feature sees the prefix at its timestep, without drawing noise
+                rows = [i for i, f in enumerate(spec.local_frames()) if f in prefix]
+                if rows:
+                    t[torch.tensor(rows, device=t.device)] = int(self.addnoise)
+        return x, t
+
+    @torch.no_grad()
+    def host_feature(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
+        """Timestep-modulated input of the first block, per frame: [F, tokens_per_frame, D]."""
+        x, t = self._inputs(x, sigma, spec, noise=False)
+        return self.net.host_feature(x, t, cond.cond.embeds, self.fps_id)
+
+    def _attention_spec(self, spec: ForwardSpec) -> ForwardSpec:
+        """What `attention` sees: no K/V context, and the model's frame mask as key ranges.
+
+        Every frame attends every forwarded frame (bidirectional), or, with block-causal attention,
+        the forwarded frames up to the end of its own block (blocks of `block_causal` frames counted
+        from the window start, as diffusers builds its mask). Key ranges let local_attention run one
+        mask-free SDPA per group of frames instead of a dense [S, S] mask. Without that field
+        (older engine) the same masks come from frame indices: all-visible, or block indices in place
+        of frames with the frame-causal rule."""
+        real = [f for f in spec.frames if f >= 0]
+        lo, hi = (min(real), max(real) + 1) if real else (0, 0)
+        n = self.block_causal
+        if "key_ranges" in ForwardSpec.__dataclass_fields__:
+            if n > 1:
+                ranges = tuple((lo, min(hi, spec.origin + ((f - spec.origin) // n + 1) * n)) if f >= 0 else (lo, hi) for f in spec.frames)
+            else:
+                ranges = ((lo, hi),) * len(spec.frames)
+            return replace(spec, key_ranges=ranges, causal=False, context=[], store=frozenset(), kv=None)
+        if n > 1:
+            blocks = [(f - spec.origin) // n if f >= 0 else -1 for f in spec.frames]
+            return replace(spec, frames=blocks, causal=True, context=[], store=frozenset(), kv=None)
+        return replace(spec, causal=False, context=[], store=frozenset(), kv=None)
+
+    @torch.no_grad()
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention
+    ) -> torch.Tensor:
+        """Guided flow velocity [F, C, h, w] (float32) for exactly the frames given."""
+        x, t = self._inputs(x, sigma, spec, noise=True)
+        pos = spec.local_positions()
+        aspec = self._attention_spec(spec)
+        p = cond.cond
+        v = self.net.forward(x, t, p.embeds, p.context, pos, aspec, attention, self.fps_id)
+        if cond.uncond is not None and cond.guidance > 1.0:
+            u = cond.uncond
+            vu = self.net.forward(x, t, u.embeds, u.context, pos, aspec, attention, self.fps_id)
+            v = vu + cond.guidance * (v - vu)
+        return v.float()
+
+    # --- decoding and cost ------------------------------------------------------------------------
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self.vae, self.norm)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latent frames [F, C, h, w] from the start of a video -> pixels [1 + 4 (F-1), H, W, 3] in [0, 1]."""
+        dec = self.stream_decoder()
+        return torch.cat([dec.push(z) for z in latents])
+
+    def flops(self, frames: int, context: int = 0) -> float:
+        return self._branches * self.net.flops(frames, self.tokens_per_frame, self.max_sequence_length)

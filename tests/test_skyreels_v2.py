@@ -1,0 +1,389 @@
+"""SkyReels-V2 diffusion forcing on a real (tiny, random) diffusers checkpoint, matched against
+diffusers' own `SkyReelsV2DiffusionForcingPipeline`.
+
+The checkpoint is built with diffusers' and transformers' own classes (tiny transformer and Wan VAE
+as in diffusers' tests, a tiny UMT5 encoder and a WordLevel tokenizer built locally since the hub is
+out of reach), saved with `save_pretrained`, and loaded back through our loader. The pipeline's
+generator draws are replayed through the rollout's `noise=` hook and its global-RNG draws
+(addnoise_condition) by seeding torch identically before both runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from scopevid.adapters.base import ForwardSpec, local_attention
+from scopevid.errors import CheckpointError, ConfigError
+
+PROMPT, NEGATIVE = "a red fox runs in the snow", "blue sky"
+H = W = 32  # pixels -> 4x4 latents -> 2x2 tokens per frame
+TEXT_LEN = 16
+WORDS = ["<pad>", "</s>", "<unk>"] + "a red fox runs in the snow blue sky".split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: thread hand-offs cost more than the math on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build_tiny_checkpoint(path: Path) -> Path:
+    from diffusers import (AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Transformer3DModel,
+                           UniPCMultistepScheduler)
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, inject_sample_info=True,
+    )
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                               relative_attention_num_buckets=8, relative_attention_max_distance=16))
+    scheduler = UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    SkyReelsV2DiffusionForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                                       scheduler=scheduler).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("skyreels") / "SkyReels-V2-DF-tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    from diffusers import SkyReelsV2DiffusionForcingPipeline
+
+    p = SkyReelsV2DiffusionForcingPipeline.from_pretrained(str(ckpt), local_files_only=True)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def make_adapter(ckpt, **spec):
+    from scopevid.adapters.skyreels_v2 import SkyReelsV2Adapter
+
+    return SkyReelsV2Adapter.from_config({"kind": "skyreels_v2", "path": str(ckpt), "height": H, "width": W,
+                                          "max_sequence_length": TEXT_LEN, **spec})
+
+
+class PipelineNoise:
+    """The pipeline's generator draws, replayed: one randn of the whole window per window (its clean
+    prefix part is then overwritten by the pipeline, so it is drawn and dropped here too)."""
+
+    def __init__(self, seed: int, prefix: int):
+        self.g, self.prefix = torch.Generator().manual_seed(seed), prefix
+
+    def __call__(self, window: int, frames: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+        p = self.prefix if window > 0 else 0
+        z = torch.randn((1, shape[0], p + len(frames), *shape[1:]), generator=self.g)
+        return z[0, :, p:].transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------- model pieces
+
+
+def test_forward_equals_diffusers_and_keeps_absolute_positions(ckpt):
+    ad = make_adapter(ckpt)
+    tr = ad.parts.transformer
+    cond = ad.encode_prompt(PROMPT, NEGATIVE, 5.0)
+    sig = ad.sigmas(6)
+    x = torch.randn(4, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    s = torch.tensor([ad.clean_sigma, sig[1], sig[3], ad.noise_sigma], dtype=torch.float32)
+    t = ad._timesteps(s)
+    assert t.tolist()[0] == 0 and t.tolist()[-1] == 999
+
+    def ref(xx, tt):
+        out = tr(hidden_states=xx.permute(1, 0, 2, 3)[None], timestep=tt[None], encoder_hidden_states=cond.cond.embeds,
+                 enable_diffusion_forcing=True, fps=[ad.fps_id], return_dict=False)[0]
+        return out[0].permute(1, 0, 2, 3)
+
+    for block in (0, 2):  # bidirectional; block-causal as diffusers does with causal_block_size=2
+        tr.register_to_config(num_frame_per_block=max(block, 1))
+        ad.block_causal = block
+        for origin in (0, 7):  # frames 7..10 of a window starting at 7 are positions 0..3
+            spec = ForwardSpec(frames=list(range(origin, origin + 4)), origin=origin, causal=False)
+            ours = ad.net.forward(x, t, cond.cond.embeds, cond.cond.context, spec.local_positions(),
+                                  ad._attention_spec(spec), local_attention, ad.fps_id)
+            torch.testing.assert_close(ours, ref(x, t), rtol=0, atol=1e-6)
+    tr.register_to_config(num_frame_per_block=1)
+    # a cropped forward keeps absolute positions: frames 2..3 of a window use RoPE rows 2..3
+    cos, sin = ad.net.rope([2, 3], 2, 2, x.device)
+    full_cos, full_sin = tr.rope(x.permute(1, 0, 2, 3)[None])
+    assert torch.equal(cos, full_cos[:, 8:16]) and torch.equal(sin, full_sin[:, 8:16])
+    feat = ad.host_feature(x, s, cond, ForwardSpec(frames=[0, 1, 2, 3], causal=False))
+    assert feat.shape == (4, ad.tokens_per_frame, ad.net.dim)
+
+
+@pytest.mark.parametrize("compat", [True, False])
+def test_unipc_solver_equals_diffusers_scheduler(compat):
+    from diffusers import UniPCMultistepScheduler
+
+    from scopevid.engine.unipc import UniPC
+
+    sch = UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    sch.set_timesteps(7)
+    ours = UniPC([float(s) for s in sch.sigmas], pipeline_compat=compat)
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(1, 4, 2, 3, 3, generator=g)
+    mine, fresh, s2 = lat[0, :, 0].clone(), lat[:, :, 0].clone(), copy.deepcopy(sch)
+    for k, t in enumerate(sch.timesteps):
+        v = torch.randn(1, 4, 3, 3, generator=g)
+        if compat:  # the pipelines' pattern: step on a view of the latents, assign the result to it
+            lat[:, :, 0] = s2.step(v, t, lat[:, :, 0], return_dict=False)[0]
+            ref = lat[0, :, 0]
+        else:
+            fresh = s2.step(v, t, fresh, return_dict=False)[0]
+            ref = fresh[0]
+        mine = ours.step(5, mine, v[0], float(sch.sigmas[k]), float(sch.sigmas[k + 1]), k)
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+    assert ours.state_dict() == {}  # a frame's state is dropped after its last step
+
+
+# ----------------------------------------------------------------------------- parity with diffusers
+
+CASES = {
+    "sync": dict(num_frames=9, base_num_frames=9, ar_step=0, causal_block_size=1),
+    "async": dict(num_frames=13, base_num_frames=13, ar_step=2, causal_block_size=2),
+    "long": dict(num_frames=29, base_num_frames=13, overlap_history=5, ar_step=1, causal_block_size=2, addnoise_condition=20),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_original_rollout_equals_diffusers_pipeline(case, ckpt, pipe):
+    from scopevid.engine.rollout import Rollout
+    from scopevid.engine.runner import latent_count
+    from scopevid.engine.unipc import UniPC
+    from scopevid.scheduler.policies import Original
+    from scopevid.scheduler.schedules import DiffusionForcingPlan
+
+    kw, steps, guidance, seed = dict(CASES[case]), 6, 5.0, 3
+    cbs = kw["causal_block_size"]
+    call = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=steps, guidance_scale=guidance,
+                max_sequence_length=TEXT_LEN, **kw)
+    torch.manual_seed(11)  # the pipeline's addnoise draws come from torch's global generator
+    ref = pipe(generator=torch.Generator().manual_seed(seed), output_type="latent", **call).frames[0].permute(1, 0, 2, 3)
+
+    ad = make_adapter(ckpt, causal_attention=cbs if cbs > 1 else 0, addnoise_condition=kw.get("addnoise_condition", 0),
+                      addnoise_rng="global")
+    overlap = latent_count(kw["overlap_history"], 4) if "overlap_history" in kw else 0
+    plan = DiffusionForcingPlan(latent_frames=latent_count(kw["num_frames"], 4), window=latent_count(kw["base_num_frames"], 4),
+                                num_steps=steps, ar_step=kw["ar_step"], block=cbs, overlap=overlap)
+    assert len(plan.windows()) == (3 if case == "long" else 1)
+    cond = ad.encode_prompt(PROMPT, NEGATIVE, guidance)
+    torch.manual_seed(11)
+    rollout = Rollout(ad, plan, Original(), cond, seed=seed, solver=UniPC.for_adapter(ad, steps), noise=PipelineNoise(seed, overlap))
+    decoder = ad.stream_decoder()
+    latents, pixels = [], []
+    for i, (frame, z) in enumerate(rollout.run()):
+        assert frame == i
+        latents.append(z)
+        pixels.append(decoder.push(z))
+    ours = torch.stack(latents)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert [p.shape[0] for p in pixels] == [1] + [4] * (len(latents) - 1)  # streamed: 1 + 4 per latent
+    if case == "long":  # decoded frames of a multi-window video, streamed frame by frame
+        torch.manual_seed(11)
+        ref_px = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **call).frames[0]
+        torch.testing.assert_close(torch.cat(pixels), torch.from_numpy(ref_px).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_inferred_without_plan(ckpt):
+    """Without the engine's prepare_rollout, the overlap prefix is recovered from window origins."""
+    ad = make_adapter(ckpt, addnoise_condition=20)
+    ad._prefix_len = None
+    assert ad._prefix_frames(ForwardSpec(frames=[0, 1, 2, 3], origin=0)) == set()
+    assert ad._prefix_frames(ForwardSpec(frames=[2, 3, 4, 5], origin=2)) == {2, 3}
+    assert ad._prefix_frames(ForwardSpec(frames=[4, 5, 6], origin=4)) == {4, 5}
+    assert ad._prefix_frames(ForwardSpec(frames=[0, 1], origin=0)) == set()  # a new video
+
+
+# ----------------------------------------------------------------------------- SCOPE through the runner
+
+
+def test_scope_runner_modes_intervals_compare(ckpt, tmp_path, capsys):
+    """`scopevid generate --compare` on the checkpoint: the run log shows all three modes and compute
+    intervals shorter than the window; the summary has speedups and PSNR/SSIM against Original."""
+    import pyarrow.parquet as pq
+
+    from scopevid import cli
+
+    raw = {
+        "model": {"kind": "skyreels_v2", "path": str(ckpt), "height": H, "width": W, "max_sequence_length": TEXT_LEN,
+                  "addnoise_condition": 20},
+        "prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance": 5.0, "frames": 29, "fps": 16, "seed": 0, "solver": "unipc",
+        "schedule": {"kind": "diffusion_forcing", "steps": 10, "base_num_frames": 13, "overlap_history": 5, "ar_step": 2,
+                     "causal_block_size": 2, "selective": "paper"},
+        "policy": "scope-test",
+        "policies": {"scope-test": {"kind": "scope", "tau_c": 0.05, "tau_p": 0.5, "decay": 0.75, "horizon": 5, "warmup": 2,
+                                    "predictor": "taylor2"}},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    assert cli.main(["generate", "--config", str(tmp_path / "run.yaml"), "--compare", "--out", str(out), "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    rows = pq.read_table(out / "steps.parquet").to_pylist()
+    assert {r["mode"] for r in rows} == {"cache", "predict", "recompute"}, s["counts"]
+    assert any(r["compute_hi"] - r["compute_lo"] < r["valid_hi"] - r["valid_lo"] for r in rows)
+    assert s["mean_compute_interval"] < s["mean_valid_interval"]
+    assert s["frames"] == 29 and (out / "video.mp4").stat().st_size > 0 and (out / "original.mp4").stat().st_size > 0
+    assert s["speedup_flops"] > 1.5 and s["speedup_forwards"] > 1.5 and s["speedup_wall"] > 0
+    assert s["psnr"] > 20 and 0.5 < s["ssim"] <= 1.0
+    assert s["model"] == "skyreels_v2" and s["original"]["counts"]["recompute"] == len(rows)
+    # a checkpoint that is not there: one line naming it, exit status 2, no traceback
+    raw["model"]["path"] = str(tmp_path / "missing-ckpt")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert cli.main(["generate", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "missing-ckpt" in err and "not found" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- checkpoint errors
+
+
+def _copy(ckpt, tmp_path) -> Path:
+    return Path(shutil.copytree(ckpt, tmp_path / "copy"))
+
+
+def _error(path) -> str:
+    from scopevid.adapters.skyreels_v2 import check_checkpoint
+
+    with pytest.raises(CheckpointError) as e:
+        check_checkpoint(Path(path))
+    return str(e.value)
+
+
+def test_missing_or_partial_checkpoint(ckpt, tmp_path):
+    assert "not found" in _error(tmp_path / "nowhere")
+    d = _copy(ckpt, tmp_path)
+    shutil.rmtree(d / "vae")
+    shutil.rmtree(d / "tokenizer")
+    msg = _error(d)
+    assert "missing component folder(s) vae/, tokenizer/ (" in msg
+    d2 = Path(shutil.copytree(ckpt, tmp_path / "copy2"))
+    (d2 / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    assert "diffusion_pytorch_model.safetensors" in _error(d2) and "transformer" in _error(d2)
+    d3 = Path(shutil.copytree(ckpt, tmp_path / "copy3"))
+    (d3 / "text_encoder" / "config.json").unlink()
+    assert "text_encoder/config.json" in _error(d3)
+    with pytest.raises(ConfigError, match="model.path"):
+        make_adapter(ckpt, path=None)
+    with pytest.raises(ConfigError, match="model.colour"):
+        make_adapter(ckpt, colour=1)
+
+
+def test_corrupt_checkpoint(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(ckpt, tmp_path)
+    w = d / "transformer" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # truncated download
+    assert "corrupt or truncated" in _error(d) and str(w) in _error(d)
+    w.write_bytes((ckpt / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes())
+    v = d / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(v))
+    name = sorted(state)[3]
+    del state[name]
+    save_file(state, str(v))
+    assert name in _error(d)
+    v.write_bytes((ckpt / "vae" / "diffusion_pytorch_model.safetensors").read_bytes())
+    (d / "scheduler" / "scheduler_config.json").write_text("{not json")
+    assert "scheduler_config.json" in _error(d) and "JSON" in _error(d)
+
+
+# ----------------------------------------------------------------------------- dtypes and the preset
+
+
+def test_bf16_load_and_velocity(ckpt):
+    ad = make_adapter(ckpt, causal_attention=2)
+    from scopevid.adapters.skyreels_v2 import SkyReelsV2Adapter
+    from scopevid.adapters.skyreels_v2.loader import load_checkpoint
+
+    bf = SkyReelsV2Adapter(load_checkpoint(ckpt, dtype=torch.bfloat16), height=H, width=W, max_sequence_length=TEXT_LEN,
+                           causal_attention=2)
+    assert bf.dtype == torch.bfloat16 and bf.vae.dtype == torch.float32
+    sig = ad.sigmas(4)
+    bf.sigmas(4)
+    x = torch.randn(4, 16, 4, 4, generator=torch.Generator().manual_seed(2))
+    s = torch.tensor([sig[0], sig[1], sig[2], ad.noise_sigma])
+    spec = ForwardSpec(frames=[3, 4, 5, 6], origin=3, causal=False)
+    v32 = ad.velocity(x, s, ad.encode_prompt(PROMPT, NEGATIVE, 5.0), spec)
+    v16 = bf.velocity(x, s, bf.encode_prompt(PROMPT, NEGATIVE, 5.0), spec)
+    assert v16.dtype == torch.float32 and torch.isfinite(v16).all()
+    assert (v16 - v32).abs().max() < 0.1 * v32.abs().max()
+
+
+def test_paper_preset_loads():
+    from scopevid import config
+    from scopevid.engine.runner import latent_count
+    from scopevid.scheduler.schedules import DiffusionForcingPlan
+
+    cfg = config.load(Path(__file__).resolve().parents[1] / "configs" / "skyreels_v2_df_1.3b_540p.yaml")
+    s = cfg.schedule
+    assert (cfg.frames, s.base_num_frames, s.steps, s.overlap_history, s.ar_step, s.causal_block_size) == (257, 97, 50, 17, 5, 5)
+    assert (cfg.guidance, cfg.model["shift"], cfg.model["addnoise_condition"], s.selective, cfg.solver) == (6.0, 8.0, 20, "paper", "unipc")
+    fast, slow = cfg.policy_spec("scope-fast"), cfg.policy_spec("scope-slow")
+    assert (fast["tau_c"], fast["tau_p"], fast["decay"], fast["horizon"], fast["predictor"]) == (0.18, 0.42, 0.75, 5, "taylor2")
+    assert (slow["tau_c"], slow["tau_p"]) == (0.12, 0.30)
+    plan = DiffusionForcingPlan(latent_frames=latent_count(257, 4), window=latent_count(97, 4), num_steps=50, ar_step=5, block=5,
+                                overlap=latent_count(17, 4), selective="paper")
+    assert [(w.start, w.length, w.prefix) for w in plan.windows()] == [(0, 25, 0), (20, 25, 5), (40, 25, 5)]
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+
+
+def _two_rank_suite(topo, cases):
+    """Runs on every rank of a 2-rank gloo group (Ulysses attention through DeepSpeed)."""
+    from scopevid.cluster.worker import collect_rollout
+
+    return [collect_rollout(topo, path, policy, check_decisions=True) for path, policy in cases]
+
+
+@pytest.mark.integration
+def test_two_ranks_match_one_rank(ckpt, tmp_path):
+    """Frames sharded over 2 processes, self-attention through Ulysses all-to-all: the same latents
+    and the same decisions as one process (2 heads, 1 per rank; padding with 5 frames on 2 ranks)."""
+    from scopevid.cluster.launch import spawn
+    from scopevid.cluster.worker import collect_rollout
+    from scopevid.engine.topology import LocalTopology
+
+    root = Path(__file__).resolve().parents[1]
+    raw = {
+        "model": {"kind": "skyreels_v2", "path": str(ckpt), "height": H, "width": W, "max_sequence_length": TEXT_LEN,
+                  "addnoise_condition": 20, "causal_attention": 2},
+        "prompt": PROMPT, "guidance": 5.0, "frames": 29, "seed": 0, "solver": "unipc",
+        "schedule": {"kind": "diffusion_forcing", "steps": 6, "base_num_frames": 13, "overlap_history": 5, "ar_step": 1,
+                     "causal_block_size": 2, "selective": "paper"},
+        "policy": "scope-test",
+        "policies": {"scope-test": {"kind": "scope", "tau_c": 0.05, "tau_p": 0.5, "decay": 0.75, "horizon": 5, "warmup": 2}},
+    }
+    path = tmp_path / "sp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cases = [(str(path), "scope-test")]
+    one = [collect_rollout(LocalTopology(), p, pol) for p, pol in cases]
+    two = spawn("test_skyreels_v2:_two_rank_suite", 2, args=(cases,), timeout_s=240, threads=1, dist_timeout_s=60,
+                env={"PYTHONPATH": f"{root}:{root / 'tests'}"})
+    for rank in two:
+        for a, b in zip(one, rank):
+            assert a["digest"] == b["digest"] and a["frames"] == b["frames"]
+            torch.testing.assert_close(b["latents"], a["latents"], rtol=1e-4, atol=1e-4)
+    assert set(one[0]["modes"]) >= {"cache", "recompute"}
