@@ -20,13 +20,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="store_true", help="also run Original and report speedup, PSNR, SSIM")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--check-decisions", action="store_true",
+                   help="multi-rank debug: cross-check every iteration's decision across ranks, fail on divergence")
 
 
 def main(args: argparse.Namespace) -> int:
     from scopevid.engine.runner import generate
 
     cfg = load_with_overrides(args)
-    summary = generate(cfg, args.out, compare=args.compare, overwrite=args.overwrite, progress=not args.no_progress)
+    from scopevid.cluster.groups import DistEnv
+
+    env = DistEnv.from_env()  # torchrun / srun: WORLD_SIZE > 1 runs sequence parallel, rank 0 writes
+    if env is not None and env.world > 1:
+        from scopevid.cluster.worker import run_from_env
+
+        summary = run_from_env(cfg, args.out, compare=args.compare, overwrite=args.overwrite,
+                               progress=not args.no_progress and env.rank == 0, check_decisions=args.check_decisions)
+        if env.rank != 0:
+            return 0
+    else:
+        summary = generate(cfg, args.out, compare=args.compare, overwrite=args.overwrite, progress=not args.no_progress,
+                           check_decisions=args.check_decisions)
     print(json.dumps(brief(summary), indent=2))
     return 0
 

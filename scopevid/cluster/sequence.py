@@ -1,0 +1,207 @@
+"""Sequence parallelism over frames: `UlyssesTopology` implements `engine.topology.Topology`.
+
+Sharding rule (`shard_layout`). A forward over n frames is padded at the END to
+n_pad = ceil(n / W) * W frames (padding frames have index -1: zero latents, clean sigma, masked as
+keys by `local_attention`, outputs dropped), and rank r holds the contiguous slots
+[r * n_pad / W, (r + 1) * n_pad / W). Every rank thus holds the same number of frames (Ulysses'
+all-to-all needs equal shards), at most W - 1 padding frames are computed in total, and only the
+last ranks carry padding (a rank may hold padding only, e.g. n = 1). The host feature uses the same
+rule without computing padding (a rank whose slots are all padding contributes zero sums).
+
+Attention (`UlyssesTopology.attention`): DeepSpeed's `DistributedAttention(local_attention, group,
+scatter_idx=2, gather_idx=1)`. Each rank's q/k/v [B, S_local, H, D] are exchanged by all-to-all into
+[B, S_full, H / W, D]; `local_attention` runs on the whole padded sequence for H / W heads (this is
+where the KV cache is written and read, so every rank caches its own heads for every frame and no
+K/V ever moves between ranks); a second all-to-all returns [B, S_local, H, D]. H must be divisible by
+W (a ConfigError says so otherwise).
+
+Velocities (`gather`): all-gather of every rank's [n_pad / W, ...] rows, concatenated in rank order,
+padding dropped: every rank then holds the same velocities, takes the same solver step and keeps
+identical latents and velocity histories (so histories need no hand-over).
+
+Host features (`migrate`): the previous host feature of a frame lives on the rank that computed it.
+When the compute interval slides, a frame's owner can change; before the new host feature is
+computed, every rank announces which stored frames it holds that now belong to another rank
+(all_gather_object of (frame, destination, shape, dtype) only, no payload), then the tensors move
+point to point (batch_isend_irecv) and the sender forgets them. So the N-rank discrepancy sums run
+over exactly the terms of the 1-rank sums. When the frame list did not change, ownership did not
+either and no collective is issued (every rank takes the same branch: the lists are replicated).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from typing import MutableMapping
+
+import torch
+
+from scopevid.adapters.base import ForwardSpec, local_attention
+from scopevid.cluster import consensus
+from scopevid.cluster.groups import Group
+from scopevid.errors import ConfigError
+
+
+def shard_layout(n: int, world: int, rank: int) -> tuple[int, tuple[int, int]]:
+    """(padded length, [lo, hi) of this rank) for n frames over `world` ranks (see module doc)."""
+    per = -(-n // world) if n > 0 else 0
+    return per * world, (rank * per, (rank + 1) * per)
+
+
+class _LocalFailure(Exception):
+    """Carries an error raised inside local attention past `Group.collective` unchanged."""
+
+    def __init__(self, original: BaseException):
+        super().__init__(str(original))
+        self.original = original
+
+
+def _store_dict(store) -> MutableMapping:
+    for attr in ("_phi", "_h"):  # engine.history.FeatureMemory / VelocityHistory
+        d = getattr(store, attr, None)
+        if isinstance(d, MutableMapping):
+            return d
+    if isinstance(store, MutableMapping):
+        return store
+    raise TypeError(f"cannot hand over state of {type(store).__name__}: not a per-frame mapping")
+
+
+def init_deepspeed(group: Group) -> None:
+    """deepspeed.init_distributed on top of the torch group already started (DeepSpeed's Ulysses
+    layer asserts "DeepSpeed backend not set" without it). DeepSpeed's shared-memory all-reduce op is
+    skipped (we never all-reduce through DeepSpeed; building it JIT-compiles C++ for 20 s to minutes):
+    set SCOPEVID_DS_SHM=1 to keep it."""
+    if group.backend == "gloo":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no probing for GPUs on a gloo run
+    import deepspeed
+    import deepspeed.comm as ds_comm
+
+    if ds_comm.is_initialized():
+        return
+    if os.environ.get("SCOPEVID_DS_SHM", "0") != "1":
+        import importlib
+
+        # `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm re-exports it)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=group.backend, verbose=False, timeout=timedelta(seconds=group.timeout_s))
+
+
+class UlyssesTopology:
+    """Frames of every forward sharded contiguously over the group; attention by Ulysses all-to-all."""
+
+    def __init__(self, group: Group):
+        self.group = group
+        self.rank, self.world = group.rank, group.world
+        self.migrated_frames = 0  # per-frame states handed to another rank (stats)
+        self.handovers = 0  # hand-over rounds that issued collectives
+        self.local_attention_seconds = 0.0  # attention compute inside the Ulysses all-to-alls (stats)
+        self._ds = None
+        if self.world > 1:
+            init_deepspeed(group)
+            from deepspeed.sequence.layer import DistributedAttention
+
+            self._ds = DistributedAttention(self._local, group.pg, scatter_idx=2, gather_idx=1)
+
+    # --- Topology protocol --------------------------------------------------------------------
+    def layout(self, n: int) -> tuple[int, tuple[int, int]]:
+        return shard_layout(n, self.world, self.rank)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spec: ForwardSpec) -> torch.Tensor:
+        if self._ds is None:
+            return local_attention(q, k, v, layer, spec)
+        heads = q.shape[2]
+        if heads % self.world or k.shape[2] % self.world:
+            raise ConfigError(
+                f"world size: Ulysses sequence parallelism splits attention heads over ranks, and this model has "
+                f"{heads} query / {k.shape[2]} key heads, not divisible by {self.world} ranks; use a world size that divides {heads}"
+            )
+        try:
+            with self.group.collective(f"Ulysses all-to-all of attention layer {layer}"):
+                return self._ds(q, k, v, 0, None, layer, spec)
+        except _LocalFailure as f:
+            raise f.original
+
+    def _local(self, q, k, v, layer, spec):
+        t0 = time.monotonic()
+        try:
+            return local_attention(q, k, v, layer, spec)
+        except Exception as e:  # not a communication error: re-raised as is by attention()
+            raise _LocalFailure(e) from e
+        finally:
+            self.local_attention_seconds += time.monotonic() - t0
+
+    @property
+    def comm_seconds(self) -> float:
+        """Wall time in collectives, attention compute excluded (includes waiting for slower ranks)."""
+        return self.group.comm_seconds - self.local_attention_seconds
+
+    def allreduce(self, values: list[float]) -> list[float]:
+        return consensus.reduce_sums(self.group, values)
+
+    def gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        if self.world == 1:
+            return local[:n]
+        import torch.distributed as dist
+
+        local = local.contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        with self.group.collective("all-gather of velocities"):
+            dist.all_gather(parts, local)
+        return torch.cat(parts)[:n]
+
+    def check(self, digest: str) -> None:
+        consensus.check_digest(self.group, digest, "decision")
+
+    def migrate(self, old: list[int], new: list[int], stores: list) -> None:
+        if self.world == 1 or list(old) == list(new):
+            return
+        import torch.distributed as dist
+
+        n_pad, _ = self.layout(len(new))
+        per = n_pad // self.world
+        owner = {f: i // per for i, f in enumerate(new)}
+        dicts = [_store_dict(s) for s in stores]
+        # what this rank holds that another rank owns now: tensors go point to point, anything else
+        # (e.g. a history deque) rides along in the announcement
+        plan, tensors = [], []
+        for si, d in enumerate(dicts):
+            for f in sorted(d):
+                dst = owner.get(f)
+                if dst is None or dst == self.rank:
+                    continue
+                val = d[f]
+                if isinstance(val, torch.Tensor):
+                    plan.append((si, f, dst, tuple(val.shape), val.dtype, None))
+                    tensors.append(val.contiguous())
+                else:
+                    plan.append((si, f, dst, None, None, val))
+        plans = consensus.gather_objects(self.group, plan, "shard hand-over announcement")
+        if not any(plans):
+            return
+        ops, received = [], []
+        ti = 0
+        for si, f, dst, shape, dtype, payload in plan:
+            if payload is None:
+                ops.append(dist.P2POp(dist.isend, tensors[ti], dst))
+                ti += 1
+        for src, their in enumerate(plans):
+            for si, f, dst, shape, dtype, payload in their:
+                if dst != self.rank:
+                    continue
+                if payload is not None:
+                    received.append((si, f, payload))
+                else:
+                    buf = torch.empty(shape, dtype=dtype, device=self.group.device)
+                    ops.append(dist.P2POp(dist.irecv, buf, src))
+                    received.append((si, f, buf))
+        if ops:
+            with self.group.collective("point-to-point hand-over of per-frame state"):
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+        for si, f, dst, *_ in plan:
+            del dicts[si][f]
+        for si, f, val in received:
+            dicts[si][f] = val
+        self.migrated_frames += sum(len(p) for p in plans)
+        self.handovers += 1

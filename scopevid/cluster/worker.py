@@ -1,0 +1,187 @@
+"""One rank of a sequence-parallel generation: the API that torchrun (via `scopevid generate`), the Ray
+driver and Slurm steps all call.
+
+    summary = run_rank(cfg, out, rank, world, master_addr, master_port)   # Ray actor i
+    summary = run_from_env(cfg, out)                                      # torchrun / srun
+
+Every rank runs the same rollout; rank 0 writes DIR/video.mp4, steps.parquet and summary.json as
+frames finish. Before the rollout, ranks check they were started with the same config (a mismatch
+is a one-line DistributedError, not a silent divergence) and rank 0 vets the output directory for
+all (a refusal there is raised on every rank, so no rank waits for a peer that has already given up).
+A failure on any rank ends every rank within the collective timeout: the writer's `finally` closes the
+MP4 and the run log, so what was written stays readable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scopevid.cluster import consensus
+from scopevid.cluster.groups import DistEnv, Group, init
+from scopevid.cluster.sequence import UlyssesTopology
+from scopevid.errors import DistributedError, ScopevidError
+
+
+def run_rank(
+    cfg,
+    out: str | Path,
+    rank: int,
+    world: int,
+    master_addr: str,
+    master_port: int,
+    *,
+    local_rank: int | None = None,
+    backend: str | None = None,
+    timeout_s: float | None = None,
+    threads: int | None = None,
+    compare: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    check_decisions: bool = False,
+    **generate_kw,
+) -> dict:
+    """Join the group as `rank` of `world` (rendezvous at master_addr:master_port), generate, tear down.
+
+    Returns the run summary (rank 0's includes the written files' statistics; every rank's has the
+    decision digest). Raises DistributedError when a peer dies or stalls, or ranks disagree. Further
+    keywords (e.g. `checkpoint=`) go to `engine.runner.generate`."""
+    env = DistEnv(rank, world, rank if local_rank is None else local_rank, master_addr, int(master_port))
+    return _run(cfg, out, env, backend=backend, timeout_s=timeout_s, threads=threads, compare=compare,
+                overwrite=overwrite, progress=progress, check_decisions=check_decisions, **generate_kw)
+
+
+def run_from_env(cfg, out: str | Path, **kw) -> dict:
+    """The same, with rank/world/rendezvous from the launcher's environment (torchrun, srun)."""
+    env = DistEnv.from_env() or DistEnv(0, 1)
+    return _run(cfg, out, env, **kw)
+
+
+def start(env: DistEnv, cfg=None, *, backend: str | None = None, timeout_s: float | None = None,
+          threads: int | None = None) -> tuple[Group, UlyssesTopology]:
+    """Process group + topology for one rank; checks that every rank has the same config."""
+    group = init(env, device=getattr(cfg, "device", "cpu"), backend=backend, timeout_s=timeout_s, threads=threads)
+    try:
+        topo = UlyssesTopology(group)
+        if cfg is not None:
+            settings = {k: v for k, v in cfg.to_dict().items() if k != "source"}  # the YAML's path may differ per node
+            consensus.check_same(group, settings, "run config (every rank must load the same config, seed and overrides)")
+    except BaseException:
+        group.teardown(ok=False)
+        raise
+    return group, topo
+
+
+def _run(cfg, out, env: DistEnv, *, backend=None, timeout_s=None, threads=None, compare=False, overwrite=False,
+         progress=False, check_decisions=False, **generate_kw) -> dict:
+    from scopevid.engine.runner import generate
+    from scopevid.engine.sinks import prepare_out_dir
+
+    group, topo = start(env, cfg, backend=backend, timeout_s=timeout_s, threads=threads)
+    ok = False
+    restore = _raise_on_sigterm(group.rank, group.world)
+    try:
+        refusal = None
+        resuming = generate_kw.get("checkpoint") is not None  # the checkpointer owns the directory then
+        if group.rank == 0 and not resuming:
+            try:
+                prepare_out_dir(out, overwrite)
+            except ScopevidError as e:
+                refusal = (type(e).__name__, str(e))
+        verdicts = consensus.gather_objects(group, refusal, "output directory check")
+        if verdicts[0] is not None:
+            from scopevid import errors
+
+            cls = getattr(errors, verdicts[0][0], ScopevidError)
+            raise cls(verdicts[0][1])
+        summary = generate(cfg, out, compare=compare, overwrite=overwrite or not resuming, topology=topo, progress=progress,
+                           check_decisions=check_decisions, **generate_kw)
+        summary["rank"] = group.rank
+        summary["sequence_parallel"] = {
+            "world_size": group.world,
+            "backend": group.backend,
+            "handovers": topo.handovers,
+            "migrated_frames": topo.migrated_frames,
+        }
+        if group.rank == 0 and (Path(out) / "summary.json").exists():
+            from scopevid.engine.sinks import write_json
+
+            write_json(Path(out) / "summary.json", summary)
+        ok = True
+        return summary
+    finally:
+        try:
+            group.teardown(ok=ok)
+        finally:
+            restore()
+
+
+def _raise_on_sigterm(rank: int, world: int):
+    """torchrun (and Slurm) stop the surviving ranks with SIGTERM when one fails; Python's default
+    action would end the process at once, skipping the writer's `finally` (MP4 trailer, run log).
+    Raise instead, so outputs are closed and the error is one line. Returns the undo function."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process
+        raise DistributedError(f"rank {rank}/{world}: stopped by SIGTERM (the launcher ends the job, usually "
+                               "because another rank failed: see its log)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions: bool = True) -> dict:
+    """Run one rollout in memory (no files) under `topology` and return every clean latent in order,
+    the per-iteration decisions and the wall time: what tests and `bench sp` compare across world sizes.
+
+    `cfg` is a RunConfig or a path to its YAML."""
+    import time
+
+    import torch
+
+    from scopevid import adapters
+    from scopevid import config as config_lib
+    from scopevid.engine import runner
+    from scopevid.engine.rollout import Rollout, decision_digest
+    from scopevid.scheduler import policies as policy_lib
+    from scopevid.scheduler.predictors import Stability
+
+    if not hasattr(cfg, "model"):
+        cfg = config_lib.load(cfg)
+    name = policy or cfg.policy
+    dtype = runner.DTYPES[cfg.dtype]
+    adapter = adapters.load(cfg.model, cfg.device, dtype)
+    plan = runner.build_plan(cfg, adapter)
+    spec = cfg.policy_spec(name)
+    cond = adapter.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance)
+    records = []
+    ro = Rollout(adapter, plan, policy_lib.build(spec, name), cond, seed=cfg.seed,
+                 solver=runner.build_solver(cfg, adapter), topology=topology, predictor=spec.get("predictor", "taylor2"),
+                 stability=Stability(**cfg.stability), device=cfg.device, dtype=dtype, on_step=records.append,
+                 check_decisions=check_decisions)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = list(ro.run())
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "frames": [i for i, _ in out],
+        "latents": torch.stack([x.cpu() for _, x in out]),
+        "modes": [r.mode for r in records],
+        "records": [(r.serial, r.mode, r.reason, r.d, r.r, r.compute_lo, r.compute_hi) for r in records],
+        "digest": decision_digest(records),
+        "counts": dict(ro.stats.counts),
+        "frame_forwards": ro.stats.frame_forwards,
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,  # this process's CPU time (all its threads): the work, whatever the contention
+        "latent_frames": plan.latent_frames,
+        "handovers": getattr(topology, "handovers", 0),
+        "migrated_frames": getattr(topology, "migrated_frames", 0),
+    }
+
+
+def collect_rollout_many(topology, cases: list, check_decisions: bool = True) -> list[dict]:
+    """`collect_rollout` for several (cfg, policy) pairs in one process group (saves start-up in tests)."""
+    return [collect_rollout(topology, c, p, check_decisions=check_decisions) for c, p in cases]
