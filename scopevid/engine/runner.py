@@ -57,6 +57,10 @@ def build_plan(cfg: RunConfig, adapter):
 def build_solver(cfg: RunConfig, adapter):
     if cfg.solver == "euler":
         return SOLVERS["euler"]()
+    if cfg.solver == "unipc":  # per-frame UniPC on the adapter's own sigma table (SkyReels-V2's solver)
+        from scopevid.engine.unipc import UniPC
+
+        return UniPC.for_adapter(adapter, cfg.schedule.steps)
     if hasattr(adapter, "make_solver"):
         return adapter.make_solver(cfg.solver, cfg.schedule.steps)
     raise ConfigError(f"solver: {cfg.solver!r} is not available for model {adapter.name}; allowed: euler")
@@ -85,6 +89,12 @@ class _Decoder:
         with torch.no_grad():
             return self.adapter.decode(x)
 
+    def state_dict(self) -> dict:  # engine.checkpoint: latents waiting for their group
+        return {"buf": list(self.buf)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buf = list(state["buf"])
+
 
 def run_once(
     cfg: RunConfig,
@@ -99,8 +109,12 @@ def run_once(
     progress: bool = False,
     check_decisions: bool = False,
     keep_records: bool = True,
+    checkpoint=None,
 ) -> RunResult:
-    """One rollout under one policy. Writes what it is given paths for, as frames finish."""
+    """One rollout under one policy. Writes what it is given paths for, as frames finish.
+
+    checkpoint: an engine.checkpoint.Checkpointer makes the rollout resumable (state saved at window
+    boundaries, frame / latent shards; when resuming, restores rollout, decoder, video and run log)."""
     topo = topology or LocalTopology()
     writes = topo.rank == 0
     plan = build_plan(cfg, adapter)
@@ -135,7 +149,9 @@ def run_once(
     quality = RunningQuality() if reference is not None else None
     ref_iter = reference.read() if reference is not None else None
     ref_buf: list[torch.Tensor] = []
-    pixel_frames = 0
+    pixel_frames, wall_before = 0, 0.0
+    if checkpoint is not None:
+        pixel_frames, wall_before = checkpoint.attach(rollout, writes=writes, decoder=decoder, sink=sink)
 
     def emit(pixels: torch.Tensor | None) -> None:
         nonlocal pixel_frames
@@ -147,6 +163,8 @@ def run_once(
             sink.write(pixels)
         if frames_to is not None and writes:
             frames_to.write(pixels)
+        if checkpoint is not None:
+            checkpoint.frames(pixels)
         if quality is not None:
             need = pixels.shape[0]
             while sum(r.shape[0] for r in ref_buf) < need:
@@ -157,8 +175,10 @@ def run_once(
 
     t0 = time.perf_counter()
     try:
-        for _, latent in rollout.run():
+        for idx, latent in rollout.run():
             if writes:
+                if checkpoint is not None:
+                    checkpoint.latent(idx, latent)
                 emit(decoder.push(latent))
         if writes:
             emit(decoder.flush())
@@ -169,7 +189,9 @@ def run_once(
             log.close()
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - t0
+        if checkpoint is not None:
+            checkpoint.close()
+    wall = time.perf_counter() - t0 + wall_before
     st = rollout.stats
     full = sum(r.frames_computed / max(1, r.valid_hi - r.valid_lo) for r in records)
     comp_len = [r.compute_hi - r.compute_lo for r in records]
@@ -211,8 +233,11 @@ def generate(
     topology: Topology | None = None,
     progress: bool = True,
     check_decisions: bool = False,
+    checkpoint=None,
 ) -> dict:
     """`scopevid generate`: DIR/video.mp4, DIR/steps.parquet, DIR/summary.json (+ --compare)."""
+    if checkpoint is not None and compare:
+        raise ConfigError("compare: a resumable (checkpointed) run cannot also run the Original reference")
     topo = topology or LocalTopology()
     writes = topo.rank == 0
     out = prepare_out_dir(out, overwrite) if writes else Path(out)
@@ -227,7 +252,8 @@ def generate(
                        steps_log=out / "original_steps.parquet", topology=topo, progress=progress)
         summary["original"] = ref.summary
     res = run_once(cfg, adapter, cfg.policy, video=out / "video.mp4", reference=reference,
-                   steps_log=out / "steps.parquet", topology=topo, progress=progress, check_decisions=check_decisions)
+                   steps_log=out / "steps.parquet", topology=topo, progress=progress, check_decisions=check_decisions,
+                   checkpoint=checkpoint)
     summary.update(res.summary)
     if "original" in summary:
         o = summary["original"]

@@ -1,0 +1,129 @@
+"""A real `ray job submit` of a 2-rank generation against a real local `ray start --head` cluster.
+
+Everything is on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray's node address on loopback on a
+single machine), token auth is disabled as stack.md says `ray job submit` needs, and the cluster is
+stopped in `finally`, by its own session and temp dir (never `ray stop`, which would stop every Ray
+cluster on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, write_tiny_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+BIN = Path(sys.executable).parent
+
+
+def ray_env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="disabled",  # stack.md: `ray job submit` fails with "Authentication required" otherwise
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # single machine: node address 127.0.0.1, not eth0
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is this venv's
+        SCOPEVID_DIST_TIMEOUT="60",
+    )
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    return env
+
+
+def count_video_frames(path: Path) -> int:
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(str(path)) as r:
+        return sum(1 for _ in r)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    from scopevid.cluster.raycluster import LocalHead
+
+    tmp = tempfile.mkdtemp(prefix="svray", dir="/tmp")  # short: Ray's unix sockets live under it
+    head = LocalHead(tmp, num_cpus=2, env=ray_env())
+    try:
+        head.start()
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_ray_job_submit_two_ranks(ray_head, tmp_path):
+    frames = 24
+    cfg = write_tiny_config(tmp_path, frames=frames, policy="scope-fast")
+    out = tmp_path / "job"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT),
+           "--", "python", "-m", "scopevid.cluster.driver", "--config", str(cfg), "--frames", str(frames),
+           "--world-size", "2", "--out", str(out), "--progress-every", "0.5"]
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(cmd, env=ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"ray job submit did not finish in 180 s:\n{(e.stdout or b'')[-3000:]!r}")
+    took = time.monotonic() - t0
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "[scopevid driver] done:" in log, log[-3000:]
+    assert "2 rank(s) on cpu" in log
+
+    # the video: exactly the requested frames
+    assert count_video_frames(out / "video.mp4") == frames
+
+    # the run log is complete: one row per iteration of the plan, in order
+    from scopevid import adapters
+    from scopevid import config as config_lib
+    from scopevid.engine import runner
+
+    rc = config_lib.load(out / "config.yaml")
+    plan = runner.build_plan(rc, adapters.load(rc.model))
+    steps = pq.read_table(out / "steps.parquet")
+    assert steps.num_rows == plan.num_iterations()
+    assert steps.column("serial").to_pylist() == list(range(plan.num_iterations()))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == frames and summary["world_size"] == 2
+    assert summary["iterations"] == plan.num_iterations()
+    assert sum(summary["counts"].values()) == plan.num_iterations()
+
+    # shards and the job record
+    from scopevid.engine.checkpoint import read_frames, read_latents
+
+    assert [f for f, _ in read_frames(out / "frames")] == list(range(frames))
+    assert [f for f, _ in read_latents(out / "latents")] == list(range(plan.latent_frames))
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "complete" and job["world_size"] == 2
+    assert [p["rank"] for p in job["per_rank"]] == [0, 1]
+    assert all(p["peak_rss_mb"] > 10 for p in job["per_rank"])
+    assert not (out / "checkpoint").exists(), "a completed job removes its checkpoint"
+    print(f"ray job submit round trip: {took:.1f} s")
+
+
+def test_bench_scaling_table_and_plot(ray_head, tmp_path):
+    """`scopevid bench scaling`: one driver job per world size on the cluster, Parquet + PNG."""
+    cfg = write_tiny_config(tmp_path, frames=12)
+    out = tmp_path / "scaling"
+    r = subprocess.run([sys.executable, "-m", "scopevid", "bench", "scaling", "--config", str(cfg), "--frames", "12",
+                        "--world-sizes", "1,2", "--address", ray_head.address, "--out", str(out)],
+                       env=ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    rows = pq.read_table(out / "scaling.parquet").to_pylist()
+    assert [(x["world_size"], x["frames"], x["policy"]) for x in rows] == [(1, 12, "original"), (2, 12, "original")]
+    for x in rows:
+        assert x["wall_seconds"] > 0 and x["frames_per_second"] > 0
+        assert len(x["peak_rss_mb_per_rank"]) == x["world_size"] and min(x["peak_rss_mb_per_rank"]) > 10
+    assert rows[0]["parallel_efficiency"] == pytest.approx(1.0)
+    assert rows[1]["parallel_efficiency"] == pytest.approx(rows[1]["frames_per_second"] / rows[0]["frames_per_second"] / 2)
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

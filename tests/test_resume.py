@@ -1,0 +1,242 @@
+"""Resume: a job killed mid-rollout continues from its last checkpoint and finishes with exactly the
+video of an uninterrupted run of the same seed (latents bit for bit, decoded frames, MP4 bytes).
+
+- In process (fast): the rollout is interrupted by an exception at a chosen iteration (diffusion
+  forcing and chunk-causal, SCOPE), then resumed.
+- For real: 2-rank Ray jobs on a local `ray start --head` cluster; a rank's process is SIGKILLed (the
+  driver must name the rank), or the whole driver is SIGKILLed; `--resume DIR` finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import ROOT, write_tiny_config
+
+BIN = Path(sys.executable).parent
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+def video_frames(path: Path) -> np.ndarray:
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(str(path)) as r:
+        return np.stack([f for f in r])
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    from scopevid.engine.checkpoint import read_frames, read_latents
+
+    la = [(f, x) for f, x in read_latents(a / "latents")]
+    lb = [(f, x) for f, x in read_latents(b / "latents")]
+    assert [f for f, _ in la] == [f for f, _ in lb] == list(range(len(la)))
+    assert torch.equal(torch.stack([x for _, x in la]), torch.stack([x for _, x in lb])), "latents differ"
+    fa = np.stack([x for _, x in read_frames(a / "frames")])
+    fb = np.stack([x for _, x in read_frames(b / "frames")])
+    assert fa.shape == fb.shape and (fa == fb).all(), "decoded frames differ"
+    va, vb = video_frames(a / "video.mp4"), video_frames(b / "video.mp4")
+    assert va.shape == vb.shape and (va == vb).all(), "MP4 frames differ"
+    assert (a / "video.mp4").read_bytes() == (b / "video.mp4").read_bytes()
+    ta, tb = pq.read_table(a / "steps.parquet"), pq.read_table(b / "steps.parquet")
+    for col in ("serial", "mode", "compute_lo", "compute_hi", "frames_computed"):
+        assert ta.column(col).to_pylist() == tb.column(col).to_pylist(), col
+    sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
+    assert sa["decision_digest"] == sb["decision_digest"] and sa["counts"] == sb["counts"]
+    assert sa["frames"] == sb["frames"]
+
+
+# --- in process -------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind,stop_at", [("diffusion_forcing", 50), ("chunk_causal", 21)])
+def test_interrupted_rollout_resumes_exactly(tmp_path, kind, stop_at):
+    from scopevid import config as config_lib
+    from scopevid.engine import runner
+    from scopevid.engine.checkpoint import Checkpointer, checkpoint_info
+
+    sched = {"kind": kind, "chunk_width": 2, "window_size": 4, "context_chunks": 2}
+    cfg = config_lib.load(write_tiny_config(tmp_path, frames=30, policy="scope-fast", schedule=sched))
+    runner.generate(cfg, tmp_path / "ref", progress=False, checkpoint=Checkpointer(tmp_path / "ref"))
+
+    def stop(serial, total, next_emit, frames):
+        if serial == stop_at:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        runner.generate(cfg, tmp_path / "job", progress=False, checkpoint=Checkpointer(tmp_path / "job", on_iteration=stop))
+    info = checkpoint_info(tmp_path / "job")
+    assert info is not None and 0 < info["serial"] <= stop_at and info["pixel_frames"] > 0
+    resumed = runner.generate(cfg, tmp_path / "job", progress=False, overwrite=True,
+                              checkpoint=Checkpointer(tmp_path / "job", resume=True))
+    assert resumed["frames"] == 30
+    assert_same_outputs(tmp_path / "ref", tmp_path / "job")
+    assert not (tmp_path / "job" / "checkpoint").exists()
+
+
+BASELINES = {
+    "teacache": {"kind": "teacache", "thresh": 0.3, "ret_steps": 2, "feature": "host"},
+    "flowcache": {"kind": "flowcache", "thresh": 0.3, "ret_steps": 2, "feature": "host"},
+}
+
+
+@pytest.mark.parametrize("kind,policy", [("diffusion_forcing", "teacache"), ("chunk_causal", "flowcache")])
+def test_baselines_in_forward_reuse_state_resumes_exactly(tmp_path, kind, policy):
+    """The baselines keep residual / K/V stores inside the forward (engine.reuse): checkpointed too."""
+    from scopevid import config as config_lib
+    from scopevid.engine import runner
+    from scopevid.engine.checkpoint import Checkpointer, checkpoint_info, read_latents
+
+    sched = {"kind": kind, "chunk_width": 2, "window_size": 4, "context_chunks": 2}
+    cfg = config_lib.load(write_tiny_config(tmp_path, frames=30, policy=policy, policies={policy: BASELINES[policy]},
+                                            schedule=sched))
+    ref = runner.generate(cfg, tmp_path / "ref", progress=False, checkpoint=Checkpointer(tmp_path / "ref"))
+    assert ref["counts"]["cache"] > 0  # the reuse path really ran
+
+    def stop(serial, total, *a):
+        if serial == total // 2 + 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        runner.generate(cfg, tmp_path / "job", progress=False, checkpoint=Checkpointer(tmp_path / "job", on_iteration=stop))
+    assert checkpoint_info(tmp_path / "job")["serial"] > 0
+    got = runner.generate(cfg, tmp_path / "job", progress=False, overwrite=True,
+                          checkpoint=Checkpointer(tmp_path / "job", resume=True))
+    la = torch.stack([x for _, x in read_latents(tmp_path / "ref" / "latents")])
+    lb = torch.stack([x for _, x in read_latents(tmp_path / "job" / "latents")])
+    assert torch.equal(la, lb)
+    assert got["decision_digest"] == ref["decision_digest"] and got["counts"] == ref["counts"]
+
+
+def test_checkpoint_refuses_other_world_size(tmp_path):
+    from scopevid import adapters
+    from scopevid import config as config_lib
+    from scopevid.engine import runner
+    from scopevid.engine.checkpoint import Checkpointer
+    from scopevid.engine.rollout import Rollout
+    from scopevid.errors import CheckpointError
+    from scopevid.scheduler.policies import Original
+
+    cfg = config_lib.load(write_tiny_config(tmp_path, frames=20))
+
+    def stop(serial, *a):
+        if serial == 40:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        runner.generate(cfg, tmp_path / "job", progress=False, checkpoint=Checkpointer(tmp_path / "job", on_iteration=stop))
+    latest = tmp_path / "job" / "checkpoint" / "LATEST"
+    info = json.loads(latest.read_text())
+    latest.write_text(json.dumps({**info, "world": 2}))
+    adapter = adapters.load(cfg.model)
+    ro = Rollout(adapter, runner.build_plan(cfg, adapter), Original(), adapter.encode_prompt(cfg.prompt, None, 2.0), seed=0)
+    with pytest.raises(CheckpointError, match="same --world-size"):
+        Checkpointer(tmp_path / "job", resume=True).attach(ro, writes=True)
+
+
+# --- real kills of a Ray job ------------------------------------------------------------------------
+def ray_env() -> dict:
+    env = dict(os.environ)
+    env.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", SCOPEVID_DIST_TIMEOUT="60")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    from scopevid.cluster.raycluster import LocalHead
+
+    tmp = tempfile.mkdtemp(prefix="svres", dir="/tmp")
+    head = LocalHead(tmp, num_cpus=2, env=ray_env())
+    try:
+        head.start()
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def job_config(tmp_path_factory):
+    return write_tiny_config(tmp_path_factory.mktemp("cfg"), frames=48, policy="scope-fast")
+
+
+def driver(head, *args: str, **popen) -> list[str]:
+    return [sys.executable, "-m", "scopevid.cluster.driver", "--address", head.address, "--progress-every", "0.5", *args]
+
+
+def run_driver(head, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    r = subprocess.run(driver(head, *args), env=ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return r
+
+
+@pytest.fixture(scope="module")
+def reference(ray_head, job_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "job"
+    r = run_driver(ray_head, "--config", str(job_config), "--world-size", "2", "--out", str(out))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return out
+
+
+def start_and_kill(head, job_config, out: Path, victim: str) -> tuple[subprocess.CompletedProcess | None, dict]:
+    """Start a 2-rank job, wait for its first committed checkpoint, then SIGKILL `victim` (rank1|driver)."""
+    proc = subprocess.Popen(driver(head, "--config", str(job_config), "--world-size", "2", "--out", str(out)),
+                            env=ray_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        latest = out / "checkpoint" / "LATEST"
+        deadline = time.monotonic() + 90
+        while not latest.is_file():
+            assert proc.poll() is None, f"job ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 90 s"
+            time.sleep(0.05)
+        info = json.loads(latest.read_text())
+        if victim == "driver":
+            proc.send_signal(signal.SIGKILL)
+        else:
+            pid = json.loads((out / "job.json").read_text())["ranks"][1]["pid"]
+            os.kill(pid, signal.SIGKILL)
+        text, _ = proc.communicate(timeout=90)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, text, ""), info
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("victim", ["rank1", "driver"])
+def test_killed_job_resumes_to_the_same_video(ray_head, job_config, reference, tmp_path, victim):
+    out = tmp_path / "job"
+    killed, info = start_and_kill(ray_head, job_config, out, victim)
+    assert killed.returncode != 0, killed.stdout[-3000:]
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] != "complete"
+    assert (out / "checkpoint" / "LATEST").is_file()
+    if victim == "rank1":  # the driver names the dead rank, keeps what is finished, says how to resume
+        pid = job["ranks"][1]["pid"]
+        assert f"rank 1 (pid {pid}" in killed.stdout and "died" in killed.stdout, killed.stdout[-3000:]
+        assert f"--resume {out}" in killed.stdout
+        assert job["status"] == "failed" and job["failed_rank"] == 1
+        assert (out / "video.mp4").stat().st_size > 0  # rank 0 closed its video cleanly
+    r = run_driver(ray_head, "--resume", str(out))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "resuming" in r.stdout and f"checkpoint at iteration" in r.stdout
+    done = json.loads((out / "job.json").read_text())
+    assert done["status"] == "complete" and done["resumed_from"] >= info["serial"] > 0
+    assert_same_outputs(reference, out)
