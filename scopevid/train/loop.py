@@ -223,5 +223,5 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         self.wall += dt
-        self.log.append({"step": self.step, "loss": float(loss), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1), "seconds": dt, "wall": self.wall})
-        return float(loss)
+        self.log.append({"step": self.step, "loss": loss.item(), "grad_norm": gnorm.item(), "lr": self.lr_at(self.step - 1), "seconds": dt, "wall": self.wall})
+        return self.log[-1]["loss"]

@@ -1,0 +1,121 @@
+"""`scopevid train`: train (or resume) the tiny DiT in a run directory, and export its EMA weights.
+
+    scopevid train --out runs/tiny --steps 8000 --threads 1           # new run (or --resume)
+    scopevid train --out runs/tiny --export-only --weights-dir scopevid/weights --shift 1.0
+
+Checkpoints (model + EMA + optimizer + step + RNG) go to RUN_DIR/ckpt.pt every --ckpt-minutes, the loss
+to RUN_DIR/loss.parquet, and the EMA weights to RUN_DIR/export/tiny.{safetensors,json} at every
+checkpoint (so a usable model exists at any time). SIGTERM/SIGINT save a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
+from scopevid.train import world as W
+from scopevid.train.loop import Trainer, TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run directory (checkpoint, loss log, exports)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
+    p.add_argument("--steps", type=int, default=8000, help="train until this total step count")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--ckpt-minutes", type=float, default=3.0, help="checkpoint + export period")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=16, help="frames per training clip")
+    p.add_argument("--batch", type=int, default=16, help="clips per step")
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--size", type=int, default=32, help="frame side in pixels")
+    p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--sprite", type=int, default=8, help="square side in pixels")
+    p.add_argument("--shift", type=float, default=1.0, help="sigma shift to record for inference")
+    p.add_argument("--export-only", action="store_true", help="only export the EMA weights of RUN_DIR")
+    p.add_argument("--weights-dir", default=None, help="export target (default RUN_DIR/export)")
+
+
+def export(trainer: Trainer, weights_dir: str, shift: float) -> str:
+    """EMA weights -> weights_dir/tiny.safetensors (float32) + tiny.json (config, vocab, shift, world)."""
+    os.makedirs(weights_dir, exist_ok=True)
+    sd = {k: v.detach().float().contiguous().clone() for k, v in trainer.ema.state_dict().items()}
+    path = os.path.join(weights_dir, "tiny.safetensors")
+    save_file(sd, path + ".tmp", metadata={"format": "pt", "step": str(trainer.step)})
+    os.replace(path + ".tmp", path)
+    os.chmod(path, 0o644)
+    meta = {
+        "model": trainer.mcfg.to_dict(),
+        "shift": shift,
+        "world": trainer.wcfg.to_dict(),
+        "train": {**trainer.tcfg.to_dict(), "steps": trainer.step, "wall_seconds": round(trainer.wall, 1)},
+        "weights": "EMA",
+    }
+    with open(os.path.join(weights_dir, "tiny.json"), "w") as fh:
+        json.dump(meta, fh, indent=2)
+    return path
+
+
+def load_exported(weights_dir: str) -> tuple[TinyDiT, dict]:
+    """Inverse of export: the model (eval mode) and the metadata dict."""
+    with open(os.path.join(weights_dir, "tiny.json")) as fh:
+        meta = json.load(fh)
+    model = TinyDiT(TinyDiTConfig.from_dict(meta["model"]))
+    model.load_state_dict(load_file(os.path.join(weights_dir, "tiny.safetensors")))
+    return model.eval(), meta
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    if args.resume or args.export_only:
+        if not os.path.exists(ckpt):
+            print(f"scopevid train: no checkpoint at {ckpt}", file=sys.stderr)
+            return 2
+        trainer = Trainer.resume(args.out)
+    else:
+        if os.path.exists(ckpt):
+            print(f"scopevid train: {ckpt} exists; pass --resume to continue it", file=sys.stderr)
+            return 2
+        wcfg = W.WorldConfig(size=args.size, sprite=args.sprite)
+        mcfg = TinyDiTConfig(size=args.size, patch=args.patch, dim=args.dim, depth=args.depth, heads=args.heads, vocab=W.vocabulary(wcfg))
+        tcfg = TrainConfig(frames=args.frames, batch=args.batch, lr=args.lr, seed=args.seed, shift=args.shift)
+        trainer = Trainer(args.out, mcfg, tcfg, wcfg)
+    weights_dir = args.weights_dir or os.path.join(args.out, "export")
+    if args.export_only:
+        print(export(trainer, weights_dir, args.shift))
+        return 0
+
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    last = time.monotonic()
+    recent: list[float] = []
+    print(f"scopevid train: {args.out} from step {trainer.step} to {args.steps}", flush=True)
+    while trainer.step < args.steps and not stop["now"]:
+        recent.append(trainer.train_step())
+        if trainer.step % 50 == 0:
+            print(f"step {trainer.step} loss {sum(recent) / len(recent):.4f} wall {trainer.wall:.0f}s", flush=True)
+            recent = []
+        if time.monotonic() - last > args.ckpt_minutes * 60:
+            trainer.save()
+            export(trainer, weights_dir, trainer.tcfg.shift)
+            last = time.monotonic()
+    trainer.save()
+    export(trainer, weights_dir, trainer.tcfg.shift)
+    print(f"scopevid train: saved step {trainer.step} ({trainer.wall:.0f}s of training)", flush=True)
+    return 0

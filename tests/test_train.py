@@ -1,0 +1,131 @@
+"""Fast tests of the training package: world, detector, loop, resume, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from scopevid.adapters.base import ForwardSpec
+from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
+from scopevid.train import command, detector, world
+from scopevid.train.evaluate import sample_joint, sample_rollout, sigmas
+from scopevid.train.loop import PackedAttention, Trainer, TrainConfig, packed_forward, prompt_vectors
+
+WCFG = world.WorldConfig(size=16, sprite=4)
+OPP = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def tiny_args(out, *extra):
+    p = argparse.ArgumentParser()
+    command.add_arguments(p)
+    base = ["--out", str(out), "--dim", "32", "--depth", "1", "--heads", "2", "--frames", "4", "--batch", "2", "--size", "16", "--patch", "4", "--sprite", "4"]
+    return p.parse_args(base + list(extra))
+
+
+def test_world_is_deterministic_from_seed():
+    a, b, c = world.clips(7, 4, 12, WCFG), world.clips(7, 4, 12, WCFG), world.clips(8, 4, 12, WCFG)
+    for x, y in zip(a, b):
+        assert torch.equal(x.frames, y.frames) and x.prompt == y.prompt
+    assert any(not torch.equal(x.frames, z.frames) for x, z in zip(a, c))
+    clip = a[0]
+    assert clip.frames.shape == (12, 3, 16, 16) and clip.frames.min() >= -1 and clip.frames.max() <= 1
+    colour, direction = world.parse_prompt(clip.prompt, WCFG)
+    assert (colour, direction) == (clip.colour, clip.direction)
+    dy, dx = world.DIRECTIONS[direction]
+    (y0, x0), (y1, x1) = clip.positions[:2]
+    assert (y1 - y0) * dy + (x1 - x0) * dx > 0  # the first step goes the named way
+    assert world.tokenize(clip.prompt, world.vocabulary(WCFG)).gt(0).sum() == 4
+    with pytest.raises(ValueError, match="purple"):
+        world.tokenize("purple square", world.vocabulary(WCFG))
+
+
+def test_detector_passes_real_clips_and_rejects_fakes():
+    cs = world.clips(3, 24, 24, WCFG)
+    real = detector.score_many([(c.frames, c.prompt) for c in cs], WCFG)
+    assert real["ok"] == 1.0 and real["object"] == 1.0 and real["motion"] == 1.0
+    wrong = detector.score_many([(c.frames, world.prompt_text(c.colour, OPP[c.direction])) for c in cs], WCFG)
+    assert wrong["ok"] == 0.0 and wrong["start"] == 0.0
+    frozen = detector.score_many([(c.frames[:1].repeat(24, 1, 1, 1), c.prompt) for c in cs], WCFG)
+    assert frozen["ok"] == 0.0
+    rng = np.random.default_rng(0)
+    bg = torch.tensor(world.BACKGROUND) * 2 - 1
+    speckled = []
+    for c in cs:
+        f = bg[None, :, None, None].expand_as(c.frames).clone()
+        rgb = torch.tensor(world.COLOURS[c.colour]) * 2 - 1
+        for i in range(f.shape[0]):
+            m = torch.from_numpy(rng.random((16, 16)) < 0.08)  # about as many pixels as the sprite
+            f[i][:, m] = rgb[:, None]
+        speckled.append((f, c.prompt))
+    sp = detector.score_many(speckled, WCFG)
+    assert sp["ok"] == 0.0 and sp["object"] < 0.1
+    noise = detector.score_many([(torch.rand_like(c.frames) * 2 - 1, c.prompt) for c in cs[:4]], WCFG)
+    assert noise["ok"] == 0.0
+
+
+def test_packed_forward_is_tinydit_forward_per_clip():
+    torch.manual_seed(0)
+    cfg = TinyDiTConfig(size=16, patch=4, dim=32, depth=2, heads=2, vocab=world.vocabulary(WCFG))
+    m = TinyDiT(cfg)
+    for p in m.parameters():  # leave adaLN-zero so that every path contributes
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 3, 3, 16, 16)
+    sig = torch.rand(2, 3)
+    tok = torch.stack([world.tokenize("red square moving left", cfg.vocab), torch.zeros(8, dtype=torch.long)])
+    pv = prompt_vectors(m, tok)
+    for b in range(2):
+        assert torch.allclose(pv[b], m.prompt_vector(tok[b]), atol=1e-6)
+    v = packed_forward(m, x, sig, pv, [5, 100], PackedAttention(2, 3))
+    for b, off in enumerate([5, 100]):
+        ref = m(x[b], sig[b], pv[b], ForwardSpec(frames=list(range(off, off + 3)), origin=0, causal=True))
+        assert torch.allclose(v[b], ref, atol=1e-5)
+    # block-causal: the first frame does not see the later ones
+    x2 = x.clone()
+    x2[:, 1:] += 1
+    v2 = packed_forward(m, x2, sig, pv, [0, 0], PackedAttention(2, 3))
+    v1 = packed_forward(m, x, sig, pv, [0, 0], PackedAttention(2, 3))
+    assert torch.allclose(v1[:, 0], v2[:, 0], atol=1e-5) and not torch.allclose(v1[:, 1], v2[:, 1])
+
+
+def test_train_step_resume_and_export(tmp_path):
+    torch.set_num_threads(1)
+    a = tiny_args(tmp_path / "a", "--steps", "3")
+    assert command.main(a) == 0
+    full = pq.read_table(tmp_path / "a" / "loss.parquet").to_pydict()
+    assert full["step"] == [1, 2, 3] and all(math.isfinite(x) for x in full["loss"])
+    # the same run in two legs: 2 steps, then --resume to 3
+    assert command.main(tiny_args(tmp_path / "b", "--steps", "2")) == 0
+    assert command.main(tiny_args(tmp_path / "b", "--steps", "2")) == 2  # refuses to overwrite
+    t = Trainer.resume(str(tmp_path / "b"))
+    assert t.step == 2
+    assert command.main(tiny_args(tmp_path / "b", "--steps", "3", "--resume")) == 0
+    legs = pq.read_table(tmp_path / "b" / "loss.parquet").to_pydict()
+    assert legs["step"] == [1, 2, 3]
+    assert np.allclose(legs["loss"], full["loss"], rtol=1e-5)
+    # export round-trip
+    ta = Trainer.resume(str(tmp_path / "a"))
+    wd = tmp_path / "weights"
+    command.export(ta, str(wd), shift=2.0)
+    m, meta = command.load_exported(str(wd))
+    assert meta["shift"] == 2.0 and meta["train"]["steps"] == 3
+    assert meta["model"]["vocab"][0] == "<null>" and world.WorldConfig.from_dict(meta["world"]) == WCFG
+    for k, v in ta.ema.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
+    assert (wd / "tiny.safetensors").stat().st_size < 20e6
+    json.loads((wd / "tiny.json").read_text())
+    # the sampler runs on the exported model
+    x = sample_joint(m, "red square moving left", 3, steps=2)
+    y = sample_rollout(m, "red square moving left", 6, chunk=2, window=4, steps=2)
+    assert x.shape == (3, 3, 16, 16) and y.shape == (6, 3, 16, 16) and torch.isfinite(y).all()
+
+
+def test_sigma_schedule():
+    s = sigmas(4, 3.0)
+    assert s[0] == 1.0 and s[-1] == 0.0 and torch.all(s[1:] < s[:-1])
+    assert torch.allclose(sigmas(4, 1.0), torch.linspace(1, 0, 5))
