@@ -42,6 +42,11 @@ class ForwardSpec:
     kv: KVStore | None = None
     causal: bool = True  # block-causal over frames (a frame attends to itself and earlier frames)
     shard: tuple[int, int] | None = None  # [lo, hi) of `frames` held by this process (None: all)
+    # Optional, full sequence like `frames` (one entry per forwarded frame, padding included):
+    sigmas: tuple[float, ...] | None = None  # each frame's noise level, so every shard knows every frame's
+    # (an adapter derives per-frame attention ranges or conditioning from it identically on all ranks)
+    key_ranges: tuple[tuple[int, int], ...] | None = None  # absolute [lo, hi) of key frames (cached context
+    # or forwarded) each frame may attend; replaces the `causal` rule when set (MAGI-1's per-chunk kv_range)
 
     def local_frames(self) -> list[int]:
         lo, hi = self.shard if self.shard is not None else (0, len(self.frames))
@@ -62,6 +67,10 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
     applies the frame mask: padding keys are never attended; with `causal`, a query frame sees key
     frames with index <= its own. Under Ulysses this runs between the two all-to-alls, so the KV
     cache holds this rank's heads for every frame and no K/V ever moves between ranks.
+
+    Grouped-query attention: k/v may carry fewer heads than q (a divisor); they are cached as given
+    and query head h reads K/V head h // (q heads / K/V heads). With `spec.key_ranges`, query frames
+    are grouped by range and each group attends exactly its key frames (no dense mask).
     """
     b, s, h, d = q.shape
     nf = len(spec.frames)
@@ -82,6 +91,13 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         k = torch.cat([kc.to(k.dtype), k], dim=1)
         v = torch.cat([vc.to(v.dtype), v], dim=1)
         key_frames = list(spec.context) + key_frames
+    if k.shape[2] != h:  # GQA: expand K/V heads after the cache, which keeps them compact
+        if h % k.shape[2]:
+            raise ValueError(f"{h} query heads are not a multiple of {k.shape[2]} key/value heads")
+        k = k.repeat_interleave(h // k.shape[2], dim=2)
+        v = v.repeat_interleave(h // v.shape[2], dim=2)
+    if spec.key_ranges is not None:
+        return _ranged_attention(q, k, v, spec, key_frames, tpf)
     qf = torch.tensor(spec.frames, device=q.device).repeat_interleave(tpf)
     kf = torch.tensor(key_frames, device=q.device).repeat_interleave(tpf)
     allowed = (kf >= 0)[None, :].expand(qf.numel(), -1)
@@ -93,6 +109,36 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[None, None]
     )
     return out.transpose(1, 2)
+
+
+def _ranged_attention(q, k, v, spec: ForwardSpec, key_frames: list[int], tpf: int) -> torch.Tensor:
+    """Attention where query frame i sees the keys of frames in spec.key_ranges[i] (padding never).
+    Consecutive query frames with the same range form one SDPA call over their key tokens."""
+    if len(spec.key_ranges) != len(spec.frames):
+        raise ValueError(f"ForwardSpec.key_ranges has {len(spec.key_ranges)} entries for {len(spec.frames)} frames")
+    kf = torch.tensor(key_frames, device=q.device)
+    out = torch.zeros_like(q)
+    i, n = 0, len(spec.frames)
+    while i < n:
+        j = i
+        while j < n and spec.key_ranges[j] == spec.key_ranges[i] and (spec.frames[j] < 0) == (spec.frames[i] < 0):
+            j += 1
+        if spec.frames[i] >= 0:  # padding queries keep zeros: their outputs are dropped
+            lo, hi = spec.key_ranges[i]
+            sel = ((kf >= lo) & (kf < hi) & (kf >= 0)).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                raise ValueError(f"frame {spec.frames[i]} attends no key frame in [{lo}, {hi})")
+            a, b = int(sel[0]), int(sel[-1]) + 1
+            if b - a == sel.numel():  # contiguous key frames (the usual case): a view, no gather
+                ks, vs = k[:, a * tpf : b * tpf], v[:, a * tpf : b * tpf]
+            else:
+                tok = (sel[:, None] * tpf + torch.arange(tpf, device=q.device)[None]).reshape(-1)
+                ks, vs = k[:, tok], v[:, tok]
+            qs = q[:, i * tpf : j * tpf].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qs, ks.transpose(1, 2), vs.transpose(1, 2))
+            out[:, i * tpf : j * tpf] = o.transpose(1, 2)
+        i = j
+    return out
 
 
 @dataclass
@@ -131,3 +177,50 @@ class Adapter(Protocol):
 
     def flops(self, frames: int, context: int) -> float:
         """Analytic FLOPs of one velocity call on `frames` frames attending `context` cached frames."""
+
+
+# --- optional capability: forward hooks (feature/residual reuse inside the model) ---------------
+#
+# Whole-velocity reuse (SCOPE's Cache/Predict) needs nothing from an adapter. The baselines reuse
+# pieces *inside* the forward: TeaCache the block stack's residual, TaylorSeer per-block module
+# outputs, Delta-DiT a block range's delta. An adapter that supports this lists the hook points
+# it calls in `hook_points` and accepts `hooks=` in `velocity`; the engine passes hooks only to
+# such adapters (and names the missing capability otherwise), so the plain protocol is unchanged.
+#
+#   hook_points  "stack": the adapter calls hooks.stack(ctx, h, run_stack) around its block stack;
+#                "block": inside run_stack it calls hooks.block(ctx, layer, h, run, apply) per block.
+#   feature_kinds  names accepted by `adapter.named_feature(kind, x, sigma, cond, spec)`, the
+#                pre-forward signals a policy may ask for besides host_feature: "temb" (timestep
+#                embedding, TeaCache's e), "temb_mod" (its adaLN projection, TeaCache's e0 with
+#                ret-steps), "embed" (patch-embedded input, FlowCache on MAGI-1).
+#   flops(frames, context, blocks=k)  FLOPs of a forward that ran k of its blocks per frame.
+#
+# Hidden states given to hooks are frame-major [F, tokens, dim] over `ctx.frames` (this process's
+# frames, absolute indices), so hook state can be kept per absolute frame and CFG branch.
+
+
+@dataclass(frozen=True)
+class HookContext:
+    branch: str  # CFG branch: "cond" | "uncond"
+    frames: tuple[int, ...]  # absolute latent index of each row of h
+    depth: int  # blocks in the stack
+
+
+class ForwardHooks:
+    """Base class: both hook points run the model unchanged. Subclasses override one or both.
+
+    stack(ctx, h, run) -> h_out: run(h) runs every block; return its result or a replacement.
+    block(ctx, layer, h, run, apply) -> h_out: run(h) -> (h_out, outs) runs block `layer` and also
+    returns its module outputs before their gates ({"attn": [F, T, D], "mlp": [F, T, D]});
+    apply(h, outs) adds given module outputs to h with the *current* step's gates.
+    """
+
+    partial = False  # True when some blocks may not run (no K/V is written then: see engine.reuse)
+    blocks_run: int | None = None  # blocks run per frame by the last forward, for FLOPs (None: all)
+    depth: int = 1  # the stack's depth, as seen by the last forward
+
+    def stack(self, ctx: HookContext, h: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return run(h)
+
+    def block(self, ctx: HookContext, layer: int, h: torch.Tensor, run, apply) -> torch.Tensor:
+        return run(h)[0]

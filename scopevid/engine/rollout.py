@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import pyarrow as pa
@@ -20,6 +20,7 @@ import torch
 
 from scopevid.adapters.base import Adapter, Conditioning, ForwardSpec
 from scopevid.engine.history import FeatureMemory, VelocityHistory
+from scopevid.engine import reuse as reuse_lib
 from scopevid.engine.kvcache import KVCache
 from scopevid.engine.solvers import Euler
 from scopevid.engine.topology import LocalTopology, Topology
@@ -116,16 +117,23 @@ class Rollout:
         self.on_step = on_step
         self.check_decisions = check_decisions
         self.sigmas = tuple(adapter.sigmas(plan.num_steps))
+        if hasattr(adapter, "prepare_rollout"):  # per-video facts an adapter needs (e.g. MAGI-1's chunk count)
+            adapter.prepare_rollout(plan)
         self.noise_sigma = getattr(adapter, "noise_sigma", self.sigmas[0])
         self.clean_sigma = getattr(adapter, "clean_sigma", 0.0)
         self.history = VelocityHistory(depth=4)
         self.features = FeatureMemory()
         self.kv = KVCache()
         self.stats = RolloutStats()
+        self.reuse = reuse_lib.for_policy(policy, adapter, plan, self.topo)  # baselines: reuse inside the forward
         self.final: dict[int, torch.Tensor] = {}  # clean latents still needed (prefix / KV fill)
         self.latents: dict[int, torch.Tensor] = {}  # current window's latents by absolute frame
         self._prev_forward: list[int] = []
         self._window = -1
+        # resume (engine.checkpoint): a hook before every iteration, and where a restored rollout
+        # goes on: (first serial still to run, next frame to emit)
+        self.before_iteration: Callable[[Iteration, int], None] | None = None
+        self.resume_at: tuple[int, int] = (0, 0)
 
     # --- per-frame helpers -------------------------------------------------------------------
     def _sigma_pair(self, u: int) -> tuple[float, float]:
@@ -168,8 +176,12 @@ class Rollout:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> Iterator[tuple[int, torch.Tensor]]:
-        next_emit = 0
+        start, next_emit = self.resume_at
         for it in self.plan.iterations():
+            if it.serial < start:
+                continue  # done before the checkpoint this rollout was restored from
+            if self.before_iteration is not None:
+                self.before_iteration(it, next_emit)
             if it.window != self._window:
                 self._enter_window(it)
             self._ensure_latents(it)
@@ -189,10 +201,12 @@ class Rollout:
         active = [frames[j] for j in it.active]
         sig = {frames[j]: self._sigma_pair(u) for j, u in enumerate(it.progress)}
         prog = {frames[j]: u for j, u in enumerate(it.progress)}
+        if self.reuse is not None:
+            comp = self.reuse.prepare(it, comp, active)
 
         disc = None
         if self.policy.needs_feature:
-            disc = self._discrepancy(comp, sig, it)
+            disc = self.reuse.discrepancy(self, comp, sig, it) if self.reuse else self._discrepancy(comp, sig, it)
         steps = [prog[f] - 1 for f in active] or [0]
         ctx = StepContext(
             serial=it.serial,
@@ -203,6 +217,8 @@ class Rollout:
             history=min((self.history.count(f) for f in active), default=0),
             min_step=min(steps),
             max_step=max(steps),
+            last=it.is_last_in_window(),
+            **(self.reuse.context(it) if self.reuse is not None else {}),
         )
         decision = self.policy.decide(ctx, disc)
         mode = decision.mode
@@ -211,14 +227,19 @@ class Rollout:
 
         v: dict[int, torch.Tensor] = {}
         computed, flops = 0, 0.0
-        if mode == Mode.PREDICT:
+        if self.reuse is not None:  # the baselines act inside the forward (engine/reuse.py)
+            v, computed, flops, mode, why = self.reuse.step(self, it, comp, active, sig, decision)
+            if mode != decision.mode or why != decision.reason:
+                self.stats.fallbacks += int(mode != decision.mode)
+                decision = replace(decision, mode=mode, reason=why)
+        if mode == Mode.PREDICT and self.reuse is None:
             v = self._predict(active, sig)
             if v is None:
                 mode = Mode.RECOMPUTE
                 self.stats.fallbacks += 1
-        if mode == Mode.CACHE:
+        if mode == Mode.CACHE and self.reuse is None:
             v = {f: self.history.last(f) for f in active}
-        if mode == Mode.RECOMPUTE:
+        if mode == Mode.RECOMPUTE and self.reuse is None:
             v, computed, flops = self._forward(it, comp, sig)
             for f in active:
                 self.history.push(f, sig[f][0], v[f])
@@ -267,10 +288,31 @@ class Rollout:
             with torch.no_grad():
                 phi = self.adapter.host_feature(x, s, self.cond, spec)
             seen = self.features.seen(mine)
-            num, den = self.features.sums(mine, phi)
+            if not getattr(self.policy, "chunk_feature_sums", None):
+                num, den = self.features.sums(mine, phi)
+        size = getattr(self.policy, "chunk_feature_sums", None)  # chunk-wise policies: sums per chunk too
+        if size:
+            return self._chunk_discrepancy(comp, mine, phi if mine else None, seen, size)
         self._feature_frames = comp
         num, den, seen = self.topo.allreduce([num, den, seen])
         return Discrepancy(num, den) if seen > 0 else None
+
+    def _chunk_discrepancy(self, comp: list[int], mine: list[int], phi, seen: int, size: int) -> Discrepancy | None:
+        """Per-chunk (num, den) in Discrepancy.chunks (chunk = frame // size), reduced over ranks in one
+        float64 vector whose layout every rank derives from the replicated frame list."""
+        chunks = sorted({f // size for f in comp})
+        at = {c: i for i, c in enumerate(chunks)}
+        part = [0.0] * (2 * len(chunks))
+        for i, f in enumerate(mine):
+            n, d = self.features.sums([f], phi[i : i + 1])
+            part[2 * at[f // size]] += n
+            part[2 * at[f // size] + 1] += d
+        self._feature_frames = comp
+        red = self.topo.allreduce([float(seen)] + part)
+        seen, part = red[0], red[1:]
+        per = tuple((c, part[2 * i], part[2 * i + 1]) for c, i in at.items() if part[2 * i + 1] > 0 or part[2 * i] > 0)
+        num, den = sum(n for _, n, _ in per), sum(d for _, _, d in per)
+        return Discrepancy(num, den, per) if seen > 0 else None
 
     def _prev_feature_frames(self) -> list[int]:
         return getattr(self, "_feature_frames", [])
@@ -291,17 +333,25 @@ class Rollout:
             out = {f: self.history.last(f) + scale * (out[f] - self.history.last(f)) for f in active}
         return out
 
-    def _forward(self, it: Iteration, comp: list[int], sig: dict) -> tuple[dict, int, float]:
+    def _forward(self, it: Iteration, comp: list[int], sig: dict, hooks=None, context_to: int | None = None) -> tuple[dict, int, float]:
         """Recompute: forward the compute interval (plus clean context frames whose K/V are not yet
-        cached: the clean re-forward that no policy may skip), gather, return velocities."""
+        cached: the clean re-forward that no policy may skip), gather, return velocities.
+        engine.reuse passes `hooks` (adapters/base.py ForwardHooks) and may ask for the clean frames
+        before `context_to` as context instead of the plan's."""
         causal = bool(getattr(self.adapter, "causal", False))
         context = list(it.context) if causal else []
+        if causal and context_to is not None:
+            context = [f for f in range(it.context.start, context_to) if f in self.final]
         fill: list[int] = []
         if context:
             missing = [f for f in context if not self._cached(f)]
             if missing:
                 first = context.index(missing[0])
                 fill, context = context[first:], context[:first]
+        if fill and hooks is not None and hooks.partial:  # a forward that skips blocks writes no K/V:
+            _, n0, f0 = self._forward(it, [], sig, context_to=context_to)  # clean re-forward first
+            v, n, fl = self._forward(it, comp, sig, hooks, context_to)
+            return v, n + n0, fl + f0
         seq = fill + comp
         n_pad, (lo, hi) = self.topo.layout(len(seq))
         full = seq + [-1] * (n_pad - len(seq))
@@ -316,11 +366,20 @@ class Rollout:
             kv=self.kv if causal else None,
             causal=causal,
             shard=(lo, hi),
+            sigmas=tuple(self.clean_sigma if (f in fill or f < 0) else sig[f][0] for f in full),
         )
+        extra = {}
+        if hooks is not None:
+            spec = hooks.adjust(spec) if hasattr(hooks, "adjust") else spec
+            spec = replace(spec, store=frozenset()) if hooks.partial else spec
+            extra = {"hooks": hooks}
         with torch.no_grad():
-            out = self.adapter.velocity(x, s, self.cond, spec, self.topo.attention)
+            out = self.adapter.velocity(x, s, self.cond, spec, self.topo.attention, **extra)
         vel = self.topo.gather(out, len(seq))
         v = {f: vel[i] for i, f in enumerate(seq) if f not in fill}
+        if hooks is not None:  # frames counted by the share of the block stack they went through
+            ran = len(seq) if hooks.blocks_run is None else round(len(seq) * hooks.blocks_run / max(hooks.depth, 1))
+            return v, ran, self.adapter.flops(len(seq), len(spec.context), blocks=hooks.blocks_run)
         flops = self.adapter.flops(len(seq), len(context)) if hasattr(self.adapter, "flops") else 0.0
         return v, len(seq), flops
 

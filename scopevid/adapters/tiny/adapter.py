@@ -83,23 +83,45 @@ class TinyAdapter:
     def host_feature(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
         return self.model.host_feature(x.to(self.dtype), sigma, cond.cond)
 
+    # optional capabilities (adapters/base.py): reuse hooks and the baselines' pre-forward signals
+    hook_points = frozenset({"stack", "block"})
+    feature_kinds = frozenset({"temb", "temb_mod", "embed"})
+
+    def named_feature(self, kind: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
+        """temb: timestep embedding per frame [F, dim] (TeaCache's e on Wan/SkyReels); temb_mod: block 0's
+        adaLN projection of the per-frame conditioning [F, 6 dim] (TeaCache's e0; here it also carries the
+        prompt vector, which the tiny model adds to the time embedding); embed: patch-embedded input [F, T, dim]."""
+        m = self.model
+        if kind == "temb":
+            from scopevid.adapters.tiny.model import timestep_embedding
+
+            return m.time_mlp(timestep_embedding(sigma, self.cfg.dim))
+        if kind == "temb_mod":
+            return m.blocks[0].ada(torch.nn.functional.silu(m.conditioning(sigma, cond.cond)))
+        if kind == "embed":
+            return m.patch_embed(m.patchify(x.to(self.dtype)))
+        raise ConfigError(f"feature: the tiny model offers {', '.join(sorted(self.feature_kinds))} besides host, not {kind!r}")
+
     def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention,
+        hooks=None,
     ) -> torch.Tensor:
         x = x.to(self.dtype)
         kv = spec.kv
         spec_c = _with_branch(spec, kv, "cond")
-        v = self.model(x, sigma, cond.cond, spec_c, attention)
+        extra = {} if hooks is None else {"hooks": hooks, "branch": "cond"}
+        v = self.model(x, sigma, cond.cond, spec_c, attention, **extra)
         if cond.guidance != 1.0:
-            v_u = self.model(x, sigma, cond.uncond, _with_branch(spec, kv, "uncond"), attention)
+            extra = {} if hooks is None else {"hooks": hooks, "branch": "uncond"}
+            v_u = self.model(x, sigma, cond.uncond, _with_branch(spec, kv, "uncond"), attention, **extra)
             v = v_u + cond.guidance * (v - v_u)
         return v.float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return ((latents.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
 
-    def flops(self, frames: int, context: int) -> float:
-        return self.model.flops(frames, context)
+    def flops(self, frames: int, context: int, blocks: int | None = None) -> float:
+        return self.model.flops(frames, context, blocks)
 
 
 def _with_branch(spec: ForwardSpec, kv, name: str) -> ForwardSpec:
@@ -120,7 +142,7 @@ def load_tiny(path: Path) -> tuple[TinyDiT, dict]:
         raise CheckpointError(f"tiny weights {path} lack their config {meta_path}")
     try:
         meta = json.loads(meta_path.read_text())
-        cfg = TinyDiTConfig.from_dict(meta["config"])
+        cfg = TinyDiTConfig.from_dict(meta["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_path}: not a tiny model config ({e})") from None
     try:

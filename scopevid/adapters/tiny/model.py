@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scopevid.adapters.base import Attention, ForwardSpec, local_attention
+from scopevid.adapters.base import Attention, ForwardHooks, ForwardSpec, HookContext, local_attention
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,10 @@ class Block(nn.Module):
 
     def forward(self, x, c, rope, layer: int, spec: ForwardSpec, attention: Attention):
         # x [F, T, dim] (T tokens per frame), c [F, dim]
+        return self.outputs(x, c, rope, layer, spec, attention)[0]
+
+    def outputs(self, x, c, rope, layer: int, spec: ForwardSpec, attention: Attention):
+        """(x_out, {"attn": a, "mlp": m}) with a, m the module outputs before their gates [F, T, dim]."""
         nf, tpf, dim = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.modulation(c)
         h = self.norm1(x) * (1 + sc1) + sh1
@@ -127,9 +131,15 @@ class Block(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = attention(q, k, v, layer, spec)  # [1, S, heads, head_dim]
-        x = x + g1 * self.proj(o.reshape(nf, tpf, dim))
-        x = x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
-        return x
+        a = self.proj(o.reshape(nf, tpf, dim))
+        x = x + g1 * a
+        m = self.mlp(self.norm2(x) * (1 + sc2) + sh2)
+        return x + g2 * m, {"attn": a, "mlp": m}
+
+    def apply(self, x, c, outs: dict) -> torch.Tensor:
+        """x plus given module outputs under this step's gates (TaylorSeer's forecast step)."""
+        _, _, g1, _, _, g2 = self.modulation(c)
+        return x + g1 * outs["attn"] + g2 * outs["mlp"]
 
 
 class TinyDiT(nn.Module):
@@ -204,19 +214,33 @@ class TinyDiT(nn.Module):
         prompt: torch.Tensor,  # [dim] prompt vector (see prompt_vector)
         spec: ForwardSpec,
         attention: Attention = local_attention,
+        hooks: ForwardHooks | None = None,  # optional reuse hooks (adapters/base.py), engine-owned
+        branch: str = "cond",  # CFG branch name the hooks key their state by
     ) -> torch.Tensor:
         """Velocity [F, C, H, W] for the given frames."""
         c = self.conditioning(sigma, prompt)
         h = self.patch_embed(self.patchify(x))
         pos = torch.tensor(spec.local_positions(), device=x.device)
         rope = rope_tables(pos, self.cfg.size // self.cfg.patch, self.cfg.head_dim, self.cfg.rope_theta)
-        for i, blk in enumerate(self.blocks):
-            h = blk(h, c, rope, i, spec, attention)
+        if hooks is None:
+            for i, blk in enumerate(self.blocks):
+                h = blk(h, c, rope, i, spec, attention)
+        else:
+            hc = HookContext(branch, tuple(spec.local_frames()), len(self.blocks))
+
+            def run_stack(h):
+                for i, blk in enumerate(self.blocks):
+                    run = lambda h, i=i, blk=blk: blk.outputs(h, c, rope, i, spec, attention)  # noqa: E731
+                    h = hooks.block(hc, i, h, run, lambda h, outs, blk=blk: blk.apply(h, c, outs))
+                return h
+
+            h = hooks.stack(hc, h, run_stack)
         shift, scale = (m[:, None, :] for m in self.ada_out(F.silu(c)).chunk(2, dim=-1))
         return self.unpatchify(self.out(self.norm_out(h) * (1 + scale) + shift))
 
-    def flops(self, frames: int, context: int = 0) -> float:
-        """Matmul FLOPs of one forward (2 per multiply-add): linear layers plus attention scores."""
+    def flops(self, frames: int, context: int = 0, blocks: int | None = None) -> float:
+        """Matmul FLOPs of one forward (2 per multiply-add): linear layers plus attention scores.
+        `blocks`: how many blocks ran per frame (reuse hooks skip some); default all."""
         cfg = self.cfg
         t = frames * cfg.tokens_per_frame
         s = (frames + context) * cfg.tokens_per_frame
@@ -224,5 +248,5 @@ class TinyDiT(nn.Module):
         per_token = 2 * d * (3 * d + d + 2 * int(d * cfg.mlp_ratio))  # qkv, proj, mlp
         per_block = t * per_token + 2 * 2 * t * s * d + 2 * frames * d * 6 * d  # + scores/values + adaLN
         io = 2 * t * d * cfg.channels * cfg.patch**2 * 2  # patch embed + head
-        return float(cfg.depth * per_block + io)
+        return float((cfg.depth if blocks is None else blocks) * per_block + io)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from scopevid.errors import ConfigError
-from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, StepContext
+from scopevid.scheduler.policies.base import ChunkState, Decision, Discrepancy, Mode, Policy, StepContext
 from scopevid.scheduler.policies.original import Original
 from scopevid.scheduler.policies.scope import Scope, ScopeConfig
 
@@ -41,3 +41,29 @@ def build(spec: dict, name: str) -> Policy:
     if kind not in _BUILDERS:
         raise ConfigError(f"policy {name}: kind {kind!r} unknown; allowed: {', '.join(sorted(_BUILDERS))}")
     return _BUILDERS[kind](spec, name)
+
+
+def _make(cls, cfg_cls, params: dict, name: str) -> Policy:
+    try:
+        return cls(cfg_cls(**params), name=name)
+    except TypeError as e:
+        raise ConfigError(f"policy {name}: {e}") from None
+
+
+# The paper's baselines (one file each beside Scope; engine/reuse.py acts on their decisions).
+from scopevid.scheduler.policies.deltadit import DeltaDiT, DeltaDiTConfig  # noqa: E402
+from scopevid.scheduler.policies.flowcache import FlowCache, FlowCacheConfig  # noqa: E402
+from scopevid.scheduler.policies.taylorseer import TaylorSeer, TaylorSeerConfig  # noqa: E402
+from scopevid.scheduler.policies.teacache import TeaCache, TeaCacheConfig  # noqa: E402
+
+register("teacache")(lambda params, name: _make(TeaCache, TeaCacheConfig, params, name))
+register("taylorseer")(lambda params, name: _make(TaylorSeer, TaylorSeerConfig, params, name))
+register("flowcache")(lambda params, name: _make(FlowCache, FlowCacheConfig, params, name))
+register("deltadit")(lambda params, name: _make(DeltaDiT, DeltaDiTConfig, params, name))
+__all__ += ["ChunkState", "TeaCache", "TeaCacheConfig", "TaylorSeer", "TaylorSeerConfig", "FlowCache", "FlowCacheConfig",
+            "DeltaDiT", "DeltaDiTConfig"]
+
+# SCOPE deciding per chunk (chunk-causal schedules, MAGI-1): an additive variant beside Scope.
+from scopevid.scheduler.policies import scope_chunk as _scope_chunk  # noqa: E402
+
+register("scope_chunk")(_scope_chunk._build)

@@ -28,9 +28,23 @@ class Discrepancy:
 
     num: float  # sum |phi_k - phi_{k-1}|
     den: float  # sum |phi_{k-1}|
+    chunks: tuple[tuple[int, float, float], ...] = ()  # (chunk, num, den) per chunk, for chunk policies
 
     def value(self, eps: float) -> float:
         return self.num / (self.den + eps)
+
+    def chunk_values(self, eps: float) -> dict[int, float]:
+        """Relative L1 change per chunk (chunks whose frames had a previous feature)."""
+        return {c: n / (d + eps) for c, n, d in self.chunks}
+
+
+@dataclass(frozen=True)
+class ChunkState:
+    """One chunk (a causal block of frames) of the window, for policies that decide per chunk."""
+
+    chunk: int  # absolute frame // chunk size
+    step: int  # its denoising step, 0-based (SkyReels-V2/FlowCache's per-chunk counter)
+    active: bool  # it advances at this iteration
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,8 @@ class StepContext:
     history: int  # fewest recomputed velocities held by any active frame
     min_step: int  # smallest denoising step (0-based) among active frames
     max_step: int  # largest denoising step (0-based) among active frames
+    last: bool = False  # the last iteration of the window (every frame takes its last step)
+    chunks: tuple[ChunkState, ...] = ()  # filled for policies with granularity "chunk"
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,8 @@ class Decision:
     d: float | None = None  # d_k of Eq. 4 (None when no previous feature)
     r: float | None = None  # r_k^- of Eq. 5, the score the thresholds were compared with
     reason: str = ""  # why: warmup, horizon, threshold, no-history, ...
+    skip: frozenset[int] = frozenset()  # chunk policies: chunks that reuse instead of computing
+    blocks: tuple[int, int] | None = None  # block-range policies: [lo, hi) blocks whose delta is reused
 
 
 class Policy:
@@ -60,6 +78,11 @@ class Policy:
 
     name = "policy"
     needs_feature = False  # whether the engine must compute the host feature
+    # What the engine needs beyond whole-velocity reuse (engine/reuse.py acts on these):
+    feature = "host"  # which pre-forward signal: host (adapter.host_feature) | temb | temb_mod | embed
+    reuse = "velocity"  # how Cache/Predict act: velocity | stack | modules | blocks | chunks
+    granularity = "iteration"  # iteration | chunk (per-chunk sums in Discrepancy.chunks, ctx.chunks)
+    interval = "plan"  # plan: the plan's compute interval | active: only the active frames' span
 
     def decide(self, ctx: StepContext, disc: Discrepancy | None) -> Decision:
         raise NotImplementedError

@@ -1,0 +1,116 @@
+"""`scopevid bench` and `scopevid calibrate` end to end on a small random-weight tiny model (seconds).
+
+Calibration's stated tolerance, checked on a seed it never saw: PSNR at most 1 dB below a PSNR
+target, FLOPs speedup at least 90% of a speedup target.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from scopevid import cli
+from scopevid.bench.runs import ROW_FIELDS
+
+PSNR_TOLERANCE_DB = 1.0
+SPEEDUP_TOLERANCE = 0.9
+
+
+def _config(tiny_config, tmp_path, **over):
+    presets = tmp_path / "presets.yaml"
+    presets.write_text(yaml.safe_dump({
+        "original": {"kind": "original"},
+        "scope-fast": {"kind": "scope", "tau_c": 0.18, "tau_p": 0.42, "decay": 0.75, "horizon": 5, "warmup": 2},
+        "teacache-x": {"kind": "teacache", "thresh": 1.5, "ret_steps": 2},
+        "taylorseer-x": {"kind": "taylorseer", "interval": 3},
+        "flowcache-x": {"kind": "flowcache", "thresh": 1.5, "ret_steps": 1},
+        "deltadit": {"kind": "deltadit"},
+    }))
+    return str(tiny_config(policy_presets=str(presets), **over))
+
+
+def test_bench_writes_parquet_figures_and_summary(tiny_config, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--config", _config(tiny_config, tmp_path), "--policies",
+                   "original,scope-fast,teacache-x,taylorseer-x,flowcache-x,deltadit", "--frames", "9,12", "--seeds", "0",
+                   "--selective", "on,off", "--horizons", "2,5", "--thresholds", "0.05:0.1,0.2:0.5",
+                   "--predictors", "taylor1,auto", "--threads", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rows = pq.read_table(out / "bench.parquet").to_pylist()
+    assert list(rows[0]) == ROW_FIELDS
+    # per length: original, scope-fast on/off, 4 baselines, 2 predictors, 2 horizons, 2 thresholds
+    assert len(rows) == 2 * 13
+    for r in rows:
+        assert r["model"] == "tiny" and r["flops"] > 0 and r["wall_seconds"] > 0 and r["peak_memory_mb"] > 0
+        assert r["lpips"] is None  # no LPIPS weights on a test machine: null, never invented
+        if r["policy"] == "original":
+            assert r["psnr"] is None and r["speedup"] == 1.0 and r["selective"] == "off"
+        else:
+            assert r["psnr"] > 20 and 0 < r["ssim"] <= 1 and r["flops_speedup"] >= 1.0
+    by = {(r["policy"], r["frames"]): r for r in rows}
+    assert by[("scope-fast[selective=on]", 12)]["selective"] == "causal"
+    assert by[("scope-fast[selective=off]", 12)]["selective"] == "off"
+    assert by[("scope-fast[H=2]", 9)]["horizon"] == 2 and by[("scope(0.05,0.1)", 9)]["tau_c"] == 0.05
+    for fig in ("frontier.png", "timeline.png", "length.png", "thresholds.png", "horizon.png"):
+        assert (out / fig).stat().st_size > 1000, fig
+    md = (out / "summary.md").read_text()
+    assert "Table 1 analogue" in md and "| teacache-x |" in md and "Speedup versus video length" in md
+    assert len(list((out / "steps").glob("*.parquet"))) == len(rows)
+    assert not (out / "_reference").exists()
+
+
+def test_bench_accepts_explicit_kind_and_rejects_unknown_policy(tiny_config, tmp_path, capsys):
+    cfg = _config(tiny_config, tmp_path)
+    rc = cli.main(["bench", "policies", "--config", cfg, "--policies", "original,taylorseer-x", "--frames", "9",
+                   "--out", str(tmp_path / "b"), "--no-progress"])
+    assert rc == 0 and (tmp_path / "b" / "bench.parquet").is_file()
+    assert cli.main(["bench", "--config", cfg, "--policies", "original,nope", "--out", str(tmp_path / "c")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_calibrate_hits_psnr_target_on_a_held_out_seed(tiny_config, tmp_path, capsys):
+    out = tmp_path / "cal"
+    target = 62.0
+    rc = cli.main(["calibrate", "--config", _config(tiny_config, tmp_path, frames=12), "--target-psnr", str(target),
+                   "--frames", "12", "--seeds", "0,1", "--holdout", "2", "--holdout-frames", "12,20", "--horizons", "2,5",
+                   "--steps", "5", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "calibrate.json").read_text())
+    assert min(report["pick"]["psnr"]) >= target  # met on every calibration seed
+    held = report["holdout"][0]
+    assert held["seed"] == 2 and held["frames"] == 12 and held["psnr"] >= target - PSNR_TOLERANCE_DB
+    assert report["holdout"][1]["frames"] == 20  # the longer check has its own reference
+    preset = yaml.safe_load((out / "preset.yaml").read_text())["scope-calibrated"]
+    assert preset["kind"] == "scope" and preset["tau_c"] <= preset["tau_p"] and preset["horizon"] in (2, 5)
+    # cost: 2 seeds per evaluated point + their 2 Original references + per hold-out length a reference and a run
+    assert report["rollouts"] == len(report["evaluations"]) * 2 + 2 + 2 * 2
+
+
+def test_calibrate_hits_speedup_target_on_a_held_out_seed(tiny_config, tmp_path):
+    out = tmp_path / "cal"
+    target = 3.0
+    rc = cli.main(["calibrate", "--config", _config(tiny_config, tmp_path, frames=12), "--target-speedup", str(target),
+                   "--frames", "12", "--seeds", "0,1", "--holdout", "2", "--horizons", "2,5", "--steps", "5",
+                   "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "calibrate.json").read_text())
+    assert min(report["pick"]["flops_speedup"]) >= target
+    assert report["holdout"][0]["flops_speedup"] >= SPEEDUP_TOLERANCE * target
+
+
+def test_calibrate_unreachable_target_is_a_clear_error(tiny_config, tmp_path, capsys):
+    rc = cli.main(["calibrate", "--config", _config(tiny_config, tmp_path, frames=9), "--target-speedup", "1000",
+                   "--frames", "9", "--seeds", "0", "--horizons", "2", "--steps", "2", "--out", str(tmp_path / "c")])
+    assert rc == 2 and "no setting reached speedup 1000" in capsys.readouterr().err
+
+
+def test_calibrate_fits_teacache_coefficients(tiny_config, tmp_path, capsys):
+    out = tmp_path / "fit"
+    rc = cli.main(["calibrate", "--config", _config(tiny_config, tmp_path, frames=12), "--fit-teacache", "--frames", "12",
+                   "--seeds", "0", "--out", str(out)])
+    assert rc == 0
+    coeffs = yaml.safe_load((out / "teacache.yaml").read_text())["coefficients"]
+    assert len(coeffs) == 5 and (out / "teacache_fit.png").is_file()
