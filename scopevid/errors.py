@@ -19,3 +19,8 @@ class OutputExistsError(ScopevidError):
 
 class DistributedError(ScopevidError):
     """A rank died, timed out, or ranks disagreed on a decision."""
+
+
+class RanksDisagree(DistributedError):
+    """Every rank raises this together, after a collective that succeeded: all peers are alive, so the
+    group can still be torn down with a barrier (destroying it without one can abort the process)."""

@@ -24,7 +24,7 @@ import json
 import torch
 
 from scopevid.cluster.groups import Group
-from scopevid.errors import DistributedError
+from scopevid.errors import DistributedError, RanksDisagree
 
 
 def reduce_sums(group: Group, values: list[float], what: str = "all-reduce of discrepancy sums") -> list[float]:
@@ -59,7 +59,7 @@ def check_digest(group: Group, digest: str, what: str = "decision") -> None:
     got = gather_objects(group, digest, f"{what} digest check")
     if any(d != got[0] for d in got):
         detail = ", ".join(f"rank {r}: {d}" for r, d in enumerate(got))
-        raise DistributedError(f"ranks disagree on the {what} ({detail})")
+        raise RanksDisagree(f"ranks disagree on the {what} ({detail})")
 
 
 def digest_of(value) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from scopevid.cluster import consensus
 from scopevid.cluster.groups import DistEnv, Group, init
 from scopevid.cluster.sequence import UlyssesTopology
-from scopevid.errors import DistributedError, ScopevidError
+from scopevid.errors import DistributedError, RanksDisagree, ScopevidError
 
 
 def run_rank(
@@ -65,6 +65,9 @@ def start(env: DistEnv, cfg=None, *, backend: str | None = None, timeout_s: floa
         if cfg is not None:
             settings = {k: v for k, v in cfg.to_dict().items() if k != "source"}  # the YAML's path may differ per node
             consensus.check_same(group, settings, "run config (every rank must load the same config, seed and overrides)")
+    except RanksDisagree:
+        group.teardown(ok=True)  # every rank got here after a successful gather: a barrier is safe
+        raise
     except BaseException:
         group.teardown(ok=False)
         raise
@@ -77,7 +80,7 @@ def _run(cfg, out, env: DistEnv, *, backend=None, timeout_s=None, threads=None, 
     from scopevid.engine.sinks import prepare_out_dir
 
     group, topo = start(env, cfg, backend=backend, timeout_s=timeout_s, threads=threads)
-    ok = False
+    ok = agreed = False
     restore = _raise_on_sigterm(group.rank, group.world)
     try:
         refusal = None
@@ -92,6 +95,7 @@ def _run(cfg, out, env: DistEnv, *, backend=None, timeout_s=None, threads=None, 
             from scopevid import errors
 
             cls = getattr(errors, verdicts[0][0], ScopevidError)
+            agreed = True  # every rank saw the same verdict: peers are alive
             raise cls(verdicts[0][1])
         summary = generate(cfg, out, compare=compare, overwrite=overwrite or not resuming, topology=topo, progress=progress,
                            check_decisions=check_decisions, **generate_kw)
@@ -108,9 +112,12 @@ def _run(cfg, out, env: DistEnv, *, backend=None, timeout_s=None, threads=None, 
             write_json(Path(out) / "summary.json", summary)
         ok = True
         return summary
+    except RanksDisagree:
+        agreed = True
+        raise
     finally:
         try:
-            group.teardown(ok=ok)
+            group.teardown(ok=ok or agreed)
         finally:
             restore()
 
