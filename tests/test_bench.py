@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from scopevid import cli
