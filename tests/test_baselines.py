@@ -235,7 +235,7 @@ def test_capability_error_names_the_missing_hook(spec, point):
 
 
 def test_velocity_policies_need_no_capability():
-    assert reuse.for_policy(build({"kind": "scope", "tau_c": 0.1, "tau_p": 0.2}, "s"), _PlainAdapter(), None, None) is None
+    assert reuse.for_policy(build({"kind": "scope", "tau_c": 0.1, "tau_p": 0.2, "decay": 0.75, "horizon": 5}, "s"), _PlainAdapter(), None, None) is None
 
 
 # --------------------------------------------------------------------- hooks are exact

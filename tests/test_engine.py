@@ -99,7 +99,7 @@ def _has_pandas() -> bool:
 def test_scope_identical_to_original_when_thresholds_zero(tiny_config, tmp_path):
     """tau_c = tau_p = 0 never skips: SCOPE must then reproduce Original exactly."""
     presets = tmp_path / "p.yaml"
-    presets.write_text("never: {kind: scope, tau_c: 0.0, tau_p: 0.0, horizon: 5, warmup: 0}\n")
+    presets.write_text("never: {kind: scope, tau_c: 0.0, tau_p: 0.0, decay: 0.75, horizon: 5, warmup: 0}\n")
     cfg = config_lib.load(tiny_config(policy="never", policy_presets=str(presets)))
     adapter = adapters.load(cfg.model)
     ref = runner.run_once(cfg, adapter, "original", video=None)

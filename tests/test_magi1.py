@@ -382,7 +382,8 @@ def test_clean_reforwards_are_never_skipped(tmp_path, policy):
 
 
 def test_scope_chunk_policy_takes_the_most_conservative_chunk():
-    pol = policies.build({"kind": "scope_chunk", "tau_c": 0.03, "tau_p": 0.08, "warmup": 2, "chunk": 6}, "scope-chunk")
+    pol = policies.build({"kind": "scope_chunk", "tau_c": 0.03, "tau_p": 0.08, "decay": 0.75, "horizon": 5, "warmup": 2,
+                          "chunk": 6}, "scope-chunk")
     assert pol.chunk_feature_sums == 6
 
     def ctx(i):

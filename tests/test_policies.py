@@ -203,12 +203,12 @@ def test_scope_nonfinite_discrepancy_recomputes():
 )
 def test_scope_config_errors(kwargs, field):
     with pytest.raises(ConfigError) as e:
-        ScopeConfig(**kwargs)
+        ScopeConfig(**{"decay": 0.75, "horizon": 5, **kwargs})
     assert field in str(e.value)
 
 
 def test_scope_config_edges_are_valid():
-    ScopeConfig(tau_c=0.2, tau_p=0.2, decay=1.0)  # tau_c == tau_p: no Predict band; lambda = 1 allowed
+    ScopeConfig(tau_c=0.2, tau_p=0.2, decay=1.0, horizon=5)  # tau_c == tau_p: no Predict band; lambda = 1 allowed
     ScopeConfig(tau_c=0.0, tau_p=0.0, decay=1e-6, horizon=0, warmup=0)
 
 
@@ -246,7 +246,7 @@ def test_build_shipped_presets():
         ({"tau_c": 0.1}, ["my-policy", "kind"]),
         ({"kind": "scope", "tau_c": 0.1, "tau_p": 0.2, "lambda": 0.5}, ["my-policy", "lambda"]),  # unknown field
         ({"kind": "scope", "tau_c": 0.1}, ["my-policy", "tau_p"]),  # missing field
-        ({"kind": "scope", "tau_c": 0.3, "tau_p": 0.2}, ["tau_c"]),
+        ({"kind": "scope", "tau_c": 0.3, "tau_p": 0.2, "decay": 0.75, "horizon": 5}, ["tau_c"]),
     ],
 )
 def test_build_errors_are_config_errors(spec, needles):

@@ -20,8 +20,8 @@ from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy
 class ScopeConfig:
     tau_c: float
     tau_p: float
-    decay: float = 0.75  # lambda
-    horizon: int = 5  # H: consecutive non-Recompute iterations at most
+    decay: float  # lambda (paper: 0.75; the number lives in configs/policies/*.yaml)
+    horizon: int  # H: consecutive non-Recompute iterations at most (paper: 5)
     warmup: int = 2  # iterations per window that always recompute
     eps: float = 1e-8
     predictor: str = "taylor2"

@@ -27,8 +27,8 @@ _SEVERITY = {Mode.CACHE: 0, Mode.PREDICT: 1, Mode.RECOMPUTE: 2}
 class ScopeChunkConfig:
     tau_c: float
     tau_p: float
-    decay: float = 0.75  # lambda
-    horizon: int = 5  # H: consecutive non-Recompute iterations at most
+    decay: float  # lambda (paper: 0.75; the number lives in configs/policies/*.yaml)
+    horizon: int  # H: consecutive non-Recompute iterations at most (paper: 5)
     warmup: int = 2  # iterations per chunk (and at the start) that always recompute
     chunk: int = 6  # latent frames per chunk (MAGI-1: 6)
     eps: float = 1e-8
