@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from scopevid.errors import ConfigError
 from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, StepContext
-from scopevid.scheduler.policies.teacache import FEATURES, poly1d
+from scopevid.scheduler.policies.teacache import check_rescaled_rule, poly1d
 
 
 @dataclass(frozen=True)
@@ -40,15 +40,7 @@ class FlowCacheConfig:
     eps: float = 1e-12
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
-        if not self.thresh >= 0:
-            raise ConfigError(f"thresh: must be >= 0, got {self.thresh}")
-        if not self.coefficients:
-            raise ConfigError("coefficients: need at least one polynomial coefficient")
-        if self.ret_steps < 0:
-            raise ConfigError(f"ret_steps: must be >= 0, got {self.ret_steps}")
-        if self.feature not in FEATURES:
-            raise ConfigError(f"feature: must be one of {', '.join(FEATURES)}, got {self.feature!r}")
+        check_rescaled_rule(self)
         if self.chunk is not None and self.chunk < 1:
             raise ConfigError(f"chunk: must be >= 1 latent frame or null, got {self.chunk}")
         if self.finished_kv not in ("clean", "last_step"):

@@ -19,30 +19,19 @@ from dataclasses import dataclass
 
 from scopevid.errors import ConfigError
 from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, StepContext
+from scopevid.scheduler.policies.scope import ScopeConfig
 
 _SEVERITY = {Mode.CACHE: 0, Mode.PREDICT: 1, Mode.RECOMPUTE: 2}
 
 
 @dataclass(frozen=True)
-class ScopeChunkConfig:
-    tau_c: float
-    tau_p: float
-    decay: float  # lambda (paper: 0.75; the number lives in configs/policies/*.yaml)
-    horizon: int  # H: consecutive non-Recompute iterations at most (paper: 5)
-    warmup: int = 2  # iterations per chunk (and at the start) that always recompute
+class ScopeChunkConfig(ScopeConfig):
+    """ScopeConfig (same fields, same checks) plus the chunk width; warmup counts per chunk."""
+
     chunk: int = 6  # latent frames per chunk (MAGI-1: 6)
-    eps: float = 1e-8
-    predictor: str = "taylor2"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.tau_c <= self.tau_p:
-            raise ConfigError(f"tau_c/tau_p: need 0 <= tau_c <= tau_p, got tau_c={self.tau_c}, tau_p={self.tau_p}")
-        if not 0.0 < self.decay <= 1.0:
-            raise ConfigError(f"decay: lambda must be in (0, 1], got {self.decay}")
-        if self.horizon < 0:
-            raise ConfigError(f"horizon: H must be >= 0, got {self.horizon}")
-        if self.warmup < 0:
-            raise ConfigError(f"warmup: must be >= 0, got {self.warmup}")
+        super().__post_init__()
         if self.chunk < 1:
             raise ConfigError(f"chunk: must be >= 1 latent frame, got {self.chunk}")
 

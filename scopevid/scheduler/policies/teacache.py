@@ -28,6 +28,20 @@ from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy
 FEATURES = ("host", "temb", "temb_mod", "embed")
 
 
+def check_rescaled_rule(cfg) -> None:
+    """Checks shared by TeaCache and FlowCache: the threshold, the rescaling polynomial, the forced
+    leading steps and the signal. Normalises `coefficients` to a tuple of floats."""
+    object.__setattr__(cfg, "coefficients", tuple(float(c) for c in cfg.coefficients))
+    if not cfg.thresh >= 0:
+        raise ConfigError(f"thresh: must be >= 0, got {cfg.thresh}")
+    if not cfg.coefficients:
+        raise ConfigError("coefficients: need at least one polynomial coefficient")
+    if cfg.ret_steps < 0:
+        raise ConfigError(f"ret_steps: must be >= 0, got {cfg.ret_steps}")
+    if cfg.feature not in FEATURES:
+        raise ConfigError(f"feature: must be one of {', '.join(FEATURES)}, got {cfg.feature!r}")
+
+
 def poly1d(coefficients: tuple[float, ...], x: float) -> float:
     """numpy.poly1d(coefficients)(x), highest power first (Horner)."""
     out = 0.0
@@ -48,15 +62,7 @@ class TeaCacheConfig:
     # iterations, the official SkyReels-V2 DF behaviour (its call counter wraps at num_steps calls)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
-        if not self.thresh >= 0:
-            raise ConfigError(f"thresh: must be >= 0, got {self.thresh}")
-        if not self.coefficients:
-            raise ConfigError("coefficients: need at least one polynomial coefficient")
-        if self.ret_steps < 0:
-            raise ConfigError(f"ret_steps: must be >= 0, got {self.ret_steps}")
-        if self.feature not in FEATURES:
-            raise ConfigError(f"feature: must be one of {', '.join(FEATURES)}, got {self.feature!r}")
+        check_rescaled_rule(self)
         if self.period is not None and self.period < 1:
             raise ConfigError(f"period: must be >= 1 iteration or null, got {self.period}")
 
