@@ -125,6 +125,28 @@ def test_train_step_resume_and_export(tmp_path):
     assert x.shape == (3, 3, 16, 16) and y.shape == (6, 3, 16, 16) and torch.isfinite(y).all()
 
 
+def test_lr_anneal_set_on_resume(tmp_path):
+    """The lr tail can be decided when the loss flattens: a resume may set it (and only it), the
+    schedule is warm-up, constant, then linear to the floor, and the resumed run logs that lr."""
+    torch.set_num_threads(1)
+    assert command.main(tiny_args(tmp_path / "r", "--steps", "2", "--lr", "1e-3")) == 0
+    t = Trainer.resume(str(tmp_path / "r"))
+    assert (t.tcfg.anneal_steps, t.lr_at(5000)) == (0, 1e-3)
+    assert command.main(tiny_args(tmp_path / "r", "--steps", "4", "--resume", "--anneal-start", "2", "--anneal-steps", "4")) == 0
+    t = Trainer.resume(str(tmp_path / "r"))
+    assert (t.tcfg.anneal_start, t.tcfg.anneal_steps) == (2, 4)  # kept in the checkpoint
+    c = t.tcfg
+    logged = pq.read_table(tmp_path / "r" / "loss.parquet").to_pydict()
+    assert logged["step"] == [1, 2, 3, 4] and logged["lr"] == pytest.approx([t.lr_at(s) for s in range(4)])
+    assert logged["lr"][3] < 1e-3 * 4 / c.warmup  # the anneal already pulls the lr below warm-up's
+    assert t.lr_at(1) == pytest.approx(c.lr * 2 / c.warmup)  # still warming up
+    assert t.lr_at(c.warmup + 10) == pytest.approx(c.lr * c.anneal_floor)  # past the tail: the floor
+    t.tcfg.warmup = 1
+    assert [t.lr_at(s) for s in (1, 2, 4, 6, 9)] == pytest.approx([1e-3, 1e-3, 1e-3 * (1 - 0.95 / 2), 5e-5, 5e-5])
+    with pytest.raises(ValueError, match="only change the lr anneal"):
+        Trainer.resume(str(tmp_path / "r"), lr=1.0)
+
+
 def test_sigma_schedule():
     s = sigmas(4, 3.0)
     assert s[0] == 1.0 and s[-1] == 0.0 and torch.all(s[1:] < s[:-1])

@@ -1,6 +1,6 @@
 """`scopevid train`: train (or resume) the tiny DiT in a run directory, and export its EMA weights.
 
-    scopevid train --out runs/tiny --steps 8000 --threads 1           # new run (or --resume)
+    scopevid train --out runs/tiny --steps 20000 --threads 2          # new run (or --resume)
     scopevid train --out runs/tiny --export-only --weights-dir scopevid/weights --shift 1.0
 
 Checkpoints (model + EMA + optimizer + step + RNG) go to RUN_DIR/ckpt.pt every --ckpt-minutes, the loss
@@ -34,13 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=16, help="frames per training clip")
     p.add_argument("--batch", type=int, default=16, help="clips per step")
-    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--anneal-start", type=int, default=None, help="step where a linear lr anneal begins (may be set on --resume)")
+    p.add_argument("--anneal-steps", type=int, default=None, help="length of the anneal, to 5%% of --lr (0: constant lr)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--size", type=int, default=32, help="frame side in pixels")
-    p.add_argument("--patch", type=int, default=8)
-    p.add_argument("--sprite", type=int, default=8, help="square side in pixels")
+    p.add_argument("--size", type=int, default=16, help="frame side in pixels")
+    p.add_argument("--patch", type=int, default=4, help="patch side; keep 3*patch^2 below --dim (docs/MODEL_CARD.md)")
+    p.add_argument("--sprite", type=int, default=4, help="square side in pixels")
     p.add_argument("--shift", type=float, default=1.0, help="sigma shift to record for inference")
     p.add_argument("--export-only", action="store_true", help="only export the EMA weights of RUN_DIR")
     p.add_argument("--weights-dir", default=None, help="export target (default RUN_DIR/export)")
@@ -82,14 +84,18 @@ def main(args: argparse.Namespace) -> int:
         if not os.path.exists(ckpt):
             print(f"scopevid train: no checkpoint at {ckpt}", file=sys.stderr)
             return 2
-        trainer = Trainer.resume(args.out)
+        schedule = {k: v for k, v in (("anneal_start", args.anneal_start), ("anneal_steps", args.anneal_steps)) if v is not None}
+        trainer = Trainer.resume(args.out, **({} if args.export_only else schedule))
     else:
         if os.path.exists(ckpt):
             print(f"scopevid train: {ckpt} exists; pass --resume to continue it", file=sys.stderr)
             return 2
         wcfg = W.WorldConfig(size=args.size, sprite=args.sprite)
         mcfg = TinyDiTConfig(size=args.size, patch=args.patch, dim=args.dim, depth=args.depth, heads=args.heads, vocab=W.vocabulary(wcfg))
-        tcfg = TrainConfig(frames=args.frames, batch=args.batch, lr=args.lr, seed=args.seed, shift=args.shift)
+        tcfg = TrainConfig(
+            frames=args.frames, batch=args.batch, lr=args.lr, seed=args.seed, shift=args.shift,
+            anneal_start=args.anneal_start or 0, anneal_steps=args.anneal_steps or 0,
+        )
         trainer = Trainer(args.out, mcfg, tcfg, wcfg)
     weights_dir = args.weights_dir or os.path.join(args.out, "export")
     if args.export_only:

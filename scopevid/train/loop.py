@@ -39,8 +39,11 @@ from scopevid.train import world as W
 class TrainConfig:
     frames: int = 16  # frames per training clip
     batch: int = 16  # clips per step
-    lr: float = 6e-4
+    lr: float = 8e-4
     warmup: int = 200
+    anneal_start: int = 0  # with anneal_steps > 0: the lr falls linearly from this step ...
+    anneal_steps: int = 0  # ... over this many steps, to anneal_floor * lr (0: constant lr)
+    anneal_floor: float = 0.05
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema: float = 0.999
@@ -175,9 +178,15 @@ class Trainer:
             json.dump({"model": self.mcfg.to_dict(), "train": self.tcfg.to_dict(), "world": self.wcfg.to_dict()}, fh, indent=2)
 
     @classmethod
-    def resume(cls, out: str) -> "Trainer":
+    def resume(cls, out: str, **schedule) -> "Trainer":
+        """Continue a run from its checkpoint. `schedule` may set the anneal_* fields (an lr tail can
+        be decided once the loss flattens); the model, data and every other setting stay the run's."""
+        bad = sorted(set(schedule) - {"anneal_start", "anneal_steps", "anneal_floor"})
+        if bad:
+            raise ValueError(f"resume can only change the lr anneal, not {', '.join(bad)}")
         state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-        t = cls(out, TinyDiTConfig.from_dict(state["model_cfg"]), TrainConfig(**state["train_cfg"]), W.WorldConfig.from_dict(state["world_cfg"]))
+        tcfg = TrainConfig(**{**state["train_cfg"], **schedule})
+        t = cls(out, TinyDiTConfig.from_dict(state["model_cfg"]), tcfg, W.WorldConfig.from_dict(state["world_cfg"]))
         t.model.load_state_dict(state["model"])
         t.ema.load_state_dict(state["ema"])
         t.opt.load_state_dict(state["opt"])
@@ -202,7 +211,13 @@ class Trainer:
 
     # --- training -----------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        return self.tcfg.lr * min(1.0, (step + 1) / max(self.tcfg.warmup, 1))
+        """Linear warm-up, then constant, then (if set) a linear anneal to `anneal_floor * lr`."""
+        c = self.tcfg
+        lr = c.lr * min(1.0, (step + 1) / max(c.warmup, 1))
+        if c.anneal_steps > 0 and step >= c.anneal_start:
+            frac = min(1.0, (step - c.anneal_start) / c.anneal_steps)
+            lr *= 1.0 - (1.0 - c.anneal_floor) * frac
+        return lr
 
     def train_step(self) -> float:
         t0 = time.perf_counter()
