@@ -204,6 +204,7 @@ class HookContext:
     branch: str  # CFG branch: "cond" | "uncond"
     frames: tuple[int, ...]  # absolute latent index of each row of h
     depth: int  # blocks in the stack
+    modules: tuple[str, ...] = ("attn", "mlp")  # the keys of a block's module outputs (see block)
 
 
 class ForwardHooks:
@@ -211,7 +212,8 @@ class ForwardHooks:
 
     stack(ctx, h, run) -> h_out: run(h) runs every block; return its result or a replacement.
     block(ctx, layer, h, run, apply) -> h_out: run(h) -> (h_out, outs) runs block `layer` and also
-    returns its module outputs before their gates ({"attn": [F, T, D], "mlp": [F, T, D]});
+    returns its module outputs before their gates, one [F, T, D] per name in ctx.modules ({"attn",
+    "mlp"} on the tiny model; Wan blocks add "cross", their ungated cross-attention);
     apply(h, outs) adds given module outputs to h with the *current* step's gates.
     """
 

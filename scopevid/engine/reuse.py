@@ -113,7 +113,7 @@ class TaylorHooks(ForwardHooks):
         if self.level != "modules":
             return run(h)[0]
         if self.forecast:
-            return apply(h, {m: self._predict(ctx, (layer, m), h) for m in ("attn", "mlp")})
+            return apply(h, {m: self._predict(ctx, (layer, m), h) for m in ctx.modules})
         out, outs = run(h)
         for m, value in outs.items():
             self._record(ctx, (layer, m), value)
@@ -423,7 +423,10 @@ def for_policy(policy: Policy, adapter, plan, topology) -> Executor | None:
     if policy.needs_feature and feature != "host" and feature not in getattr(adapter, "feature_kinds", ()):
         raise ConfigError(f"policy {policy.name}: needs the pre-forward signal {feature!r}, which model {name} does not offer")
     if kind == "chunks" and not getattr(adapter, "causal", False):
-        raise ConfigError(f"policy {policy.name}: FlowCache skips chunks through a K/V cache and needs a block-causal model; {name} is not")
+        raise ConfigError(
+            f"policy {policy.name}: FlowCache skips chunks through a K/V cache of earlier chunks; model {name} "
+            "serves no K/V context (adapter.causal is false), so it cannot run FlowCache"
+        )
     if getattr(topology, "world", 1) > 1:
         raise ConfigError(f"policy {policy.name}: in-forward reuse (the baselines) runs on one process; got {topology.world}")
     return ex

@@ -317,19 +317,37 @@ class SkyReelsV2Adapter:
             return replace(spec, frames=blocks, causal=True, context=[], store=frozenset(), kv=None)
         return replace(spec, causal=False, context=[], store=frozenset(), kv=None)
 
+    # optional capabilities (adapters/base.py): reuse hooks for the baselines and their signals
+    hook_points = frozenset({"stack", "block"})
+    feature_kinds = frozenset({"temb", "temb_mod"})
+
+    @torch.no_grad()
+    def named_feature(self, kind: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
+        """temb: the timestep embedding per frame [F, D] (TeaCache's `e`); temb_mod: its projection to
+        the six adaLN vectors, fps embedding included, [F, 6, D] (`e0`, what SkyReels-V2's own TeaCache
+        compares with use_ret_steps)."""
+        if kind not in self.feature_kinds:
+            raise ConfigError(f"feature: SkyReels-V2 offers {', '.join(sorted(self.feature_kinds))} besides host, not {kind!r}")
+        _, t = self._inputs(x, sigma, spec, noise=False)
+        temb, e = self.net.time_modulation(t, self.fps_id, cond.cond.embeds)
+        return (temb if kind == "temb" else e)[0]
+
     @torch.no_grad()
     def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention,
+        hooks=None,
     ) -> torch.Tensor:
         """Guided flow velocity [F, C, h, w] (float32) for exactly the frames given."""
         x, t = self._inputs(x, sigma, spec, noise=True)
         pos = spec.local_positions()
         aspec = self._attention_spec(spec)
         p = cond.cond
-        v = self.net.forward(x, t, p.embeds, p.context, pos, aspec, attention, self.fps_id)
+        extra = {} if hooks is None else {"hooks": hooks, "branch": "cond"}
+        v = self.net.forward(x, t, p.embeds, p.context, pos, aspec, attention, self.fps_id, **extra)
         if cond.uncond is not None and cond.guidance > 1.0:
             u = cond.uncond
-            vu = self.net.forward(x, t, u.embeds, u.context, pos, aspec, attention, self.fps_id)
+            extra = {} if hooks is None else {"hooks": hooks, "branch": "uncond"}
+            vu = self.net.forward(x, t, u.embeds, u.context, pos, aspec, attention, self.fps_id, **extra)
             v = vu + cond.guidance * (v - vu)
         return v.float()
 
@@ -343,5 +361,5 @@ class SkyReelsV2Adapter:
         dec = self.stream_decoder()
         return torch.cat([dec.push(z) for z in latents])
 
-    def flops(self, frames: int, context: int = 0) -> float:
-        return self._branches * self.net.flops(frames, self.tokens_per_frame, self.max_sequence_length)
+    def flops(self, frames: int, context: int = 0, blocks: int | None = None) -> float:
+        return self._branches * self.net.flops(frames, self.tokens_per_frame, self.max_sequence_length, blocks)

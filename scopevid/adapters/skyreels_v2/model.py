@@ -21,8 +21,10 @@ import math
 
 import torch
 
-from scopevid.adapters.base import Attention, ForwardSpec
+from scopevid.adapters.base import Attention, ForwardHooks, ForwardSpec, HookContext
 from scopevid.errors import CheckpointError
+
+MODULES = ("attn", "cross", "mlp")  # a block's module outputs that reuse hooks see (Wan's three)
 
 
 class DFTransformer:
@@ -124,6 +126,8 @@ class DFTransformer:
         spec: ForwardSpec,  # handed to `attention` unchanged
         attention: Attention,
         fps_id: int,
+        hooks: ForwardHooks | None = None,  # optional reuse hooks (adapters/base.py), engine-owned
+        branch: str = "cond",  # CFG branch the hooks key their state by
     ) -> torch.Tensor:
         """Velocity (flow prediction) [F, C, H, W] in the model dtype."""
         nf = x.shape[0]
@@ -132,22 +136,31 @@ class DFTransformer:
         cos, sin = self.rope(positions, pph, ppw, hidden.device)
         temb, e = self.time_modulation(timesteps, fps_id, prompt_embeds)
         ef = e.float()
-        for layer, blk in enumerate(self.m.blocks):
-            mod = blk.scale_shift_table.unsqueeze(1) + ef  # [1, F, 6, D]
-            sh, sc, gate, c_sh, c_sc, c_gate = (mod[:, :, i, None] for i in range(6))  # each [1, F, 1, D]
-            hv = hidden.view(1, nf, tpf, -1)
-            # 1. self-attention (through the engine's attention)
-            normed = (blk.norm1(hv.float()) * (1 + sc) + sh).type_as(hidden).view(1, nf * tpf, -1)
-            attn = self._self_attention(blk.attn1, normed, cos, sin, layer, spec, attention).view(1, nf, tpf, -1)
-            hidden = (hv.float() + attn * gate).type_as(hidden).view(1, nf * tpf, -1)
-            # 2. cross-attention to the prompt (token-local: no cross-shard traffic)
-            normed = blk.norm2(hidden.float()).type_as(hidden)
-            hidden = hidden + blk.attn2(normed, context, None, None)
-            # 3. feed-forward
-            hv = hidden.view(1, nf, tpf, -1)
-            normed = (blk.norm3(hv.float()) * (1 + c_sc) + c_sh).type_as(hidden)
-            ff = blk.ffn(normed)
-            hidden = (hv.float() + ff.float() * c_gate).type_as(hidden).view(1, nf * tpf, -1)
+
+        def block(layer: int, h: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            return self._block(layer, h, ef, context, cos, sin, spec, attention, nf, tpf)
+
+        if hooks is None:
+            for layer in range(self.layers):
+                hidden = block(layer, hidden)[0]
+        else:  # hooks see frame-major [F, tpf, D] (adapters/base.py)
+            fm = lambda t: t.reshape(nf, tpf, -1)  # noqa: E731
+            seq = lambda t: t.reshape(1, nf * tpf, -1)  # noqa: E731
+            hc = HookContext(branch, tuple(spec.local_frames()), self.layers, MODULES)
+
+            def run_stack(h):
+                for layer in range(self.layers):
+                    def run(h, layer=layer):
+                        out, outs = block(layer, seq(h))
+                        return fm(out), {k: fm(v) for k, v in outs.items()}
+
+                    def apply(h, outs, layer=layer):
+                        return fm(self._apply(layer, seq(h), ef, {k: v.reshape(1, nf, tpf, -1) for k, v in outs.items()}, nf, tpf))
+
+                    h = hooks.block(hc, layer, h, run, apply)
+                return h
+
+            hidden = seq(hooks.stack(hc, fm(hidden), run_stack))
         # output head: per-frame shift/scale from temb
         shift, scale = (self.m.scale_shift_table.unsqueeze(2) + temb.unsqueeze(1)).chunk(2, dim=1)  # [1, 1, F, D]
         shift, scale = shift[:, 0, :, None], scale[:, 0, :, None]  # [1, F, 1, D]
@@ -157,6 +170,39 @@ class DFTransformer:
         _, ph, pw = self.patch
         out = out.reshape(nf, pph, ppw, ph, pw, self.out_channels)
         return out.permute(0, 5, 1, 3, 2, 4).reshape(nf, self.out_channels, pph * ph, ppw * pw)
+
+    def _block(self, layer, hidden, ef, context, cos, sin, spec, attention, nf, tpf) -> tuple[torch.Tensor, dict]:
+        """Block `layer` on hidden [1, S, D]; also returns its module outputs before their gates
+        (self-attention and feed-forward [1, F, tpf, D], cross-attention [1, S, D])."""
+        blk = self.m.blocks[layer]
+        mod = blk.scale_shift_table.unsqueeze(1) + ef  # [1, F, 6, D]
+        sh, sc, gate, c_sh, c_sc, c_gate = (mod[:, :, i, None] for i in range(6))  # each [1, F, 1, D]
+        hv = hidden.view(1, nf, tpf, -1)
+        # 1. self-attention (through the engine's attention)
+        normed = (blk.norm1(hv.float()) * (1 + sc) + sh).type_as(hidden).view(1, nf * tpf, -1)
+        attn = self._self_attention(blk.attn1, normed, cos, sin, layer, spec, attention).view(1, nf, tpf, -1)
+        hidden = (hv.float() + attn * gate).type_as(hidden).view(1, nf * tpf, -1)
+        # 2. cross-attention to the prompt (token-local: no cross-shard traffic)
+        normed = blk.norm2(hidden.float()).type_as(hidden)
+        cross = blk.attn2(normed, context, None, None)
+        hidden = hidden + cross
+        # 3. feed-forward
+        hv = hidden.view(1, nf, tpf, -1)
+        normed = (blk.norm3(hv.float()) * (1 + c_sc) + c_sh).type_as(hidden)
+        ff = blk.ffn(normed)
+        hidden = (hv.float() + ff.float() * c_gate).type_as(hidden).view(1, nf * tpf, -1)
+        return hidden, {"attn": attn, "cross": cross, "mlp": ff}
+
+    def _apply(self, layer, hidden, ef, outs: dict, nf, tpf) -> torch.Tensor:
+        """hidden [1, S, D] plus given module outputs ([1, F, tpf, D] each) with this step's gates:
+        the residual path of `_block` without computing the modules (TaylorSeer's forecast)."""
+        mod = self.m.blocks[layer].scale_shift_table.unsqueeze(1) + ef
+        gate, c_gate = mod[:, :, 2, None], mod[:, :, 5, None]
+        hv = hidden.view(1, nf, tpf, -1)
+        hidden = (hv.float() + outs["attn"] * gate).type_as(hidden).view(1, nf * tpf, -1)
+        hidden = hidden + outs["cross"].reshape(1, nf * tpf, -1)
+        hv = hidden.view(1, nf, tpf, -1)
+        return (hv.float() + outs["mlp"].float() * c_gate).type_as(hidden).view(1, nf * tpf, -1)
 
     def _self_attention(self, a, x, cos, sin, layer: int, spec: ForwardSpec, attention: Attention) -> torch.Tensor:
         if getattr(a, "fused_projections", False):
@@ -172,8 +218,9 @@ class DFTransformer:
         return a.to_out[1](a.to_out[0](o))
 
     # --- cost --------------------------------------------------------------------------------
-    def flops(self, frames: int, tokens_per_frame: int, text_len: int) -> float:
-        """Multiply-adds x 2 of one forward on `frames` frames (one CFG branch)."""
+    def flops(self, frames: int, tokens_per_frame: int, text_len: int, blocks: int | None = None) -> float:
+        """Multiply-adds x 2 of one forward on `frames` frames (one CFG branch) that ran `blocks` of
+        its blocks per frame (reuse hooks skip some; default all)."""
         s, d, L = frames * tokens_per_frame, self.dim, text_len
         per_layer = (
             2 * s * 4 * d * d  # q, k, v, out projections
@@ -183,4 +230,4 @@ class DFTransformer:
             + 2 * s * 2 * d * self.ffn  # feed-forward
         )
         c_in = self.m.config.in_channels * math.prod(self.patch)
-        return float(self.layers * per_layer + 2 * s * c_in * d + 2 * s * d * self.out_channels * math.prod(self.patch))
+        return float((self.layers if blocks is None else blocks) * per_layer + 2 * s * c_in * d + 2 * s * d * self.out_channels * math.prod(self.patch))
