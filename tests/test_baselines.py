@@ -213,6 +213,9 @@ def test_shipped_presets_build():
     for name in ("teacache-slow", "teacache-fast", "taylorseer-slow", "taylorseer-fast", "flowcache-slow",
                  "flowcache-fast", "deltadit"):
         assert name in presets
+    for model in ("skyreels_v2", "magi1"):  # every preset of the real models' files builds too
+        for name, spec in yaml.safe_load((ROOT / "configs" / "policies" / f"{model}.yaml").read_text()).items():
+            build(spec, name)
 
 
 def test_unknown_setting_is_a_config_error():

@@ -406,6 +406,83 @@ def test_scope_chunk_policy_takes_the_most_conservative_chunk():
     assert (d.mode, d.reason) == (Mode.RECOMPUTE, "above-tau_p:chunk1")
 
 
+# ----------------------------------------------------------------------------- baselines' hooks
+def test_forward_hooks_are_exact(adapter, ref):
+    """Recording hooks leave the MAGI-1 forward bit-identical, and each reuse rule reproduces it from
+    what it recorded at the same input (self+cross attention projection and MLP, through the gates and
+    post-norms)."""
+    from scopevid.adapters.base import ForwardHooks
+    from scopevid.engine import reuse
+
+    sig = adapter.sigmas(8)
+    adapter.prepare_rollout(ChunkCausalPlan(**PLAN))
+    cond = official_prompt(ref)
+    x = ref["noise"][:, :4].permute(1, 0, 2, 3)
+    s = torch.tensor([sig[1], sig[1], sig[2], sig[2]], dtype=torch.float32)
+    spec = ForwardSpec(frames=[0, 1, 2, 3], sigmas=tuple(s.tolist()))
+
+    def vel(hooks=None):
+        return adapter.velocity(x, s, cond, spec, **({} if hooks is None else {"hooks": hooks}))
+
+    plain = vel()
+    assert torch.equal(vel(ForwardHooks()), plain)
+    store: dict = {}
+    assert torch.equal(vel(reuse.ResidualHooks(store, reuse=False)), plain)
+    assert set(store) == {("cond", f) for f in range(4)}
+    torch.testing.assert_close(vel(reuse.ResidualHooks(store, reuse=True)), plain, rtol=1e-5, atol=1e-5)
+    for level in ("modules", "stack"):
+        store = {}
+        assert torch.equal(vel(reuse.TaylorHooks(store, 2, order=1, forecast=False, level=level)), plain)
+        torch.testing.assert_close(vel(reuse.TaylorHooks(store, 2, order=1, forecast=True, level=level)), plain, rtol=1e-5, atol=1e-5)
+    for which in ("front", "rear"):
+        store = {}
+        vel(reuse.DeltaHooks(store, 0.5, None))
+        skip = reuse.DeltaHooks(store, 0.5, which)
+        torch.testing.assert_close(vel(skip), plain, rtol=1e-5, atol=1e-5)
+        assert skip.blocks_run == adapter.arch.num_layers // 2 and adapter.flops(4, 0, blocks=1) < adapter.flops(4, 0)
+    assert adapter.named_feature("embed", x, s, cond, spec).shape == (4, 16, 64)
+    assert adapter.named_feature("temb", x, s, cond, spec).shape[0] == 4
+    with pytest.raises(ConfigError, match="temb_mod"):
+        adapter.named_feature("temb_mod", x, s, cond, spec)
+
+
+def test_shipped_baseline_presets_fit_the_adapter(adapter):
+    from scopevid.engine import reuse
+
+    presets = yaml.safe_load((ROOT / "configs" / "policies" / "magi1.yaml").read_text())
+    names = [n for n, sp in presets.items() if sp["kind"] in ("teacache", "taylorseer", "flowcache", "deltadit")]
+    assert {"flowcache-slow", "flowcache-fast", "taylorseer-slow", "deltadit"} <= set(names)
+    for name in names:
+        assert reuse.for_policy(policies.build(presets[name], name), adapter, plan=None, topology=None) is not None
+
+
+BASELINES = {
+    "teacache": {"kind": "teacache", "thresh": 0.3, "ret_steps": 2, "feature": "temb", "coefficients": [1.0, 0.0]},
+    "taylorseer": {"kind": "taylorseer", "interval": 2, "order": 1, "first_enhance": 1},
+    "deltadit": {"kind": "deltadit", "interval": 2, "fraction": 0.5, "boundary": 0.5, "warmup": 1},
+    "flowcache": {"kind": "flowcache", "thresh": 0.3, "ret_steps": 2, "last_step": True, "feature": "embed", "coefficients": [1.0, 0.0]},
+    "flowcache-never": {"kind": "flowcache", "thresh": 0.0, "ret_steps": 0, "feature": "embed", "coefficients": [1.0, 0.0]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_run_on_magi1(tmp_path, name):
+    """The paper's baselines in the same harness on a MAGI-1 checkpoint: fewer FLOPs than Original and
+    a bounded error, or, for a FlowCache that never skips, Original's video (its K/V view of earlier
+    chunks, clean re-forwards included, is exact)."""
+    cfg = load_config(_yaml(tmp_path, policy=name, policies={name: BASELINES[name]}))
+    ad = fixture_adapter(vae=str(FX / "vae"))
+    ref_store = FrameStore(tmp_path / "ref")
+    base = run_once(cfg, ad, "original", frames_to=ref_store).summary
+    res = run_once(cfg, ad, name, reference=ref_store).summary
+    assert sum(res["counts"].values()) == base["iterations"]
+    if name == "flowcache-never":
+        assert res["counts"]["recompute"] == base["iterations"] and res["psnr"] > 60.0
+        return
+    assert res["flops"] < base["flops"] and res["counts"]["recompute"] < base["iterations"]
+    assert res["psnr"] > 15.0 and res["frames_compared"] == 48
+
+
 # ----------------------------------------------------------------------------- configs
 def test_paper_config_validates_and_points_at_the_release(tmp_path):
     cfg = load_config(ROOT / "configs" / "magi1_4.5b_distill.yaml")

@@ -431,13 +431,22 @@ def test_baselines_run_on_skyreels(ckpt, tmp_path, spec):
     assert 0 < (a - b).abs().mean() < 0.25  # reuse changed the video, and did not wreck it
 
 
-def test_flowcache_on_skyreels_names_the_missing_kv_cache(ckpt):
+def test_shipped_baseline_presets_fit_the_adapter_but_flowcache(ckpt):
+    """Every baseline preset of configs/policies/skyreels_v2.yaml finds its hooks and signal on the
+    adapter; FlowCache stops with a line naming the K/V context it lacks."""
     from scopevid.engine import reuse
     from scopevid.scheduler.policies import build
 
-    pol = build({"kind": "flowcache", "thresh": 0.1, "feature": "temb_mod", "coefficients": [1.0, 0.0]}, "flowcache")
-    with pytest.raises(ConfigError, match="serves no K/V context"):
-        reuse.for_policy(pol, make_adapter(ckpt), plan=None, topology=None)
+    ad = make_adapter(ckpt)
+    presets = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "policies" / "skyreels_v2.yaml").read_text())
+    for name, spec in presets.items():
+        if spec["kind"] in ("original", "scope"):
+            continue
+        if spec["kind"] == "flowcache":
+            with pytest.raises(ConfigError, match="serves no K/V context"):
+                reuse.for_policy(build(spec, name), ad, plan=None, topology=None)
+        else:
+            assert reuse.for_policy(build(spec, name), ad, plan=None, topology=None) is not None
 
 
 # ----------------------------------------------------------------------------- sequence parallelism

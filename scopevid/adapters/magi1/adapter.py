@@ -8,8 +8,10 @@ and where it lives here:
 - chunk staircase (chunk 6, window 4, N/4 steps per stage): scheduler.schedules.ChunkCausalPlan.
 - clean re-forward at t = 0.9999 of the chunk that just finished, writing its K/V: the engine fills
   missing context frames with a clean forward before the forward that needs them (never skipped by a
-  policy); such frames arrive in `spec.store` at `clean_sigma` and are conditioned as upstream:
-  t = clean_t, the null caption, attention to their own chunk only (clean_chunk_kvrange 1).
+  policy); such frames arrive at `clean_sigma` (and in `spec.store`, which only asks for their K/V)
+  and are conditioned as upstream: t = clean_t, the null caption, attention to their own chunk only
+  (clean_chunk_kvrange 1). A frame is clean by its level, never by `spec.store`: FlowCache also
+  stores noisy frames' K/V.
 - kv_range per chunk: a chunk at stage s attends noise2clean_kvrange[s] chunks ending with itself
   (5, 4, 3, 2); set as `spec.key_ranges`, honoured by the attention backend (bidirectional in a chunk).
 - distill: a step-size embedding (t_emb(N / 4 * 2)) is added to the condition; when the first noisy
@@ -200,7 +202,7 @@ class Magi1Adapter:
         out = []
         for f, s in zip(spec.frames, sig):
             k, t = self._level(s)
-            clean = f >= 0 and (f in spec.store or k == self.num_steps)
+            clean = f >= 0 and k == self.num_steps
             out.append((k, t, clean))
         return out
 
@@ -241,9 +243,28 @@ class Magi1Adapter:
                 h = h * (1 + gate[:, None, :])
         return h
 
+    # optional capabilities (adapters/base.py): reuse hooks for the baselines and their signals
+    hook_points = frozenset({"stack", "block"})
+    feature_kinds = frozenset({"embed", "temb"})
+
+    def named_feature(self, kind: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
+        """embed: the patch-embedded input [F, T, D] (FlowCache's MAGI-1 signal); temb: the per-frame
+        condition [F, cond] (timestep, distill step size and caption adaLN embeddings)."""
+        if kind == "embed":
+            with torch.no_grad():
+                return self.model.embed(x.to(self.device, self.dtype)).float()
+        if kind == "temb":
+            t = torch.tensor([self._level(float(s))[1] for s in sigma.tolist()], dtype=torch.float32, device=self.device)
+            with torch.no_grad():
+                return self.model.condition(t, self._step_size()).float()
+        raise ConfigError(f"feature: MAGI-1 offers {', '.join(sorted(self.feature_kinds))} besides host, not {kind!r}")
+
     def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention,
+        hooks=None,
     ) -> torch.Tensor:
+        """dx/dsigma for the given frames. `hooks` (the baselines) act on the main forward; the distill
+        recipe's context-free copy of a nearly clean chunk is always computed in full."""
         x = x.to(self.device, self.dtype)
         levels = self._frame_levels(spec, sigma)
         lo, hi = spec.shard if spec.shard is not None else (0, len(spec.frames))
@@ -258,7 +279,8 @@ class Magi1Adapter:
         caps, cap_idx = self._captions(cond.cond, [f // self.chunk if f >= 0 else -1 for f in local], clean_loc)
         pos = torch.tensor([float(f) if f >= 0 else 0.0 for f in local], dtype=torch.float32)
         step = self._step_size()
-        out = self.model(x, t_loc, caps, cap_idx, main, attention, positions=pos, step_size=step)
+        extra = {} if hooks is None else {"hooks": hooks, "branch": "cond"}
+        out = self.model(x, t_loc, caps, cap_idx, main, attention, positions=pos, step_size=step, **extra)
 
         # distill: the first noisy chunk, when nearly clean, is blended with a context-free copy of itself
         first = next((i for i, (f, lv) in enumerate(zip(spec.frames, levels)) if f >= 0 and not lv[2]), None)
@@ -317,9 +339,9 @@ class Magi1Adapter:
     def stream_decoder(self):
         return _ChunkDecoder(self)
 
-    def flops(self, frames: int, context: int) -> float:
+    def flops(self, frames: int, context: int, blocks: int | None = None) -> float:
         hp, wp = self.latent_hw[0] // self.arch.patch_size, self.latent_hw[1] // self.arch.patch_size
-        return self.model.flops(frames, frames + context, hp * wp, caption_tokens=0)
+        return self.model.flops(frames, frames + context, hp * wp, caption_tokens=0, blocks=blocks)
 
 
 class _ChunkDecoder:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scopevid.adapters.base import Attention, ForwardSpec, local_attention
+from scopevid.adapters.base import Attention, ForwardHooks, ForwardSpec, HookContext, local_attention
 from scopevid.adapters.magi1.config import Magi1Arch
 
 FREQ_DIM = 256  # sinusoidal timestep features
@@ -197,6 +197,11 @@ class Layer(nn.Module):
         spec: ForwardSpec,
         attention: Attention,
     ) -> torch.Tensor:
+        return self.outputs(x, c, rope, captions, cap_index, layer, spec, attention)[0]
+
+    def outputs(self, x, c, rope, captions, cap_index, layer, spec, attention) -> tuple[torch.Tensor, dict]:
+        """The layer's output and its two module outputs before their gates and post-norms: the
+        attention projection ("attn", self and cross together) and the MLP ("mlp"), each [F, T, D]."""
         arch, a = self.arch, self.self_attention
         nf, tpf, d = x.shape
         hq, hk, hd = arch.num_attention_heads, arch.num_query_groups, arch.kv_channels
@@ -236,7 +241,14 @@ class Layer(nn.Module):
         x = (x.float() + self.self_attn_post_norm(out.float() * gate_msa)).to(x.dtype)
         m = self.mlp(x)
         x = (x.float() + self.mlp_post_norm(m.float() * gate_mlp)).to(x.dtype)
-        return x
+        return x, {"attn": out, "mlp": m}
+
+    def apply(self, x: torch.Tensor, c: torch.Tensor, outs: dict) -> torch.Tensor:
+        """x plus given module outputs through this step's gates and the post-norms (the residual
+        path of `outputs` without computing the modules: TaylorSeer's forecast)."""
+        gate_msa, gate_mlp = self.ada_modulate_layer(c)[:, None, :].chunk(2, dim=-1)
+        x = (x.float() + self.self_attn_post_norm(outs["attn"].float() * gate_msa)).to(x.dtype)
+        return (x.float() + self.mlp_post_norm(outs["mlp"].float() * gate_mlp)).to(x.dtype)
 
 
 class Blocks(nn.Module):
@@ -306,6 +318,8 @@ class Magi1DiT(nn.Module):
         *,
         positions: torch.Tensor | None = None,  # [F] temporal RoPE positions (default: spec.local_positions())
         step_size: float | None = None,  # distill step-size embedding input, None for base models
+        hooks: ForwardHooks | None = None,  # optional reuse hooks (adapters/base.py), engine-owned
+        branch: str = "cond",  # the branch the hooks key their state by
     ) -> torch.Tensor:
         """dx/dt [F, C_vae, H, W] for the given frames (float32)."""
         arch = self.arch
@@ -319,8 +333,20 @@ class Magi1DiT(nn.Module):
         rope = rope_tables(self.rope.bands, positions, hp, wp)
         caps = [self.project_caption(y) for y in captions]
         cap_index = cap_index.to(h.device)
-        for i, layer in enumerate(self.videodit_blocks.layers):
-            h = layer(h, c, rope, caps, cap_index, i, spec, attention)
+        layers = self.videodit_blocks.layers
+        if hooks is None:
+            for i, layer in enumerate(layers):
+                h = layer(h, c, rope, caps, cap_index, i, spec, attention)
+        else:
+            hc = HookContext(branch, tuple(spec.local_frames()), len(layers))
+
+            def run_stack(h):
+                for i, layer in enumerate(layers):
+                    run = lambda h, i=i, layer=layer: layer.outputs(h, c, rope, caps, cap_index, i, spec, attention)  # noqa: E731
+                    h = hooks.block(hc, i, h, run, lambda h, outs, layer=layer: layer.apply(h, c, outs))
+                return h
+
+            h = hooks.stack(hc, h, run_stack)
         h = self.videodit_blocks.final_layernorm(h.float())
         out = self.final_linear.linear(h.to(self.final_linear.linear.weight.dtype)).float()
         out = self.unpatchify(out, hp, wp)
@@ -341,9 +367,10 @@ class Magi1DiT(nn.Module):
         return self
 
     # --- cost ---------------------------------------------------------------------------------
-    def flops(self, frames: int, keys: int, tokens_per_frame: int, caption_tokens: int = 0) -> float:
+    def flops(self, frames: int, keys: int, tokens_per_frame: int, caption_tokens: int = 0, blocks: int | None = None) -> float:
         """Matmul FLOPs (2 per multiply-add) of one forward: `frames` query frames attending `keys`
-        key frames on average, plus cross-attention to `caption_tokens` tokens."""
+        key frames on average, plus cross-attention to `caption_tokens` tokens; `blocks` layers run per
+        frame (reuse hooks skip some; default all)."""
         a = self.arch
         t, s = frames * tokens_per_frame, keys * tokens_per_frame
         d = a.hidden_size
@@ -352,4 +379,4 @@ class Magi1DiT(nn.Module):
         attn = 2 * 2 * a.q_size * (s + caption_tokens)
         per_layer = 2 * t * linear + t * attn
         io = 2 * t * d * (a.in_channels + a.out_channels) * a.patch_size**2
-        return float(a.num_layers * per_layer + io)
+        return float((a.num_layers if blocks is None else blocks) * per_layer + io)
