@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 
@@ -10,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from scopevid.adapters.base import ForwardSpec
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
@@ -123,6 +125,37 @@ def test_train_step_resume_and_export(tmp_path):
     x = sample_joint(m, "red square moving left", 3, steps=2)
     y = sample_rollout(m, "red square moving left", 6, chunk=2, window=4, steps=2)
     assert x.shape == (3, 3, 16, 16) and y.shape == (6, 3, 16, 16) and torch.isfinite(y).all()
+
+
+def test_warm_start_from_exported_weights(tmp_path, capsys):
+    """A lost run directory is not lost training: --init-from starts a new run from exported weights
+    (model and EMA), records their sha256 and prior steps, and the export counts the total."""
+    torch.set_num_threads(1)
+    assert command.main(tiny_args(tmp_path / "a", "--steps", "2")) == 0
+    src = tmp_path / "a" / "export"
+    prior = load_file(str(src / "tiny.safetensors"))
+    b = tmp_path / "b"
+    assert command.main(tiny_args(b, "--steps", "1", "--seed", "1", "--init-from", str(src))) == 0
+    t = Trainer.resume(str(b))
+    init = t.tcfg.init
+    assert init["steps"] == 2 and init["sha256"] == hashlib.sha256((src / "tiny.safetensors").read_bytes()).hexdigest()
+    meta = json.loads((b / "export" / "tiny.json").read_text())
+    assert (meta["train"]["steps"], meta["train"]["total_steps"]) == (1, 3)
+    # one step from the exported weights: the model moved away from them, but only by one small update
+    moved = max((t.model.state_dict()[k] - v).abs().max().item() for k, v in prior.items())
+    assert 0 < moved < 0.05
+    m, _, _ = command.warm_start_source(str(src))
+    fresh = Trainer(str(tmp_path / "c"), t.mcfg, TrainConfig(frames=4, batch=2, seed=5), t.wcfg)
+    fresh.warm_start(m, init)
+    for k, v in prior.items():
+        assert torch.equal(fresh.model.state_dict()[k], v) and torch.equal(fresh.ema.state_dict()[k], v), k
+    # bad combinations and bad weights are named, and nothing is started
+    assert command.main(tiny_args(tmp_path / "d", "--resume", "--init-from", str(src))) == 2
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tiny.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "bad" / "tiny.json").write_text((src / "tiny.json").read_text())
+    assert command.main(tiny_args(tmp_path / "e", "--init-from", str(tmp_path / "bad"))) == 2
+    assert "cannot read safetensors" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 def test_lr_anneal_set_on_resume(tmp_path):

@@ -1,6 +1,7 @@
 """`scopevid train`: train (or resume) the tiny DiT in a run directory, and export its EMA weights.
 
     scopevid train --out runs/tiny --steps 20000 --threads 2          # new run (or --resume)
+    scopevid train --out runs/tiny2 --init-from scopevid/weights --seed 1 # warm start from exported weights
     scopevid train --out runs/tiny --export-only --weights-dir scopevid/weights --shift 1.0
 
 Checkpoints (model + EMA + optimizer + step + RNG) go to RUN_DIR/ckpt.pt every --ckpt-minutes, the loss
@@ -11,16 +12,20 @@ checkpoint (so a usable model exists at any time). SIGTERM/SIGINT save a checkpo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from scopevid.adapters.tiny.adapter import load_tiny
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
+from scopevid.errors import CheckpointError
 from scopevid.train import world as W
 from scopevid.train.loop import Trainer, TrainConfig
 
@@ -28,6 +33,8 @@ from scopevid.train.loop import Trainer, TrainConfig
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoint, loss log, exports)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
+    p.add_argument("--init-from", default=None, metavar="WEIGHTS_DIR",
+                   help="new run whose model and EMA start from exported weights (their model and world config win)")
     p.add_argument("--steps", type=int, default=8000, help="train until this total step count")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--ckpt-minutes", type=float, default=3.0, help="checkpoint + export period")
@@ -60,7 +67,11 @@ def export(trainer: Trainer, weights_dir: str, shift: float) -> str:
         "model": trainer.mcfg.to_dict(),
         "shift": shift,
         "world": trainer.wcfg.to_dict(),
-        "train": {**trainer.tcfg.to_dict(), "steps": trainer.step, "wall_seconds": round(trainer.wall, 1)},
+        "train": {
+            **trainer.tcfg.to_dict(), "steps": trainer.step, "wall_seconds": round(trainer.wall, 1),
+            "total_steps": trainer.step + trainer.tcfg.init.get("steps", 0),
+            "total_wall_seconds": round(trainer.wall + trainer.tcfg.init.get("wall_seconds", 0.0), 1),
+        },
         "weights": "EMA",
     }
     with open(os.path.join(weights_dir, "tiny.json"), "w") as fh:
@@ -77,9 +88,27 @@ def load_exported(weights_dir: str) -> tuple[TinyDiT, dict]:
     return model.eval(), meta
 
 
+def warm_start_source(weights_dir: str) -> tuple[TinyDiT, dict, dict]:
+    """The exported model (shapes and dtypes checked), its metadata, and the record a warm-started
+    run keeps of it: path, sha256 and the steps and seconds already spent on those weights."""
+    path = Path(weights_dir) / "tiny.safetensors"
+    model, meta = load_tiny(path)
+    prior = meta.get("train", {})
+    init = {
+        "weights": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "steps": int(prior.get("total_steps", prior.get("steps", 0))),
+        "wall_seconds": float(prior.get("total_wall_seconds", prior.get("wall_seconds", 0.0))),
+    }
+    return model, meta, init
+
+
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     ckpt = os.path.join(args.out, "ckpt.pt")
+    if args.init_from and (args.resume or args.export_only):
+        print("scopevid train: --init-from starts a new run; it cannot be combined with --resume or --export-only", file=sys.stderr)
+        return 2
     if args.resume or args.export_only:
         if not os.path.exists(ckpt):
             print(f"scopevid train: no checkpoint at {ckpt}", file=sys.stderr)
@@ -90,13 +119,23 @@ def main(args: argparse.Namespace) -> int:
         if os.path.exists(ckpt):
             print(f"scopevid train: {ckpt} exists; pass --resume to continue it", file=sys.stderr)
             return 2
-        wcfg = W.WorldConfig(size=args.size, sprite=args.sprite)
-        mcfg = TinyDiTConfig(size=args.size, patch=args.patch, dim=args.dim, depth=args.depth, heads=args.heads, vocab=W.vocabulary(wcfg))
+        if args.init_from:
+            try:
+                start, meta, init = warm_start_source(args.init_from)
+            except CheckpointError as e:
+                print(f"scopevid train: --init-from: {e}", file=sys.stderr)
+                return 2
+            wcfg, mcfg = W.WorldConfig.from_dict(meta["world"]), TinyDiTConfig.from_dict(meta["model"])
+        else:
+            wcfg = W.WorldConfig(size=args.size, sprite=args.sprite)
+            mcfg = TinyDiTConfig(size=args.size, patch=args.patch, dim=args.dim, depth=args.depth, heads=args.heads, vocab=W.vocabulary(wcfg))
         tcfg = TrainConfig(
             frames=args.frames, batch=args.batch, lr=args.lr, seed=args.seed, shift=args.shift,
             anneal_start=args.anneal_start or 0, anneal_steps=args.anneal_steps or 0,
         )
         trainer = Trainer(args.out, mcfg, tcfg, wcfg)
+        if args.init_from:
+            trainer.warm_start(start, init)
     weights_dir = args.weights_dir or os.path.join(args.out, "export")
     if args.export_only:
         print(export(trainer, weights_dir, args.shift))

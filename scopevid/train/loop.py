@@ -56,6 +56,7 @@ class TrainConfig:
     max_offset: int = 1000  # random absolute frame offset (RoPE positions)
     seed: int = 0
     shift: float = 1.0  # sigma shift recorded for inference (see evaluate)
+    init: dict = field(default_factory=dict)  # warm start: the exported weights this run began from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,6 +196,15 @@ class Trainer:
         t.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         return t
+
+    def warm_start(self, model: TinyDiT, init: dict) -> None:
+        """Start model and EMA from trained weights (a fresh optimizer, with its own warm-up), e.g.
+        when a run directory is lost but its export survives; `init` records where they came from."""
+        if self.step:
+            raise ValueError(f"warm start is for a new run, not one at step {self.step}")
+        self.model.load_state_dict(model.state_dict())
+        self.ema.load_state_dict(model.state_dict())
+        self.tcfg.init = dict(init)
 
     def flush_log(self) -> None:
         if not self.log:
