@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -184,3 +185,18 @@ def test_sigma_schedule():
     s = sigmas(4, 3.0)
     assert s[0] == 1.0 and s[-1] == 0.0 and torch.all(s[1:] < s[:-1])
     assert torch.allclose(sigmas(4, 1.0), torch.linspace(1, 0, 5))
+
+
+def test_engine_output_of_the_bundled_model_is_scored(tmp_path):
+    """The detector reads what `scopevid generate` writes: the shipped weights under the async
+    diffusion-forcing schedule draw the prompt's square; a config without trained weights is refused."""
+    from scopevid.train.engine_eval import engine_scores
+
+    torch.set_num_threads(1)
+    r = engine_scores("configs/tiny.yaml", ["original"], 17, prompts=("blue square moving left",))
+    s = r["original"]["blue square moving left"]
+    assert s["windows"] == 1 and s["object"] >= 0.8 and s["flops"] > 0
+    cfg = tmp_path / "random.yaml"
+    cfg.write_text("model: {kind: tiny, weights: random}\npolicy_presets: %s\n" % (Path("configs/policies/tiny.yaml").resolve()))
+    with pytest.raises(ValueError, match="trained weights"):
+        engine_scores(str(cfg), ["original"], 17)

@@ -131,14 +131,19 @@ def loss_plot(run: str, path: str) -> dict:
     import pyarrow.parquet as pq
 
     t = pq.read_table(os.path.join(run, "loss.parquet")).to_pydict()
-    step, loss = np.asarray(t["step"]), np.asarray(t["loss"])
+    cfg_path = os.path.join(run, "config.json")
+    init = json.load(open(cfg_path))["train"].get("init", {}) if os.path.exists(cfg_path) else {}
+    offset = int(init.get("steps", 0))  # a warm-started run counts on from the steps of its weights
+    step, loss = np.asarray(t["step"]) + offset, np.asarray(t["loss"])
     k = 50
     sm = np.convolve(loss, np.ones(k) / k, mode="valid")
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.plot(step, loss, lw=0.4, alpha=0.35, label="per step")
     ax.plot(step[k - 1 :], sm, lw=1.5, label=f"{k}-step mean")
+    if offset:
+        ax.axvline(offset, color="grey", ls=":", lw=1, label=f"warm start from step {offset:,}")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.set_xlabel("step (total)")
     ax.set_ylabel("flow-matching loss (MSE of v)")
     ax.set_title("tiny DiT, diffusion forcing")
     ax.legend()
@@ -147,7 +152,8 @@ def loss_plot(run: str, path: str) -> dict:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-    return {"steps": int(step[-1]), "wall": float(t["wall"][-1]), "loss_last50": float(loss[-50:].mean())}
+    return {"steps": int(step[-1]), "wall": float(t["wall"][-1]) + float(init.get("wall_seconds", 0.0)),
+            "loss_last50": float(loss[-50:].mean()), "warm_start_steps": offset}
 
 
 def main() -> None:
@@ -162,6 +168,9 @@ def main() -> None:
     ap.add_argument("--per-prompt", type=int, default=2)
     ap.add_argument("--rollout", type=int, default=48)
     ap.add_argument("--long", type=int, default=0, help="also roll out this many frames (2 prompts), scored per window")
+    ap.add_argument("--engine", type=int, default=0, help="also score this many frames of `scopevid generate` output per policy")
+    ap.add_argument("--engine-policies", default="original,scope-slow,scope-fast")
+    ap.add_argument("--config", default="configs/tiny.yaml", help="--engine: the run config")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -204,6 +213,11 @@ def main() -> None:
             print("long", p, res[f"long{a.long}_{p.replace(' ', '_')}"], flush=True)
             longs.append((x[:: max(1, a.long // 48)][:48], p))
         contact_sheet(longs, os.path.join(a.docs, "img", "tiny_long.png"), frames=48, scale=2)
+    if a.engine:
+        from scopevid.train.engine_eval import engine_scores
+
+        res[f"engine{a.engine}"] = engine_scores(a.config, a.engine_policies.split(","), a.engine)
+        print("engine", json.dumps(res[f"engine{a.engine}"]), flush=True)
     if a.run:
         res["loss"] = loss_plot(a.run, os.path.join(a.docs, "img", "tiny_loss.png"))
     print(json.dumps(res, indent=1))
