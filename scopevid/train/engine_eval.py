@@ -18,7 +18,7 @@ import torch
 
 from scopevid import adapters
 from scopevid import config as config_lib
-from scopevid.adapters.tiny.adapter import BUNDLED
+from scopevid.adapters.tiny.adapter import weights_path
 from scopevid.engine.runner import DTYPES, reference_config, run_once
 from scopevid.engine.sinks import FrameStore
 from scopevid.train import detector as D
@@ -37,12 +37,10 @@ def engine_scores(config: str, policies: list[str], frames: int, prompts=PROMPTS
     """{policy: {prompt: scores}}: per-window object/motion/ok means over `frames` engine frames, the
     strict clip score of the first window (prompt direction), and the run's FLOPs and wall time."""
     cfg = config_lib.load(config)
-    adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
-    weights = cfg.model.get("weights", "bundled")
-    if weights == "random":
+    if cfg.model.get("weights", "bundled") == "random":
         raise ValueError("engine_scores: the detector needs trained weights with their world (model.weights: random)")
-    meta_path = (BUNDLED / "tiny.safetensors" if weights == "bundled" else Path(weights)).with_suffix(".json")
-    wcfg = W.WorldConfig.from_dict(json.loads(meta_path.read_text())["world"])
+    wcfg = W.WorldConfig.from_dict(json.loads(weights_path(cfg.model).with_suffix(".json").read_text())["world"])
+    adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for policy in policies:

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,7 +133,7 @@ def loss_plot(run: str, path: str) -> dict:
 
     t = pq.read_table(os.path.join(run, "loss.parquet")).to_pydict()
     cfg_path = os.path.join(run, "config.json")
-    init = json.load(open(cfg_path))["train"].get("init", {}) if os.path.exists(cfg_path) else {}
+    init = json.loads(Path(cfg_path).read_text())["train"].get("init", {}) if os.path.exists(cfg_path) else {}
     offset = int(init.get("steps", 0))  # a warm-started run counts on from the steps of its weights
     step, loss = np.asarray(t["step"]) + offset, np.asarray(t["loss"])
     k = 50

@@ -54,8 +54,7 @@ class TinyAdapter:
                     if p.dim() > 0 and float(p.abs().sum()) == 0.0:
                         torch.nn.init.normal_(p, std=0.02)
             return cls(model, float(spec.get("shift", 3.0)), device, dtype)
-        path = BUNDLED / "tiny.safetensors" if weights == "bundled" else Path(weights)
-        model, meta = load_tiny(path)
+        model, meta = load_tiny(weights_path(spec))
         return cls(model, float(spec.get("shift", meta.get("shift", 3.0))), device, dtype)
 
     # --- protocol -----------------------------------------------------------------------------
@@ -130,6 +129,14 @@ def _with_branch(spec: ForwardSpec, kv, name: str) -> ForwardSpec:
     from dataclasses import replace
 
     return replace(spec, kv=kv.branch(name))
+
+
+def weights_path(spec: dict) -> Path:
+    """The safetensors file a `model:` spec names (`weights: bundled` or a path); its config is beside it."""
+    weights = spec.get("weights", "bundled")
+    if weights == "random":
+        raise ConfigError("model.weights: random names no weights file")
+    return BUNDLED / "tiny.safetensors" if weights == "bundled" else Path(weights)
 
 
 def load_tiny(path: Path) -> tuple[TinyDiT, dict]:
