@@ -18,7 +18,7 @@ import yaml
 
 from scopevid import adapters
 from scopevid import config as config_lib
-from scopevid.adapters.base import ForwardSpec
+from scopevid.adapters.base import Capabilities, ForwardSpec
 from scopevid.engine import reuse
 from scopevid.engine.runner import run_once
 from scopevid.errors import ConfigError
@@ -38,6 +38,7 @@ from scopevid.scheduler.policies import (
     build,
 )
 from scopevid.scheduler.policies.teacache import poly1d
+from scopevid.scheduler.schedules import DiffusionForcingPlan
 
 C, P, R = Mode.CACHE, Mode.PREDICT, Mode.RECOMPUTE
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,21 +225,24 @@ def test_unknown_setting_is_a_config_error():
 
 
 class _PlainAdapter:
-    """An adapter with the plain protocol only (no hook points, no named features)."""
+    """What for_policy reads of an adapter that declares no hook points and no named features."""
 
     name = "plain"
-    causal = True
+    capabilities = Capabilities(causal=True)
+
+
+_PLAN = DiffusionForcingPlan(latent_frames=8, window=8, num_steps=4)
 
 
 @pytest.mark.parametrize("spec,point", [({"kind": "teacache", "thresh": 0.1}, "stack"), ({"kind": "taylorseer"}, "block"),
                                         ({"kind": "deltadit"}, "block"), ({"kind": "flowcache", "thresh": 0.1}, "stack")])
 def test_capability_error_names_the_missing_hook(spec, point):
     with pytest.raises(ConfigError, match=f"hook point.*{point}.*plain"):
-        reuse.for_policy(build(spec, "p"), _PlainAdapter(), plan=None, topology=None)
+        reuse.for_policy(build(spec, "p"), _PlainAdapter(), _PLAN)
 
 
 def test_velocity_policies_need_no_capability():
-    assert reuse.for_policy(build({"kind": "scope", "tau_c": 0.1, "tau_p": 0.2, "decay": 0.75, "horizon": 5}, "s"), _PlainAdapter(), None, None) is None
+    assert reuse.for_policy(build({"kind": "scope", "tau_c": 0.1, "tau_p": 0.2, "decay": 0.75, "horizon": 5}, "s"), _PlainAdapter(), _PLAN) is None
 
 
 # --------------------------------------------------------------------- hooks are exact

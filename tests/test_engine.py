@@ -117,7 +117,7 @@ def test_memory_bounded_by_window(tiny_config):
     ro = Rollout(adapter, plan, Original(), cond, seed=0)
     peak = 0
     for _ in ro.run():
-        peak = max(peak, len(ro.final) + len(ro.latents))
+        peak = max(peak, len(ro.state.final) + len(ro.state.latents))
     assert peak <= 2 * plan.window, (peak, plan.window)
 
 

@@ -19,14 +19,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from scopevid.adapters.base import Conditioning, ForwardSpec, local_attention
+from scopevid.adapters.base import Conditioning, Feature, ForwardSpec, local_attention
 from scopevid.adapters.magi1 import PRESETS, Magi1Adapter, Magi1Arch, build_model, expected_shapes
 from scopevid.adapters.magi1.config import read_official_config
 from scopevid.adapters.magi1.text import Magi1Prompt
 from scopevid.adapters.magi1.vae import Tiling, load_decoder, tiled_decode
 from scopevid.config import load as load_config
 from scopevid.engine.kvcache import KVCache
-from scopevid.engine.rollout import Rollout
+from scopevid.engine.rollout import Rollout, video_facts
 from scopevid.engine.runner import generate, run_once
 from scopevid.engine.sinks import FrameStore
 from scopevid.errors import CheckpointError, ConfigError
@@ -120,18 +120,17 @@ def test_single_forwards_reproduce_the_official_model(adapter, ref, probe):
     meta = json.loads(_probe_meta())[f"probe{probe}"]
     p, n, extra = meta["slice_point"], meta["denoising_range_num"], meta["fwd_extra"]
     x, t, want = ref[f"probe{probe}.x"], ref[f"probe{probe}.t"], ref[f"probe{probe}.out"]
-    adapter.sigmas(8)
-    adapter.prepare_rollout(ChunkCausalPlan(**PLAN))
+    clean = adapter.prepare(video_facts(ChunkCausalPlan(**PLAN))).clean
     cond, kv = official_prompt(ref), KVCache()
     final = ref["final_latents"]
     for c in range(p):  # the cached context: each finished chunk's clean forward, alone
         frames = [c * CW + j for j in range(CW)]
-        spec = ForwardSpec(frames=frames, store=frozenset(frames), kv=kv, sigmas=(adapter.clean_sigma,) * CW)
-        adapter.velocity(final[:, frames].permute(1, 0, 2, 3), torch.full((CW,), adapter.clean_sigma), cond, spec)
+        spec = ForwardSpec(frames=frames, store=frozenset(frames), kv=kv, sigmas=(clean,) * CW)
+        adapter.velocity(final[:, frames].permute(1, 0, 2, 3), torch.full((CW,), clean), cond, spec, local_attention)
     frames = list(range(p * CW, (p + n) * CW))
     sig = [1.0 - float(tc) for tc in t for _ in range(CW)]
     if extra:
-        sig[:CW] = [adapter.clean_sigma] * CW
+        sig[:CW] = [clean] * CW
     spec = ForwardSpec(frames=frames, context=list(range(max(0, p - 4) * CW, p * CW)),
                        store=frozenset(frames[:CW]) if extra else frozenset(), kv=kv, sigmas=tuple(sig))
     v = adapter.velocity(x.permute(1, 0, 2, 3), torch.tensor(sig), cond, spec)
@@ -284,18 +283,17 @@ def test_sharded_forward_equals_the_whole_forward(ref, probe):
     frames = list(range(p * CW, (p + n) * CW))
     adapters = [fixture_adapter() for _ in range(2)]
     for ad in adapters:
-        ad.sigmas(8)
-        ad.prepare_rollout(ChunkCausalPlan(**PLAN))
+        clean = ad.prepare(video_facts(ChunkCausalPlan(**PLAN))).clean
     sig = [1.0 - float(tc) for tc in ref[f"probe{probe}.t"] for _ in range(CW)]
     if extra:
-        sig[:CW] = [adapters[0].clean_sigma] * CW
+        sig[:CW] = [clean] * CW
 
     def spec_for(ad, kv, shard):
         fill = [c * CW + j for c in range(p) for j in range(CW)]
         for c in range(p):
             fr = fill[c * CW : (c + 1) * CW]
-            ad.velocity(ref["final_latents"][:, fr].permute(1, 0, 2, 3), torch.full((CW,), ad.clean_sigma),
-                        official_prompt(ref), ForwardSpec(frames=fr, store=frozenset(fr), kv=kv, sigmas=(ad.clean_sigma,) * CW))
+            ad.velocity(ref["final_latents"][:, fr].permute(1, 0, 2, 3), torch.full((CW,), clean),
+                        official_prompt(ref), ForwardSpec(frames=fr, store=frozenset(fr), kv=kv, sigmas=(clean,) * CW), local_attention)
         return ForwardSpec(frames=frames, context=list(range(max(0, p - 4) * CW, p * CW)), kv=kv, shard=shard,
                            store=frozenset(frames[:CW]) if extra else frozenset(), sigmas=tuple(sig))
 
@@ -363,20 +361,20 @@ def test_clean_reforwards_are_never_skipped(tmp_path, policy):
     ad = fixture_adapter(vae=str(FX / "vae"))
     cleaned, orig_velocity = [], ad.velocity
 
-    def spy(x, sigma, cond, spec, attention=local_attention):
+    def spy(x, sigma, cond, spec, attention=local_attention, hooks=None):
         if spec.store:
             cleaned.append(sorted(spec.store))
-        return orig_velocity(x, sigma, cond, spec, attention)
+        return orig_velocity(x, sigma, cond, spec, attention, hooks)
 
     ad.velocity = spy
     ref_store = FrameStore(tmp_path / "ref")
     base = run_once(cfg, ad, "original", frames_to=ref_store)
     base_cleaned, cleaned[:] = list(cleaned), []
-    res = run_once(cfg, ad, policy, reference=ref_store)
+    res = run_once(cfg, ad, policy, reference=ref_store, keep_records=True)
     chunks = [[c * CW + j for j in range(CW)] for c in range(5)]  # 6 chunks: all but the last are context
     assert base_cleaned == chunks
     assert sorted(f for fr in cleaned for f in fr) == [f for c in chunks for f in c]
-    modes = [r.mode for r in res.records]
+    modes = [r.mode for r in res.records]  # run with keep_records
     assert {"cache", "predict"} & set(modes), modes
     assert res.summary["flops"] < base.summary["flops"] and res.summary["psnr"] > 20.0
 
@@ -384,7 +382,7 @@ def test_clean_reforwards_are_never_skipped(tmp_path, policy):
 def test_scope_chunk_policy_takes_the_most_conservative_chunk():
     pol = policies.build({"kind": "scope_chunk", "tau_c": 0.03, "tau_p": 0.08, "decay": 0.75, "horizon": 5, "warmup": 2,
                           "chunk": 6}, "scope-chunk")
-    assert pol.chunk_feature_sums == 6
+    assert pol.chunk_sums and pol.chunk == 6
 
     def ctx(i):
         return StepContext(serial=i, index=i, window=0, num_steps=64, cache_ready=True, history=3, min_step=5, max_step=40)
@@ -414,15 +412,14 @@ def test_forward_hooks_are_exact(adapter, ref):
     from scopevid.adapters.base import ForwardHooks
     from scopevid.engine import reuse
 
-    sig = adapter.sigmas(8)
-    adapter.prepare_rollout(ChunkCausalPlan(**PLAN))
+    sig = adapter.prepare(video_facts(ChunkCausalPlan(**PLAN))).sigmas
     cond = official_prompt(ref)
     x = ref["noise"][:, :4].permute(1, 0, 2, 3)
     s = torch.tensor([sig[1], sig[1], sig[2], sig[2]], dtype=torch.float32)
     spec = ForwardSpec(frames=[0, 1, 2, 3], sigmas=tuple(s.tolist()))
 
     def vel(hooks=None):
-        return adapter.velocity(x, s, cond, spec, **({} if hooks is None else {"hooks": hooks}))
+        return adapter.velocity(x, s, cond, spec, local_attention, hooks)
 
     plain = vel()
     assert torch.equal(vel(ForwardHooks()), plain)
@@ -440,10 +437,10 @@ def test_forward_hooks_are_exact(adapter, ref):
         skip = reuse.DeltaHooks(store, 0.5, which)
         torch.testing.assert_close(vel(skip), plain, rtol=1e-5, atol=1e-5)
         assert skip.blocks_run == adapter.arch.num_layers // 2 and adapter.flops(4, 0, blocks=1) < adapter.flops(4, 0)
-    assert adapter.named_feature("embed", x, s, cond, spec).shape == (4, 16, 64)
-    assert adapter.named_feature("temb", x, s, cond, spec).shape[0] == 4
+    assert adapter.named_feature(Feature.EMBED, x, s, cond, spec).shape == (4, 16, 64)
+    assert adapter.named_feature(Feature.TEMB, x, s, cond, spec).shape[0] == 4
     with pytest.raises(ConfigError, match="temb_mod"):
-        adapter.named_feature("temb_mod", x, s, cond, spec)
+        adapter.named_feature(Feature.TEMB_MOD, x, s, cond, spec)
 
 
 def test_shipped_baseline_presets_fit_the_adapter(adapter):
@@ -453,7 +450,7 @@ def test_shipped_baseline_presets_fit_the_adapter(adapter):
     names = [n for n, sp in presets.items() if sp["kind"] in ("teacache", "taylorseer", "flowcache", "deltadit")]
     assert {"flowcache-slow", "flowcache-fast", "taylorseer-slow", "deltadit"} <= set(names)
     for name in names:
-        assert reuse.for_policy(policies.build(presets[name], name), adapter, plan=None, topology=None) is not None
+        assert reuse.for_policy(policies.build(presets[name], name), adapter, ChunkCausalPlan(**PLAN)) is not None
 
 
 BASELINES = {
@@ -504,23 +501,23 @@ def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="guidance"):
         fixture_adapter().encode_prompt("a fox", None, 5.0)
     with pytest.raises(ConfigError, match="12 selects MAGI-1's shortcut"):
-        fixture_adapter().sigmas(12)
+        fixture_adapter().prepare(video_facts(ChunkCausalPlan(latent_frames=12, chunk=2, window_chunks=4, num_steps=12)))
     with pytest.raises(ConfigError, match="multiples of 16"):
         fixture_adapter(height=72)
     ad = fixture_adapter()
     with pytest.raises(ConfigError, match="chunk_width"):
-        ad.prepare_rollout(ChunkCausalPlan(latent_frames=12, chunk=6, window_chunks=4, num_steps=8))
+        ad.prepare(video_facts(ChunkCausalPlan(latent_frames=12, chunk=6, window_chunks=4, num_steps=8)))
 
 
 def test_host_features(adapter, ref):
     """'embed': the patch-embedded latents; 'modulated': scaled by (1 + layer-0 attention gate of t)."""
-    adapter.sigmas(8)
+    sig = adapter.prepare(video_facts(ChunkCausalPlan(**PLAN))).sigmas
     x = ref["noise"][:, :2].permute(1, 0, 2, 3)
     spec = ForwardSpec(frames=[0, 1])
-    sigma = torch.tensor(adapter.sigmas(8)[3:5])
+    sigma = torch.tensor(sig[3:5])
     emb = adapter.host_feature(x, sigma, official_prompt(ref), spec)
     assert emb.shape == (2, 16, 64)
     mod = fixture_adapter(host_feature="modulated")
-    mod.sigmas(8)
+    mod.prepare(video_facts(ChunkCausalPlan(**PLAN)))
     m = mod.host_feature(x, sigma, official_prompt(ref), spec)
     assert m.shape == emb.shape and not torch.allclose(m, emb)

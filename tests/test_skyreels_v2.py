@@ -19,8 +19,11 @@ import pytest
 import torch
 import yaml
 
-from scopevid.adapters.base import ForwardSpec, local_attention
+from scopevid.adapters.base import ForwardSpec, NoiseSchedule, VideoFacts, local_attention
 from scopevid.errors import CheckpointError, ConfigError
+from scopevid.scheduler.schedules import DiffusionForcingPlan
+
+PLAN_DF = DiffusionForcingPlan(latent_frames=8, window=8, num_steps=4)
 
 PROMPT, NEGATIVE = "a red fox runs in the snow", "blue sky"
 H = W = 32  # pixels -> 4x4 latents -> 2x2 tokens per frame
@@ -97,15 +100,20 @@ class PipelineNoise:
 
 
 # ----------------------------------------------------------------------------- model pieces
+def prepare(ad, steps: int) -> NoiseSchedule:
+    """The adapter prepared for a short diffusion forcing video of `steps` steps."""
+    return ad.prepare(VideoFacts(num_steps=steps, latent_frames=16, unit=1, chunked=False))
+
 
 
 def test_forward_equals_diffusers_and_keeps_absolute_positions(ckpt):
     ad = make_adapter(ckpt)
     tr = ad.parts.transformer
     cond = ad.encode_prompt(PROMPT, NEGATIVE, 5.0)
-    sig = ad.sigmas(6)
+    sched = prepare(ad, 6)
+    sig = sched.sigmas
     x = torch.randn(4, 16, 4, 4, generator=torch.Generator().manual_seed(1))
-    s = torch.tensor([ad.clean_sigma, sig[1], sig[3], ad.noise_sigma], dtype=torch.float32)
+    s = torch.tensor([sched.clean, sig[1], sig[3], sched.noise], dtype=torch.float32)
     t = ad._timesteps(s)
     assert t.tolist()[0] == 0 and t.tolist()[-1] == 999
 
@@ -167,7 +175,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_original_rollout_equals_diffusers_pipeline(case, ckpt, pipe):
-    from scopevid.engine.rollout import Rollout
+    from scopevid.engine.rollout import Rollout, video_facts
     from scopevid.engine.runner import latent_count
     from scopevid.engine.unipc import UniPC
     from scopevid.scheduler.policies import Original
@@ -188,7 +196,9 @@ def test_original_rollout_equals_diffusers_pipeline(case, ckpt, pipe):
     assert len(plan.windows()) == (3 if case == "long" else 1)
     cond = ad.encode_prompt(PROMPT, NEGATIVE, guidance)
     torch.manual_seed(11)
-    rollout = Rollout(ad, plan, Original(), cond, seed=seed, solver=UniPC.for_adapter(ad, steps), noise=PipelineNoise(seed, overlap))
+    sched = ad.prepare(video_facts(plan))
+    rollout = Rollout(ad, plan, Original(), cond, seed=seed, solver=UniPC.for_adapter(ad, sched), schedule=sched,
+                      noise=PipelineNoise(seed, overlap))
     decoder = ad.stream_decoder()
     latents, pixels = [], []
     for i, (frame, z) in enumerate(rollout.run()):
@@ -203,16 +213,6 @@ def test_original_rollout_equals_diffusers_pipeline(case, ckpt, pipe):
         torch.manual_seed(11)
         ref_px = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **call).frames[0]
         torch.testing.assert_close(torch.cat(pixels), torch.from_numpy(ref_px).float(), rtol=1e-5, atol=1e-5)
-
-
-def test_prefix_inferred_without_plan(ckpt):
-    """Without the engine's prepare_rollout, the overlap prefix is recovered from window origins."""
-    ad = make_adapter(ckpt, addnoise_condition=20)
-    ad._prefix_len = None
-    assert ad._prefix_frames(ForwardSpec(frames=[0, 1, 2, 3], origin=0)) == set()
-    assert ad._prefix_frames(ForwardSpec(frames=[2, 3, 4, 5], origin=2)) == {2, 3}
-    assert ad._prefix_frames(ForwardSpec(frames=[4, 5, 6], origin=4)) == {4, 5}
-    assert ad._prefix_frames(ForwardSpec(frames=[0, 1], origin=0)) == set()  # a new video
 
 
 # ----------------------------------------------------------------------------- SCOPE through the runner
@@ -320,10 +320,10 @@ def test_bf16_load_and_velocity(ckpt):
     bf = SkyReelsV2Adapter(load_checkpoint(ckpt, dtype=torch.bfloat16), height=H, width=W, max_sequence_length=TEXT_LEN,
                            causal_attention=2)
     assert bf.dtype == torch.bfloat16 and bf.vae.dtype == torch.float32
-    sig = ad.sigmas(4)
-    bf.sigmas(4)
+    sig = prepare(ad, 4).sigmas
+    prepare(bf, 4)
     x = torch.randn(4, 16, 4, 4, generator=torch.Generator().manual_seed(2))
-    s = torch.tensor([sig[0], sig[1], sig[2], ad.noise_sigma])
+    s = torch.tensor([sig[0], sig[1], sig[2], 1.0])
     spec = ForwardSpec(frames=[3, 4, 5, 6], origin=3, causal=False)
     v32 = ad.velocity(x, s, ad.encode_prompt(PROMPT, NEGATIVE, 5.0), spec)
     v16 = bf.velocity(x, s, bf.encode_prompt(PROMPT, NEGATIVE, 5.0), spec)
@@ -364,7 +364,7 @@ def test_forward_hooks_are_exact(ckpt):
     ad = make_adapter(ckpt, causal_attention=2)
     cond = ad.encode_prompt(PROMPT, NEGATIVE, 5.0)
     x = torch.randn(4, 16, 4, 4, generator=torch.Generator().manual_seed(3))
-    sig = ad.sigmas(6)
+    sig = prepare(ad, 6).sigmas
     s = torch.tensor([sig[1], sig[2], sig[3], sig[4]], dtype=torch.float32)
     spec = ForwardSpec(frames=[5, 6, 7, 8], origin=5, causal=False)
     plain = _hooked(ad, cond, x, s, spec, None)
@@ -444,9 +444,9 @@ def test_shipped_baseline_presets_fit_the_adapter_but_flowcache(ckpt):
             continue
         if spec["kind"] == "flowcache":
             with pytest.raises(ConfigError, match="serves no K/V context"):
-                reuse.for_policy(build(spec, name), ad, plan=None, topology=None)
+                reuse.for_policy(build(spec, name), ad, PLAN_DF)
         else:
-            assert reuse.for_policy(build(spec, name), ad, plan=None, topology=None) is not None
+            assert reuse.for_policy(build(spec, name), ad, PLAN_DF) is not None
 
 
 # ----------------------------------------------------------------------------- sequence parallelism

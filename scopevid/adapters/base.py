@@ -16,19 +16,30 @@ tensors are [B, S, heads, head_dim] with S = frames * tokens_per_frame.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from enum import Enum
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from scopevid.errors import ConfigError
+from scopevid.scheduler.signals import Feature
+
+__all__ = ["Adapter", "Attention", "Capabilities", "Conditioning", "Feature", "ForwardHooks", "ForwardSpec", "GroupDecoder",
+           "HookContext", "HookPoint", "KVStore", "NoiseSchedule", "StreamDecoder", "VideoFacts", "local_attention"]
+
 
 class KVStore(Protocol):
-    """Clean-context K/V per layer and absolute frame (engine.kvcache implements it)."""
+    """Clean-context K/V per CFG branch, layer and absolute frame (engine.kvcache implements it).
+    `branch(name)` is the view of one CFG branch ("cond" | "uncond"); get/put act on the current one."""
 
     def get(self, layer: int, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None: ...
 
     def put(self, layer: int, frame: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def branch(self, name: str) -> "KVStore": ...
 
 
 @dataclass
@@ -37,6 +48,7 @@ class ForwardSpec:
 
     frames: list[int]  # absolute latent index of every forwarded frame; -1 marks padding
     origin: int = 0  # absolute index that gets temporal position 0 (RoPE); positions = frame - origin
+    step: int = 0  # the iteration's index within its window (the official pipelines' step counter)
     context: list[int] = field(default_factory=list)  # clean frames attended from `kv`, oldest first
     store: frozenset[int] = frozenset()  # forwarded frames whose K/V go into `kv` (they are clean)
     kv: KVStore | None = None
@@ -79,7 +91,8 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         for i, f in enumerate(spec.frames):
             if f in spec.store:
                 sl = slice(i * tpf, (i + 1) * tpf)
-                spec.kv.put(layer, f, k[:, sl].detach(), v[:, sl].detach())
+                # clones: a view would pin the whole forward's K/V for as long as the frame stays cached
+                spec.kv.put(layer, f, k[:, sl].detach().clone(), v[:, sl].detach().clone())
     key_frames = list(spec.frames)
     if spec.context:
         if spec.kv is None:
@@ -143,57 +156,162 @@ def _ranged_attention(q, k, v, spec: ForwardSpec, key_frames: list[int], tpf: in
 
 @dataclass
 class Conditioning:
-    """Encoded prompt(s). `cond`/`uncond` are model-specific tensors; `guidance` the CFG scale."""
+    """Encoded prompt(s). `cond`/`uncond` are model-specific tensors; `guidance` the CFG scale;
+    `branches` how many forwards one velocity costs (2 with classifier-free guidance), for FLOPs."""
 
     cond: Any
     uncond: Any = None
     guidance: float = 1.0
+    branches: int = 1
 
 
-class Adapter(Protocol):
-    """What the engine needs from a model family."""
+class HookPoint(str, Enum):
+    """Where an adapter calls forward hooks (see ForwardHooks below)."""
 
-    name: str
+    STACK = "stack"  # hooks.stack(ctx, h, run_stack) around the whole block stack
+    BLOCK = "block"  # hooks.block(ctx, layer, h, run, apply) around every block
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an adapter offers beyond the required methods; the engine reads only this, never probes.
+
+    causal: block-causal over frames with a KV cache. The engine then serves clean frames as cached
+      K/V context (selective computation is exact) and runs the clean re-forward that fills it.
+    hook_points: where `velocity(..., hooks=)` calls ForwardHooks (the baselines' in-forward reuse).
+    features: the signals `named_feature` accepts, besides Feature.HOST.
+    """
+
+    causal: bool = False
+    hook_points: frozenset[HookPoint] = frozenset()
+    features: frozenset[Feature] = frozenset()
+
+
+@dataclass(frozen=True)
+class VideoFacts:
+    """Everything an adapter may need to know about one video, given once before its first forward."""
+
+    num_steps: int  # T denoising steps
+    latent_frames: int
+    unit: int  # latent frames per causal block (diffusion forcing) or chunk (chunk-causal)
+    chunked: bool  # a chunk-causal plan (MAGI-1's pipeline) rather than diffusion forcing windows
+    prefixes: Mapping[int, int] = field(default_factory=dict)  # window origin -> clean prefix frames
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The model's noise levels for one video (what `Adapter.prepare` returns)."""
+
+    sigmas: tuple[float, ...]  # T+1 levels from pure noise to clean, the model's own (with its shift)
+    noise: float  # the level of a frame that has not started (SkyReels-V2: 1.0 -> timestep 999)
+    clean: float  # the level a clean frame is forwarded at (clean re-forward; MAGI-1: 1 - 0.9999)
+
+
+class StreamDecoder(Protocol):
+    """Decodes latents as they finish, in order; its state is checkpointed with the rollout."""
+
+    def push(self, latent: torch.Tensor) -> torch.Tensor | None: ...
+
+    def flush(self) -> torch.Tensor | None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class GroupDecoder:
+    """The default StreamDecoder: `adapter.decode` on groups of `group` latents (frame-wise decoders)."""
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor], group: int = 8):
+        self.decode, self.group, self.buf = decode, group, []
+
+    def push(self, latent: torch.Tensor) -> torch.Tensor | None:
+        self.buf.append(latent)
+        return self.flush() if len(self.buf) >= self.group else None
+
+    def flush(self) -> torch.Tensor | None:
+        if not self.buf:
+            return None
+        x, self.buf = torch.stack(self.buf), []
+        with torch.no_grad():
+            return self.decode(x)
+
+    def state_dict(self) -> dict:
+        return {"buf": list(self.buf)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buf = list(state["buf"])
+
+
+class Adapter(ABC):
+    """What the engine needs from a model family: the whole contract, declared.
+
+    Required: `prepare` (per video, first), `encode_prompt`, `host_feature`, `velocity`, `decode`,
+    `flops`, and the attributes below. Optional, with defaults here: `named_feature`,
+    `stream_decoder`, `solver_options`, and `capabilities`. Calls carry every per-video fact in
+    `prepare` and every per-forward fact in arguments, so no method depends on the order of others
+    (encode_prompt is pure; velocity reads only what prepare set).
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
     latent_channels: int
     latent_hw: tuple[int, int]
     temporal_compression: int  # pixel frames per latent frame after the first
-    causal: bool  # block-causal over frames: selective computation is exact with a KV cache
 
-    def sigmas(self, num_steps: int) -> tuple[float, ...]:
-        """T+1 noise levels from pure noise to clean, the model's own schedule (with its shift)."""
+    @abstractmethod
+    def prepare(self, video: VideoFacts) -> NoiseSchedule:
+        """Start a video: take its facts, return its noise levels. Called once before any forward;
+        calling it again starts another video (all per-video state is reset)."""
 
-    def encode_prompt(self, prompt: str, negative: str | None, guidance: float) -> Conditioning: ...
+    @abstractmethod
+    def encode_prompt(self, prompt: str, negative: str | None, guidance: float) -> Conditioning:
+        """Text -> conditioning. Pure: no adapter state changes."""
 
+    @abstractmethod
     def host_feature(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
         """SCOPE's pre-forward signal per frame, [F, ...]: cheap, computed without the block stack."""
 
+    @abstractmethod
     def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention,
+        hooks: "ForwardHooks | None" = None,
     ) -> torch.Tensor:
-        """Guided velocity [F, C, H, W] for exactly the frames given (both CFG branches inside)."""
+        """Guided velocity [F, C, H, W] float32 for exactly the frames given (both CFG branches inside).
+        `hooks` only when `capabilities.hook_points` is not empty."""
 
+    @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latent frames [F, C, H, W] -> pixels [F', H', W', 3] float in [0, 1]."""
 
-    def flops(self, frames: int, context: int) -> float:
-        """Analytic FLOPs of one velocity call on `frames` frames attending `context` cached frames."""
+    @abstractmethod
+    def flops(self, frames: int, context: int, blocks: int | None = None, branches: int = 1) -> float:
+        """Analytic FLOPs of one velocity call on `frames` frames attending `context` cached frames,
+        `blocks` of the stack run per frame (None: all), `branches` CFG forwards."""
+
+    def named_feature(self, kind: Feature, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                      spec: ForwardSpec) -> torch.Tensor:
+        """A signal of `capabilities.features`, per frame [F, ...]."""
+        raise ConfigError(f"feature: model {self.name} offers no pre-forward signal besides host, not {Feature(kind).value!r}")
+
+    def stream_decoder(self) -> StreamDecoder:
+        """How finished latents become pixels as the video goes (temporal VAEs bring their own)."""
+        return GroupDecoder(self.decode)
+
+    def solver_options(self) -> dict | None:
+        """Settings of the model's own multistep solver (`solver: unipc`); None: UniPC's defaults."""
+        return None
 
 
-# --- optional capability: forward hooks (feature/residual reuse inside the model) ---------------
+# --- forward hooks (feature/residual reuse inside the model) -------------------------------------
 #
 # Whole-velocity reuse (SCOPE's Cache/Predict) needs nothing from an adapter. The baselines reuse
 # pieces *inside* the forward: TeaCache the block stack's residual, TaylorSeer per-block module
-# outputs, Delta-DiT a block range's delta. An adapter that supports this lists the hook points
-# it calls in `hook_points` and accepts `hooks=` in `velocity`; the engine passes hooks only to
-# such adapters (and names the missing capability otherwise), so the plain protocol is unchanged.
-#
-#   hook_points  "stack": the adapter calls hooks.stack(ctx, h, run_stack) around its block stack;
-#                "block": inside run_stack it calls hooks.block(ctx, layer, h, run, apply) per block.
-#   feature_kinds  names accepted by `adapter.named_feature(kind, x, sigma, cond, spec)`, the
-#                pre-forward signals a policy may ask for besides host_feature: "temb" (timestep
-#                embedding, TeaCache's e), "temb_mod" (its adaLN projection, TeaCache's e0 with
-#                ret-steps), "embed" (patch-embedded input, FlowCache on MAGI-1).
-#   flops(frames, context, blocks=k)  FLOPs of a forward that ran k of its blocks per frame.
+# outputs, Delta-DiT a block range's delta. An adapter that supports this declares the hook points
+# it calls in `capabilities.hook_points` (HookPoint.STACK: hooks.stack(ctx, h, run_stack) around its
+# block stack; HookPoint.BLOCK: inside run_stack, hooks.block(ctx, layer, h, run, apply) per block),
+# accepts `hooks=` in `velocity`, and counts `flops(..., blocks=k)` for a forward that ran k blocks.
+# The engine refuses a policy whose needs an adapter does not declare, naming what is missing.
 #
 # Hidden states given to hooks are frame-major [F, tokens, dim] over `ctx.frames` (this process's
 # frames, absolute indices), so hook state can be kept per absolute frame and CFG branch.
@@ -220,6 +338,10 @@ class ForwardHooks:
     partial = False  # True when some blocks may not run (no K/V is written then: see engine.reuse)
     blocks_run: int | None = None  # blocks run per frame by the last forward, for FLOPs (None: all)
     depth: int = 1  # the stack's depth, as seen by the last forward
+
+    def adjust(self, spec: ForwardSpec) -> ForwardSpec:
+        """The spec the forward runs with (FlowCache widens context and K/V store); default unchanged."""
+        return spec
 
     def stack(self, ctx: HookContext, h: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return run(h)

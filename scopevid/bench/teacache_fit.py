@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from scopevid.engine.rollout import Rollout
-from scopevid.engine.runner import DTYPES, build_plan, build_solver, reference_config
+from scopevid.engine.runner import build_plan, make_rollout, reference_config
 from scopevid.scheduler.policies.base import Decision, Mode
 from scopevid.scheduler.policies.teacache import TeaCache, TeaCacheConfig
 
@@ -46,8 +45,8 @@ class _Recorder:
     def __getattr__(self, name):
         return getattr(self._a, name)
 
-    def velocity(self, x, sigma, cond, spec, attention, **kw):
-        out = self._a.velocity(x, sigma, cond, spec, attention, **kw)
+    def velocity(self, x, sigma, cond, spec, attention, hooks=None):
+        out = self._a.velocity(x, sigma, cond, spec, attention, hooks)
         num = den = 0.0
         for i, f in enumerate(spec.local_frames()):
             if f < 0:
@@ -77,8 +76,7 @@ def probe_pairs(cfg, adapter, feature: str) -> tuple[list[float], list[float]]:
     rec = _Recorder(adapter, probe)
     plan = build_plan(cfg, adapter)
     cond = adapter.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance)
-    ro = Rollout(rec, plan, probe, cond, seed=cfg.seed, solver=build_solver(cfg, adapter), device=cfg.device,
-                 dtype=DTYPES[cfg.dtype])
+    ro = make_rollout(cfg, rec, plan, probe, cond)
     for _ in ro.run():
         pass
     keys = sorted(set(probe.xs) & set(rec.ys))

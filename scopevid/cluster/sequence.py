@@ -33,13 +33,13 @@ from __future__ import annotations
 import os
 import time
 from datetime import timedelta
-from typing import MutableMapping
 
 import torch
 
 from scopevid.adapters.base import ForwardSpec, local_attention
 from scopevid.cluster import consensus
 from scopevid.cluster.groups import Group
+from scopevid.engine.topology import FrameKeyed
 from scopevid.errors import ConfigError
 
 
@@ -55,16 +55,6 @@ class _LocalFailure(Exception):
     def __init__(self, original: BaseException):
         super().__init__(str(original))
         self.original = original
-
-
-def _store_dict(store) -> MutableMapping:
-    for attr in ("_phi", "_h"):  # engine.history.FeatureMemory / VelocityHistory
-        d = getattr(store, attr, None)
-        if isinstance(d, MutableMapping):
-            return d
-    if isinstance(store, MutableMapping):
-        return store
-    raise TypeError(f"cannot hand over state of {type(store).__name__}: not a per-frame mapping")
 
 
 def init_deepspeed(group: Group) -> None:
@@ -153,7 +143,13 @@ class UlyssesTopology:
     def check(self, digest: str) -> None:
         consensus.check_digest(self.group, digest, "decision")
 
-    def migrate(self, old: list[int], new: list[int], stores: list) -> None:
+    def state_dict(self) -> dict:
+        return {"migrated_frames": self.migrated_frames, "handovers": self.handovers}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.migrated_frames, self.handovers = int(state["migrated_frames"]), int(state["handovers"])
+
+    def migrate(self, old: list[int], new: list[int], stores: list[FrameKeyed]) -> None:
         if self.world == 1 or list(old) == list(new):
             return
         import torch.distributed as dist
@@ -161,21 +157,22 @@ class UlyssesTopology:
         n_pad, _ = self.layout(len(new))
         per = n_pad // self.world
         owner = {f: i // per for i, f in enumerate(new)}
-        dicts = [_store_dict(s) for s in stores]
+        dicts = [s.data for s in stores]
         # what this rank holds that another rank owns now: tensors go point to point, anything else
         # (e.g. a history deque) rides along in the announcement
         plan, tensors = [], []
         for si, d in enumerate(dicts):
-            for f in sorted(d):
-                dst = owner.get(f)
+            frame_of = stores[si].frame_of
+            for key in sorted(d, key=lambda k: (frame_of(k), repr(k))):  # keys may be tuples
+                dst = owner.get(frame_of(key))
                 if dst is None or dst == self.rank:
                     continue
-                val = d[f]
+                val = d[key]
                 if isinstance(val, torch.Tensor):
-                    plan.append((si, f, dst, tuple(val.shape), val.dtype, None))
+                    plan.append((si, key, dst, tuple(val.shape), val.dtype, None))
                     tensors.append(val.contiguous())
                 else:
-                    plan.append((si, f, dst, None, None, val))
+                    plan.append((si, key, dst, None, None, val))
         plans = consensus.gather_objects(self.group, plan, "shard hand-over announcement")
         if not any(plans):
             return

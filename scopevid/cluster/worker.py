@@ -153,11 +153,10 @@ def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions
     from scopevid import adapters
     from scopevid import config as config_lib
     from scopevid.engine import runner
-    from scopevid.engine.rollout import Rollout, decision_digest
+    from scopevid.engine.rollout import decision_digest
     from scopevid.scheduler import policies as policy_lib
-    from scopevid.scheduler.predictors import Stability
 
-    if not hasattr(cfg, "model"):
+    if not isinstance(cfg, config_lib.RunConfig):
         cfg = config_lib.load(cfg)
     name = policy or cfg.policy
     dtype = runner.DTYPES[cfg.dtype]
@@ -166,10 +165,8 @@ def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions
     spec = cfg.policy_spec(name)
     cond = adapter.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance)
     records = []
-    ro = Rollout(adapter, plan, policy_lib.build(spec, name), cond, seed=cfg.seed,
-                 solver=runner.build_solver(cfg, adapter), topology=topology, predictor=spec.get("predictor", "taylor2"),
-                 stability=Stability(**cfg.stability), device=cfg.device, dtype=dtype, on_step=records.append,
-                 check_decisions=check_decisions)
+    ro = runner.make_rollout(cfg, adapter, plan, policy_lib.build(spec, name), cond, predictor=spec.get("predictor", "taylor2"),
+                             topology=topology, on_step=records.append, check_decisions=check_decisions)
     t0, c0 = time.perf_counter(), time.process_time()
     out = list(ro.run())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -179,13 +176,13 @@ def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions
         "modes": [r.mode for r in records],
         "records": [(r.serial, r.mode, r.reason, r.d, r.r, r.compute_lo, r.compute_hi) for r in records],
         "digest": decision_digest(records),
-        "counts": dict(ro.stats.counts),
-        "frame_forwards": ro.stats.frame_forwards,
+        "counts": dict(ro.state.stats.counts),
+        "frame_forwards": ro.state.stats.frame_forwards,
         "wall_seconds": wall,
         "cpu_seconds": cpu,  # this process's CPU time (all its threads): the work, whatever the contention
         "latent_frames": plan.latent_frames,
-        "handovers": getattr(topology, "handovers", 0),
-        "migrated_frames": getattr(topology, "migrated_frames", 0),
+        "handovers": topology.state_dict().get("handovers", 0),
+        "migrated_frames": topology.state_dict().get("migrated_frames", 0),
     }
 
 

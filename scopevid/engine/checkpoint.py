@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -42,9 +42,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from scopevid.engine.state import compact, to_device
 from scopevid.errors import CheckpointError
 
-FORMAT = 1
+FORMAT = 2  # 2: the rollout state is engine.state.RolloutState (format 1 is not read)
 LATEST = "LATEST"
 
 FRAME_SCHEMA = pa.schema(
@@ -162,112 +163,21 @@ def read_latents(directory: Path, parts: int | None = None) -> Iterator[tuple[in
 
 
 # --- rollout state --------------------------------------------------------------------------------
-def _compact(x):
-    """Deep copy with contiguous CPU tensors (views of a gathered batch would save the whole batch)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", copy=True).contiguous()
-    if isinstance(x, dict):
-        return {k: _compact(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_compact(v) for v in x)
-    return x
-
-
-def _to(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to(v, device) for v in x)
-    return x
-
-
-_REUSE_REFS = ("policy", "adapter", "plan", "needs_points")  # an executor's references, not its state
-
-
-def _reuse_state(reuse) -> dict | None:
-    """State of the in-forward reuse executor of the baselines (engine.reuse): its per-frame stores."""
-    if reuse is None:
-        return None
-    if hasattr(reuse, "state_dict"):
-        return reuse.state_dict()
-    return {k: v for k, v in vars(reuse).items() if k not in _REUSE_REFS}
-
-
-def _load_reuse(reuse, state: dict | None) -> None:
-    if reuse is None or state is None:
-        return
-    if hasattr(reuse, "load_state_dict"):
-        reuse.load_state_dict(state)
-        return
-    for k, v in state.items():
-        setattr(reuse, k, v)
-
-
-def rollout_state(rollout, serial: int, next_emit: int, *, window_reset: bool = False) -> dict:
-    """Everything the rest of a rollout reads, taken before iteration `serial`.
-
-    window_reset: the next iteration opens a new diffusion forcing window, whose `_enter_window`
-    discards the in-window latents and the KV cache: they are not saved (they can be large).
-    """
-    r = rollout
-    state = {
-        "format": FORMAT,
-        "serial": serial,
-        "next_emit": next_emit,
-        "window": r._window,
-        "final": dict(r.final),
-        "latents": {} if window_reset else dict(r.latents),
-        "kv": {} if window_reset else r.kv.state_dict(),
-        "history": r.history.state_dict(),
-        "features": r.features.state_dict(),
-        "feature_frames": list(getattr(r, "_feature_frames", [])),
-        "prev_forward": list(getattr(r, "_prev_forward", [])),
-        "policy": r.policy.state_dict(),
-        "solver": r.solver.state_dict(),
-        "reuse": _reuse_state(getattr(r, "reuse", None)),
-        "stats": asdict(r.stats),
-        "noise": r.noise.state_dict() if hasattr(r.noise, "state_dict") else None,
-        "topology": r.topo.state_dict() if hasattr(r.topo, "state_dict") else None,
-        "torch_rng": torch.get_rng_state(),
-        "rank": r.topo.rank,
-        "world": r.topo.world,
-    }
-    return _compact(state)
+def rollout_state(rollout, *, window_reset: bool = False) -> dict:
+    """The rollout's state (engine.state.RolloutState) plus the rank it belongs to."""
+    state = rollout.state.state_dict(window_reset=window_reset)
+    state["rank"], state["world"] = rollout.topo.rank, rollout.topo.world
+    return state
 
 
 def load_rollout_state(rollout, state: dict) -> None:
     """Restore a fresh Rollout (same adapter, plan, policy, seed, topology) from `rollout_state`."""
-    r = rollout
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint format {state.get('format')!r} is not {FORMAT}")
-    if (state["rank"], state["world"]) != (r.topo.rank, r.topo.world):
+    if (state.get("rank"), state.get("world")) != (rollout.topo.rank, rollout.topo.world):
         raise CheckpointError(
-            f"checkpoint is of rank {state['rank']} of {state['world']}, this process is rank {r.topo.rank} of "
-            f"{r.topo.world}: resume with the world size the job was started with"
+            f"checkpoint is of rank {state.get('rank')} of {state.get('world')}, this process is rank {rollout.topo.rank} "
+            f"of {rollout.topo.world}: resume with the world size the job was started with"
         )
-    dev = r.device
-    r._window = state["window"]
-    r.final = _to(state["final"], dev)
-    r.latents = _to(state["latents"], dev)
-    r.kv.load_state_dict(_to(state["kv"], dev))
-    r.history.load_state_dict(_to(state["history"], dev))
-    r.features.load_state_dict(_to(state["features"], dev))
-    r._feature_frames = list(state["feature_frames"])
-    r._prev_forward = list(state["prev_forward"])
-    r.policy.load_state_dict(state["policy"])
-    r.solver.load_state_dict(_to(state["solver"], dev))
-    _load_reuse(getattr(r, "reuse", None), _to(state.get("reuse"), dev))
-    stats = state["stats"]
-    for f in fields(r.stats):
-        setattr(r.stats, f.name, stats[f.name])
-    if state["noise"] is not None:
-        r.noise.load_state_dict(state["noise"])
-    if state["topology"] is not None and hasattr(r.topo, "load_state_dict"):
-        r.topo.load_state_dict(state["topology"])
-    torch.set_rng_state(state["torch_rng"])
-    r.resume_at = (int(state["serial"]), int(state["next_emit"]))
+    rollout.state.load_state_dict(state, rollout.device)
 
 
 # --- the job-level hook ---------------------------------------------------------------------------
@@ -328,8 +238,6 @@ class Checkpointer:
                 f"{self.dir}: checkpoint was written by {latest['world']} ranks, this job has {rollout.topo.world}; "
                 "resume with the same --world-size"
             )
-        if writes and decoder is not None and not (hasattr(decoder, "state_dict") and hasattr(decoder, "load_state_dict")):
-            raise CheckpointError(f"the decoder of model {getattr(rollout.adapter, 'name', '?')} cannot be checkpointed")
         if writes:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "log").mkdir(exist_ok=True)
@@ -384,7 +292,7 @@ class Checkpointer:
             self.latents_w.truncate(latest["latent_parts"])
         out_state = torch.load(tag / "output.pt", map_location="cpu", weights_only=True)
         if decoder is not None and out_state.get("decoder") is not None:
-            decoder.load_state_dict(_to(out_state["decoder"], self.rollout.device))
+            decoder.load_state_dict(to_device(out_state["decoder"], self.rollout.device))
         self.pixel_frames = int(latest["pixel_frames"])
         self.latent_frames = int(latest["latent_frames"])
         if self.shards:
@@ -466,9 +374,9 @@ class Checkpointer:
         r = self.rollout
         if it.serial <= self.restored_serial:
             return False
-        if it.window != r._window:
+        if it.window != r.state.window:
             return True  # a new diffusion forcing window
-        if not hasattr(r.plan, "windows") and next_emit > self._last_emit:
+        if r.plan.chunked and next_emit > self._last_emit:
             return True  # a sliding window (chunk-causal): frames left it
         return False
 
@@ -493,11 +401,11 @@ class Checkpointer:
         tag = f"it{it.serial:08d}"
         d = self.dir / tag
         d.mkdir(parents=True, exist_ok=True)
-        state = rollout_state(r, it.serial, next_emit, window_reset=it.window != r._window)
+        state = rollout_state(r, window_reset=it.window != r.state.window)
         atomic_torch_save(d / f"rank-{r.topo.rank:05d}.pt", state)
         if self.writes:
             dec = self._decoder.state_dict() if self._decoder is not None else None
-            atomic_torch_save(d / "output.pt", _compact({"decoder": dec}))
+            atomic_torch_save(d / "output.pt", compact({"decoder": dec}))
             frame_parts = self.frames_w.flush() if self.frames_w else 0
             latent_parts = self.latents_w.flush() if self.latents_w else 0
             if self._log_rows:
@@ -538,7 +446,7 @@ class Checkpointer:
     @property
     def complete(self) -> bool:
         r = self.rollout
-        return r is not None and r.stats.iterations >= self._total
+        return r is not None and r.state.stats.iterations >= self._total
 
     def close(self) -> None:
         """Flush the shards (always: a failed run keeps what it finished); on completion remove the

@@ -1,7 +1,8 @@
-"""Per-frame state keyed by absolute latent index: recomputed velocities and host features.
+"""Per-frame state keyed by absolute latent index: recomputed velocities and pre-forward features.
 
 Keyed by absolute frame, so a window that slides or a shard boundary that moves carries the state
-along instead of losing it.
+along instead of losing it; `drop_before` forgets frames that left the window for good. Entries are
+stored as their own tensors (`clone`): a view would keep the whole batched forward output alive.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from collections import deque
 
 import torch
+
+from scopevid.engine.topology import FrameKeyed
 
 
 class VelocityHistory:
@@ -19,7 +22,7 @@ class VelocityHistory:
         self._h: dict[int, deque] = {}
 
     def push(self, frame: int, sigma: float, v: torch.Tensor) -> None:
-        self._h.setdefault(frame, deque(maxlen=self.depth)).append((float(sigma), v))
+        self._h.setdefault(frame, deque(maxlen=self.depth)).append((float(sigma), v.clone()))
 
     def get(self, frame: int) -> list[tuple[float, torch.Tensor]]:
         return list(self._h.get(frame, ()))
@@ -34,9 +37,11 @@ class VelocityHistory:
         for f in [f for f in self._h if f < frame]:
             del self._h[f]
 
-    def drop(self, frames) -> None:
-        for f in frames:
-            self._h.pop(f, None)
+    def __len__(self) -> int:
+        return len(self._h)
+
+    def frames(self) -> set[int]:
+        return set(self._h)
 
     def state_dict(self) -> dict:
         return {f: list(d) for f, d in self._h.items()}
@@ -46,21 +51,24 @@ class VelocityHistory:
 
 
 class FeatureMemory:
-    """The previous host feature per frame, for the discrepancy of Eq. 4."""
+    """The previous pre-forward feature per frame, for the discrepancy of Eq. 4."""
 
     def __init__(self) -> None:
         self._phi: dict[int, torch.Tensor] = {}
 
-    def sums(self, frames: list[int], phi: torch.Tensor) -> tuple[float, float]:
-        """(sum |phi - phi_prev|, sum |phi_prev|) over frames that have a previous feature; float64."""
-        num = den = 0.0
+    def sums(self, frames: list[int], phi: torch.Tensor) -> list[tuple[float, float]]:
+        """Per frame (sum |phi - phi_prev|, sum |phi_prev|) in float64, (0, 0) for a frame without a
+        previous feature; then phi becomes every frame's previous feature."""
+        out = []
         for i, f in enumerate(frames):
             prev = self._phi.get(f)
-            if prev is not None:
-                num += float((phi[i].double() - prev.double()).abs().sum())
-                den += float(prev.double().abs().sum())
-            self._phi[f] = phi[i].detach()
-        return num, den
+            if prev is None:
+                out.append((0.0, 0.0))
+            else:
+                cur = phi[i].double()
+                out.append((float((cur - prev.double()).abs().sum()), float(prev.double().abs().sum())))
+            self._phi[f] = phi[i].detach().clone()
+        return out
 
     def seen(self, frames: list[int]) -> int:
         return sum(1 for f in frames if f in self._phi)
@@ -68,6 +76,16 @@ class FeatureMemory:
     def drop_before(self, frame: int) -> None:
         for f in [f for f in self._phi if f < frame]:
             del self._phi[f]
+
+    def __len__(self) -> int:
+        return len(self._phi)
+
+    def frames(self) -> set[int]:
+        return set(self._phi)
+
+    def keyed(self) -> FrameKeyed:
+        """For Topology.migrate: the previous feature of a frame lives on the rank that computed it."""
+        return FrameKeyed(self._phi)
 
     def state_dict(self) -> dict:
         return dict(self._phi)

@@ -10,35 +10,45 @@ from __future__ import annotations
 
 import torch
 
+KV = tuple[torch.Tensor, torch.Tensor]
+
 
 class KVCache:
     def __init__(self) -> None:
-        self._store: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._frames: dict[int, dict[tuple[str, int], KV]] = {}  # frame -> (branch, layer) -> (k, v)
 
     def branch(self, name: str) -> "KVBranch":
         return KVBranch(self, name)
 
     def frames(self, branch: str = "cond", layer: int = 0) -> set[int]:
-        return {f for (b, l, f) in self._store if b == branch and l == layer}
+        return {f for f, d in self._frames.items() if (branch, layer) in d}
 
     def has(self, frame: int) -> bool:
-        return any(f == frame for (_, _, f) in self._store)
+        return frame in self._frames
+
+    def put(self, branch: str, layer: int, frame: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._frames.setdefault(frame, {})[(branch, layer)] = (k, v)
+
+    def get(self, branch: str, layer: int, frame: int) -> KV | None:
+        d = self._frames.get(frame)
+        return None if d is None else d.get((branch, layer))
 
     def evict_before(self, frame: int) -> None:
-        for key in [k for k in self._store if k[2] < frame]:
-            del self._store[key]
+        for f in [f for f in self._frames if f < frame]:
+            del self._frames[f]
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self._store.values())
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for d in self._frames.values() for k, v in d.values())
 
     def state_dict(self) -> dict:
-        return {f"{b}|{l}|{f}": (k, v) for (b, l, f), (k, v) in self._store.items()}
+        return {f"{b}|{l}|{f}": kv for f, d in self._frames.items() for (b, l), kv in d.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._store = {}
+        self._frames = {}
         for key, (k, v) in state.items():
             b, l, f = key.split("|")
-            self._store[(b, int(l), int(f))] = (k, v)
+            self.put(b, int(l), int(f), k, v)
 
 
 class KVBranch:
@@ -47,12 +57,14 @@ class KVBranch:
     def __init__(self, cache: KVCache, name: str):
         self.cache, self.name = cache, name
 
-    def put(self, layer: int, frame: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.cache._store[(self.name, layer, frame)] = (k, v)
+    def branch(self, name: str) -> "KVBranch":
+        return KVBranch(self.cache, name)
 
-    def get(self, layer: int, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        try:
-            kv = [self.cache._store[(self.name, layer, f)] for f in frames]
-        except KeyError:
+    def put(self, layer: int, frame: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.cache.put(self.name, layer, frame, k, v)
+
+    def get(self, layer: int, frames: list[int]) -> KV | None:
+        kv = [self.cache.get(self.name, layer, f) for f in frames]
+        if any(x is None for x in kv):
             return None
         return torch.cat([k for k, _ in kv], dim=1), torch.cat([v for _, v in kv], dim=1)

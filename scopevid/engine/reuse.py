@@ -3,17 +3,24 @@
 SCOPE's Cache and Predict act on whole velocities and need nothing from the model. The baselines
 reuse pieces *inside* the forward, through the optional hook points of adapters/base.py:
 
-  policy.reuse  hooks                 what a cheap iteration does
-  "stack"       ResidualHooks         TeaCache: embedded input + cached block-stack residual, head
-  "modules"     TaylorHooks           TaylorSeer: per-block module outputs forecast by Taylor series
-  "blocks"      DeltaHooks            Delta-DiT: a block range skipped, its cached delta added
-  "chunks"      ResidualHooks + KV    FlowCache: per chunk, computed chunks forwarded, skipped ones
+  policy.reuse   hooks                 what a cheap iteration does
+  Reuse.STACK    ResidualHooks         TeaCache: embedded input + cached block-stack residual, head
+  Reuse.MODULES  TaylorHooks           TaylorSeer: per-block module outputs forecast by Taylor series
+  Reuse.BLOCKS   DeltaHooks            Delta-DiT: a block range skipped, its cached delta added
+  Reuse.CHUNKS   ResidualHooks + KV    FlowCache: per chunk, computed chunks forwarded, skipped ones
                                       take their residual; only the active chunks' span is forwarded
 
-An executor here turns the policy's decision into one or two forwards through Rollout._forward with
-hooks, keeps the hooks' state per (CFG branch, absolute frame), restarts it with every window (a
-diffusion-forcing window is a new denoising loop, as in the official pipelines), and falls back to a
-full forward when a frame has nothing cached (recorded as a fallback, like an unstable Predict).
+An executor here turns the policy's decision into one or two forwards through the forward runner
+(engine.forward) with hooks, keeps the hooks' state per (CFG branch, absolute frame), restarts it with
+every window (a diffusion-forcing window is a new denoising loop, as in the official pipelines), and
+falls back to a full forward when a frame has nothing cached (recorded as a fallback, like an
+unstable Predict). The discrepancy they decide on is the runner's, the same as SCOPE's.
+
+Under sequence parallelism the hooks see this rank's frames only, so their per-frame state lives on
+the rank that computed the frame and is handed to the frame's owner in each forward's layout (like
+the host features); which frames have state is kept in a replicated index (`recorded`), so every rank
+takes the same fallback decision. FlowCache's captured K/V are written inside attention, where every
+rank holds its own heads for every frame (as the K/V cache): they never move.
 A forward that skips blocks writes no K/V: the clean re-forward of newly finished context frames then
 runs first, on its own (it is never skipped), and the skipping forward stores nothing.
 Policies stay tensor-free: they see reduced sums (per chunk for FlowCache) and iteration indices.
@@ -26,10 +33,14 @@ from dataclasses import replace
 
 import torch
 
-from scopevid.adapters.base import ForwardHooks, ForwardSpec, HookContext
+from scopevid.adapters.base import Adapter, ForwardHooks, ForwardSpec, HookContext, HookPoint
+from scopevid.engine.forward import ForwardResult, ForwardRunner, Levels, Outcome
+from scopevid.engine.topology import FrameKeyed
 from scopevid.errors import ConfigError
 from scopevid.scheduler.plan import Iteration
-from scopevid.scheduler.policies.base import ChunkState, Decision, Discrepancy, Mode, Policy
+from scopevid.scheduler.policies import DeltaDiT, FlowCache, TaylorSeer
+from scopevid.scheduler.policies.base import Decision, Mode, Policy, Reuse
+from scopevid.scheduler.signals import Feature
 
 Key = tuple[str, int]  # (CFG branch, absolute frame)
 
@@ -204,18 +215,23 @@ class FlowHooks(ResidualHooks):
 
 
 # ------------------------------------------------------------------------------- executors
+def _frame_at(pos: int):
+    return lambda key: key[pos]
+
+
 class Executor:
     """Runs one policy kind's decisions. `prepare` is called first every iteration."""
 
-    needs_points: frozenset[str] = frozenset()
+    needs_points: frozenset[HookPoint] = frozenset()
 
-    def __init__(self, policy: Policy, adapter, plan):
-        self.policy, self.adapter, self.plan = policy, adapter, plan
-        self.window = None
+    def __init__(self, policy: Policy, plan):
+        self.policy, self.plan = policy, plan
+        self.window: int | None = None
         self.reset()
 
     def reset(self) -> None:
-        self.store: dict = {}
+        self.store: dict = {}  # (branch, frame, ...) -> what the hooks recorded
+        self.recorded: set[int] = set()  # frames with recorded state (replicated on every rank)
 
     def prepare(self, it: Iteration, comp: list[int], active: list[int]) -> list[int]:
         """New window: fresh state. Returns the frames the policy's forward covers."""
@@ -228,122 +244,127 @@ class Executor:
 
     def drop_before(self, frame: int) -> None:
         """Forget frames that left the window (chunk-causal plans slide instead of restarting)."""
-        for d, at in self._stores():
-            for k in [k for k in d if k[at] < frame]:
+        for keyed in self._stores():
+            d = keyed.data
+            for k in [k for k in d if keyed.frame_of(k) < frame]:
                 del d[k]
+        self.recorded = {f for f in self.recorded if f >= frame}
 
-    def _stores(self) -> list[tuple[dict, int]]:
-        return [(self.store, 1)]  # (store, position of the absolute frame in its keys)
+    def _stores(self) -> list[FrameKeyed]:
+        return [FrameKeyed(self.store, _frame_at(1))]
 
-    def context(self, it: Iteration) -> dict:
-        return {}
+    def _migrating(self) -> list[FrameKeyed]:
+        """The stores whose entries live on the rank that computed their frame."""
+        return [FrameKeyed(self.store, _frame_at(1))]
 
-    def discrepancy(self, ro, comp: list[int], sig: dict, it: Iteration) -> Discrepancy | None:
-        if not comp:
-            return None
-        x = torch.stack([ro.latents[f] for f in comp])
-        s = torch.tensor([sig[f][0] for f in comp], device=ro.device, dtype=torch.float32)
-        spec = ForwardSpec(frames=comp, origin=it.start)
-        kind = self.policy.feature
-        with torch.no_grad():
-            if kind == "host":
-                phi = self.adapter.host_feature(x, s, ro.cond, spec)
-            else:
-                phi = self.adapter.named_feature(kind, x, s, ro.cond, spec)
-        seen = ro.features.seen(comp)
-        per = [ro.features.sums([f], phi[i : i + 1]) for i, f in enumerate(comp)]
-        if seen == 0:
-            return None
-        num = sum(n for n, _ in per)
-        den = sum(d for _, d in per)
-        return Discrepancy(num, den, self.chunk_sums(comp, per))
+    def ready(self, frames: list[int]) -> bool:
+        return all(f in self.recorded for f in frames)
 
-    def chunk_sums(self, comp, per) -> tuple:
-        return ()
+    def forward(self, runner: ForwardRunner, it: Iteration, frames: list[int], levels: Levels, hooks: ForwardHooks,
+                context_to: int | None = None) -> ForwardResult:
+        res = runner.forward(it, frames, levels, hooks, context_to, hook_state=self._migrating())
+        if not hooks.partial:  # a full forward recorded every frame it ran
+            self.recorded.update(f for f in res.frames if f >= 0)
+        return res
 
-    def ready(self, frames: list[int], key=lambda f: ("cond", f)) -> bool:
-        return all(key(f) in self.store for f in frames)
-
-    def step(self, ro, it, comp, active, sig, decision: Decision):
-        """-> (velocities of the active frames, frames forwarded, FLOPs, mode taken, reason)"""
+    def step(self, runner: ForwardRunner, it: Iteration, comp: list[int], active: list[int], levels: Levels,
+             decision: Decision) -> Outcome:
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"window": self.window, "store": self.store, "recorded": sorted(self.recorded)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window, self.store, self.recorded = state["window"], dict(state["store"]), set(state["recorded"])
+
+
+def _outcome(res: ForwardResult, mode: Mode, reason: str) -> Outcome:
+    return Outcome(res.velocity, mode, reason, res.computed, res.flops)
 
 
 class StackExecutor(Executor):
     """TeaCache: Cache = ResidualHooks(reuse) on the active frames; Recompute records residuals."""
 
-    needs_points = frozenset({"stack"})
+    needs_points = frozenset({HookPoint.STACK})
 
-    def step(self, ro, it, comp, active, sig, decision):
+    def step(self, runner, it, comp, active, levels, decision):
         if decision.mode == Mode.CACHE:
             if self.ready(active):
-                v, n, fl = ro._forward(it, active, sig, hooks=ResidualHooks(self.store, reuse=True))
-                return v, n, fl, Mode.CACHE, decision.reason
+                res = self.forward(runner, it, active, levels, ResidualHooks(self.store, reuse=True))
+                return _outcome(res, Mode.CACHE, decision.reason)
             reason = "no-cached-residual"
         else:
             reason = decision.reason
-        v, n, fl = ro._forward(it, comp, sig, hooks=ResidualHooks(self.store, reuse=False))
-        return v, n, fl, Mode.RECOMPUTE, reason
+        res = self.forward(runner, it, comp, levels, ResidualHooks(self.store, reuse=False))
+        return _outcome(res, Mode.RECOMPUTE, reason)
 
 
 class TaylorExecutor(Executor):
     """TaylorSeer: Predict = forecast on the active frames; Recompute records the Taylor factors."""
 
-    def __init__(self, policy, adapter, plan):
-        self.level = getattr(policy, "granularity_level", "modules")
-        self.needs_points = frozenset({"block"} if self.level == "modules" else {"stack"})
-        super().__init__(policy, adapter, plan)
+    def __init__(self, policy: TaylorSeer, plan):
+        self.level, self.order = policy.cfg.granularity, policy.cfg.order
+        self.needs_points = frozenset({HookPoint.BLOCK} if self.level == "modules" else {HookPoint.STACK})
+        super().__init__(policy, plan)
 
-    def step(self, ro, it, comp, active, sig, decision):
-        order = getattr(self.policy, "order", 1)
+    def step(self, runner, it, comp, active, levels, decision):
         if decision.mode == Mode.PREDICT:
             if self.ready(active):
-                hooks = TaylorHooks(self.store, it.index, order, forecast=True, level=self.level)
-                v, n, fl = ro._forward(it, active, sig, hooks=hooks)
-                return v, n, fl, Mode.PREDICT, decision.reason
+                hooks = TaylorHooks(self.store, it.index, self.order, forecast=True, level=self.level)
+                return _outcome(self.forward(runner, it, active, levels, hooks), Mode.PREDICT, decision.reason)
             reason = "no-cached-features"
         else:
             reason = decision.reason
-        hooks = TaylorHooks(self.store, it.index, order, forecast=False, level=self.level)
-        v, n, fl = ro._forward(it, comp, sig, hooks=hooks)
-        return v, n, fl, Mode.RECOMPUTE, reason
+        hooks = TaylorHooks(self.store, it.index, self.order, forecast=False, level=self.level)
+        return _outcome(self.forward(runner, it, comp, levels, hooks), Mode.RECOMPUTE, reason)
 
 
 class BlockExecutor(Executor):
     """Delta-DiT: Cache = the decided block range skipped (its delta added); Recompute records deltas."""
 
-    needs_points = frozenset({"block"})
+    needs_points = frozenset({HookPoint.BLOCK})
 
-    def step(self, ro, it, comp, active, sig, decision):
-        fraction = self.policy.cfg.fraction
+    def __init__(self, policy: DeltaDiT, plan):
+        self.fraction = policy.cfg.fraction
+        super().__init__(policy, plan)
+
+    def step(self, runner, it, comp, active, levels, decision):
         if decision.mode == Mode.CACHE and decision.blocks is not None:
             which = "front" if decision.blocks[0] == 0.0 else "rear"
-            if self.ready(comp, key=lambda f: ("cond", f, which)):
-                v, n, fl = ro._forward(it, comp, sig, hooks=DeltaHooks(self.store, fraction, which))
-                return v, n, fl, Mode.CACHE, decision.reason
+            if self.ready(comp):
+                res = self.forward(runner, it, comp, levels, DeltaHooks(self.store, self.fraction, which))
+                return _outcome(res, Mode.CACHE, decision.reason)
             reason = "no-cached-delta"
         else:
             reason = decision.reason
-        v, n, fl = ro._forward(it, comp, sig, hooks=DeltaHooks(self.store, fraction, None))
-        return v, n, fl, Mode.RECOMPUTE, reason
+        res = self.forward(runner, it, comp, levels, DeltaHooks(self.store, self.fraction, None))
+        return _outcome(res, Mode.RECOMPUTE, reason)
 
 
 class ChunkExecutor(Executor):
     """FlowCache: forwards the active chunks' span only; computed chunks in one forward (attending
     skipped earlier chunks' last K/V), skipped chunks through their residual."""
 
-    needs_points = frozenset({"stack"})
+    needs_points = frozenset({HookPoint.STACK})
+
+    def __init__(self, policy: FlowCache, plan):
+        self.size = policy.chunk or plan.unit
+        self.last_step_kv = policy.cfg.finished_kv == "last_step"
+        super().__init__(policy, plan)
 
     def reset(self) -> None:
         super().reset()
         self.stale: dict = {}  # (branch, layer, frame) -> (k, v) of noisy frames at their last compute
 
-    def _stores(self) -> list[tuple[dict, int]]:
-        return [(self.store, 1), (self.stale, 2)]
+    def _stores(self) -> list[FrameKeyed]:
+        return [FrameKeyed(self.store, _frame_at(1)), FrameKeyed(self.stale, _frame_at(2))]
 
-    @property
-    def size(self) -> int:
-        return self.policy.chunk or getattr(self.plan, "block", None) or getattr(self.plan, "chunk", 1)
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "stale": self.stale}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.stale = dict(state["stale"])
 
     def prepare(self, it, comp, active):
         super().prepare(it, comp, active)
@@ -351,82 +372,60 @@ class ChunkExecutor(Executor):
             return comp
         return list(range(active[0], active[-1] + 1))
 
-    def hand_over(self, ro, it) -> None:
+    def hand_over(self, runner: ForwardRunner, it: Iteration) -> None:
         """finished_kv: last_step (the official FlowCache): a finished frame's K/V from its last computed
         step become its clean context, so the engine's clean re-forward of it is not needed."""
+        st = runner.state
         for f in it.frames:
-            if f in ro.final and not ro.kv.has(f) and ("cond", 0, f) in self.stale:
+            if f in st.final and not st.kv.has(f) and ("cond", 0, f) in self.stale:
                 for (b, layer, g), (k, v) in list(self.stale.items()):
                     if g == f:
-                        ro.kv.branch(b).put(layer, f, k, v)
+                        st.kv.put(b, layer, f, k, v)
 
-    def context(self, it: Iteration) -> dict:
-        size, by_chunk = self.size, {}
-        for j, f in enumerate(it.frames):
-            c = by_chunk.setdefault(f // size, [it.progress[j], False])
-            c[0] = max(c[0], it.progress[j])
-            c[1] = c[1] or it.update[j]
-        chunks = tuple(ChunkState(c, max(u - 1, 0), act) for c, (u, act) in sorted(by_chunk.items()))
-        return {"chunks": chunks}
-
-    def chunk_sums(self, comp, per) -> tuple:
-        sums: dict[int, list[float]] = {}
-        for f, (n, d) in zip(comp, per):
-            if d > 0 or n > 0:
-                acc = sums.setdefault(f // self.size, [0.0, 0.0])
-                acc[0] += n
-                acc[1] += d
-        return tuple((c, n, d) for c, (n, d) in sorted(sums.items()))
-
-    def step(self, ro, it, comp, active, sig, decision):
+    def step(self, runner, it, comp, active, levels, decision):
         size = self.size
-        if getattr(self.policy.cfg, "finished_kv", "clean") == "last_step":
-            self.hand_over(ro, it)
+        if self.last_step_kv:
+            self.hand_over(runner, it)
         skip_frames = [f for f in active if f // size in decision.skip]
         have_kv = {f for (b, layer, f) in self.stale if b == "cond" and layer == 0}
         reason = decision.reason
-        if skip_frames and not all(("cond", f) in self.store and f in have_kv for f in skip_frames):
+        if skip_frames and not (self.ready(skip_frames) and all(f in have_kv for f in skip_frames)):
             skip_frames, reason = [], "no-cached-residual"
         computed = [f for f in comp if f not in skip_frames]
         v, n, fl = {}, 0, 0.0
         if computed:
-            hooks = FlowHooks(self.store, self.stale, ro.kv, ro.final)
-            v, n, fl = ro._forward(it, computed, sig, hooks=hooks, context_to=computed[0])
+            hooks = FlowHooks(self.store, self.stale, runner.state.kv, runner.state.final)
+            res = self.forward(runner, it, computed, levels, hooks, context_to=computed[0])
+            v, n, fl = res.velocity, res.computed, res.flops
         if skip_frames:
-            v2, n2, fl2 = ro._forward(it, skip_frames, sig, hooks=ResidualHooks(self.store, reuse=True))
-            v.update(v2)
-            n, fl = n + n2, fl + fl2
-        mode = Mode.CACHE if not computed else Mode.RECOMPUTE
-        return v, n, fl, mode, reason
+            res = self.forward(runner, it, skip_frames, levels, ResidualHooks(self.store, reuse=True))
+            v.update(res.velocity)
+            n, fl = n + res.computed, fl + res.flops
+        return Outcome(v, Mode.CACHE if not computed else Mode.RECOMPUTE, reason, n, fl)
 
 
-EXECUTORS = {"stack": StackExecutor, "modules": TaylorExecutor, "blocks": BlockExecutor, "chunks": ChunkExecutor}
+EXECUTORS = {Reuse.STACK: StackExecutor, Reuse.MODULES: TaylorExecutor, Reuse.BLOCKS: BlockExecutor, Reuse.CHUNKS: ChunkExecutor}
 
 
-def for_policy(policy: Policy, adapter, plan, topology) -> Executor | None:
+def for_policy(policy: Policy, adapter: Adapter, plan) -> Executor | None:
     """The executor a policy needs (None for whole-velocity policies: SCOPE, Original), after checking
-    that the adapter offers the capabilities it relies on; a clear ConfigError otherwise."""
-    kind = getattr(policy, "reuse", "velocity")
-    if kind == "velocity":
+    that the adapter declares the capabilities it relies on; a clear ConfigError otherwise."""
+    if policy.reuse == Reuse.VELOCITY:
         return None
-    if kind not in EXECUTORS:
-        raise ConfigError(f"policy {policy.name}: reuse kind {kind!r} unknown; allowed: velocity, {', '.join(EXECUTORS)}")
-    ex = EXECUTORS[kind](policy, adapter, plan)
-    name = getattr(adapter, "name", type(adapter).__name__)
-    missing = sorted(ex.needs_points - set(getattr(adapter, "hook_points", ())))
+    ex = EXECUTORS[policy.reuse](policy, plan)
+    caps = adapter.capabilities
+    missing = sorted(p.value for p in ex.needs_points - caps.hook_points)
     if missing:
         raise ConfigError(
             f"policy {policy.name}: needs the model's forward hook point(s) {', '.join(missing)} "
-            f"(adapters/base.py, ForwardHooks), which model {name} does not offer; use original or scope-* with it"
+            f"(adapters/base.py, ForwardHooks), which model {adapter.name} does not offer; use original or scope-* with it"
         )
-    feature = getattr(policy, "feature", "host")
-    if policy.needs_feature and feature != "host" and feature not in getattr(adapter, "feature_kinds", ()):
-        raise ConfigError(f"policy {policy.name}: needs the pre-forward signal {feature!r}, which model {name} does not offer")
-    if kind == "chunks" and not getattr(adapter, "causal", False):
+    if policy.needs_feature and policy.feature != Feature.HOST and policy.feature not in caps.features:
+        raise ConfigError(f"policy {policy.name}: needs the pre-forward signal {policy.feature.value!r}, which model "
+                          f"{adapter.name} does not offer (it offers host{''.join(', ' + f.value for f in sorted(caps.features))})")
+    if policy.reuse == Reuse.CHUNKS and not caps.causal:
         raise ConfigError(
-            f"policy {policy.name}: FlowCache skips chunks through a K/V cache of earlier chunks; model {name} "
-            "serves no K/V context (adapter.causal is false), so it cannot run FlowCache"
+            f"policy {policy.name}: FlowCache skips chunks through a K/V cache of earlier chunks; model {adapter.name} "
+            "serves no K/V context (capabilities.causal is false), so it cannot run FlowCache"
         )
-    if getattr(topology, "world", 1) > 1:
-        raise ConfigError(f"policy {policy.name}: in-forward reuse (the baselines) runs on one process; got {topology.world}")
     return ex

@@ -1,8 +1,9 @@
 """The rollout loop (DESIGN.md, "data flow of one iteration").
 
-For every iteration of the plan: host feature on this process's shard -> reduced discrepancy sums
--> policy decision -> velocity by forward (Recompute), extrapolation (Predict) or reuse (Cache)
--> solver step on the active frames -> finished frames leave as clean latents, in order.
+For every iteration of the plan: the discrepancy on this process's shard (engine.forward) -> policy
+decision -> velocity by forward (Recompute), extrapolation (Predict) or reuse (Cache), or by the
+baselines' in-forward reuse (engine.reuse) -> solver step on the active frames -> finished frames
+leave as clean latents, in order. What the loop holds between iterations is `RolloutState`.
 
 `Rollout.run()` is a generator of (absolute latent index, clean latent [C, H, W]) so callers can
 decode and write while the rollout goes on: memory is bounded by the window, not the video.
@@ -12,21 +13,21 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
 
 import pyarrow as pa
 import torch
 
-from scopevid.adapters.base import Adapter, Conditioning, ForwardSpec
-from scopevid.engine.history import FeatureMemory, VelocityHistory
+from scopevid.adapters.base import Adapter, Conditioning, NoiseSchedule, VideoFacts
 from scopevid.engine import reuse as reuse_lib
-from scopevid.engine.kvcache import KVCache
-from scopevid.engine.solvers import Euler
+from scopevid.engine.forward import ForwardRunner, Levels, Outcome
+from scopevid.engine.solvers import Euler, Solver
+from scopevid.engine.state import RolloutState
 from scopevid.engine.topology import LocalTopology, Topology
 from scopevid.scheduler import predictors
 from scopevid.scheduler.plan import Iteration
-from scopevid.scheduler.policies import Discrepancy, Mode, Policy, StepContext
+from scopevid.scheduler.policies import ChunkState, Decision, Mode, Policy, StepContext
 
 
 @dataclass
@@ -58,32 +59,44 @@ STEP_SCHEMA = pa.schema(
 )
 
 
-@dataclass
-class RolloutStats:
-    counts: dict = field(default_factory=lambda: {m.label: 0 for m in Mode})
-    fallbacks: int = 0  # Predict rejected by the stability check and recomputed
-    frame_forwards: int = 0
-    flops: float = 0.0
-    iterations: int = 0
-
-
 def frame_noise(seed: int, frame: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Initial noise of one absolute frame: independent of windows, shards and ranks."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + frame) % (2**63 - 1))
     return torch.randn(shape, generator=g)
 
 
+class NoiseSource(Protocol):
+    """Called once per window (or chunk) with the frames that enter noisy: [len(frames), *shape]."""
+
+    def __call__(self, window: int, frames: list[int], shape: tuple[int, ...]) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 class PerFrameNoise:
     """The default noise source: every absolute frame draws from its own seeded generator, so the
-    video is the same however it is windowed or sharded. A noise source is called once per window
-    (or chunk) with the frames that enter noisy; a pipeline-parity source can replay another
-    pipeline's generator sequence instead."""
+    video is the same however it is windowed or sharded (and has no state to resume). A
+    pipeline-parity source can replay another pipeline's generator sequence instead."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
     def __call__(self, window: int, frames: list[int], shape: tuple[int, ...]) -> torch.Tensor:
         return torch.stack([frame_noise(self.seed, f, shape) for f in frames])
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def video_facts(plan) -> VideoFacts:
+    """What an adapter is told about one video before its first forward (Adapter.prepare)."""
+    return VideoFacts(num_steps=plan.num_steps, latent_frames=plan.latent_frames, unit=plan.unit,
+                      chunked=plan.chunked, prefixes=plan.prefixes())
 
 
 class Rollout:
@@ -95,19 +108,22 @@ class Rollout:
         cond: Conditioning,
         *,
         seed: int,
-        solver=None,
+        solver: Solver | None = None,
+        schedule: NoiseSchedule | None = None,
         topology: Topology | None = None,
         predictor: str = "taylor2",
         stability: predictors.Stability = predictors.Stability(),
-        num_steps: int | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         on_step: Callable[[StepRecord], None] | None = None,
         check_decisions: bool = False,
-        noise=None,
+        noise: NoiseSource | None = None,
     ):
+        """schedule: what `adapter.prepare(video_facts(plan))` returned, when the caller needed it
+        first (to build the solver on the model's sigmas); prepared here otherwise."""
         self.adapter, self.plan, self.policy, self.cond = adapter, plan, policy, cond
-        self.seed = seed
+        self.schedule = schedule if schedule is not None else adapter.prepare(video_facts(plan))
+        self.sigmas = self.schedule.sigmas
         self.noise = noise or PerFrameNoise(seed)
         self.solver = solver or Euler()
         self.topo = topology or LocalTopology()
@@ -116,153 +132,121 @@ class Rollout:
         self.device, self.dtype = torch.device(device), dtype
         self.on_step = on_step
         self.check_decisions = check_decisions
-        self.sigmas = tuple(adapter.sigmas(plan.num_steps))
-        if hasattr(adapter, "prepare_rollout"):  # per-video facts an adapter needs (e.g. MAGI-1's chunk count)
-            adapter.prepare_rollout(plan)
-        self.noise_sigma = getattr(adapter, "noise_sigma", self.sigmas[0])
-        self.clean_sigma = getattr(adapter, "clean_sigma", 0.0)
-        self.history = VelocityHistory(depth=4)
-        self.features = FeatureMemory()
-        self.kv = KVCache()
-        self.stats = RolloutStats()
-        self.reuse = reuse_lib.for_policy(policy, adapter, plan, self.topo)  # baselines: reuse inside the forward
-        self.final: dict[int, torch.Tensor] = {}  # clean latents still needed (prefix / KV fill)
-        self.latents: dict[int, torch.Tensor] = {}  # current window's latents by absolute frame
-        self._prev_forward: list[int] = []
-        self._window = -1
-        # resume (engine.checkpoint): a hook before every iteration, and where a restored rollout
-        # goes on: (first serial still to run, next frame to emit)
+        self.reuse = reuse_lib.for_policy(policy, adapter, plan)  # baselines: reuse inside the forward
+        components = {"policy": policy, "solver": self.solver, "noise": self.noise, "topology": self.topo}
+        if self.reuse is not None:
+            components["reuse"] = self.reuse
+        self.state = RolloutState(components)
+        self.runner = ForwardRunner(adapter, cond, self.topo, self.schedule, self.state, self.device, dtype)
+        self.chunk = (policy.chunk or plan.unit) if policy.chunk_sums else None
+        # resume (engine.checkpoint): called before every iteration with (iteration, next frame to emit)
         self.before_iteration: Callable[[Iteration, int], None] | None = None
-        self.resume_at: tuple[int, int] = (0, 0)
 
     # --- per-frame helpers -------------------------------------------------------------------
-    def _sigma_pair(self, u: int) -> tuple[float, float]:
+    def _levels(self, it: Iteration) -> Levels:
         t = len(self.sigmas) - 1
-        if u <= 0:
-            return self.noise_sigma, self.noise_sigma
-        if u > t:
-            return self.clean_sigma, self.clean_sigma
-        return self.sigmas[u - 1], self.sigmas[u]
+        noise, clean = self.schedule.noise, self.schedule.clean
+        out = {}
+        for f, u in zip(it.frames, it.progress):
+            if u <= 0:
+                out[f] = (noise, noise)
+            elif u > t:
+                out[f] = (clean, clean)
+            else:
+                out[f] = (self.sigmas[u - 1], self.sigmas[u])
+        return out
 
-    def _shape(self) -> tuple[int, int, int]:
-        h, w = self.adapter.latent_hw
-        return (self.adapter.latent_channels, h, w)
-
-    def _enter_window(self, it: Iteration) -> None:
-        """A diffusion forcing window restarts attention from its own first frame, so K/V computed in
-        the previous window (which saw older frames) are not valid here: the cache starts empty."""
-        self._window = it.window
-        self.latents = {}
-        self.kv = KVCache()
-        fresh = [f for j, f in enumerate(it.frames) if j >= it.prefix]
-        for f in it.frames[: it.prefix]:
-            self.latents[f] = self.final[f]
-        if fresh:
-            noise = self.noise(it.window, fresh, self._shape()).to(self.device, self.dtype)
-            self.latents.update(zip(fresh, noise))
-        first = it.frames[0] if it.context_start is None else min(it.frames[0], it.context_start)
-        for store in (self.history, self.features):
-            store.drop_before(first)
-
-    def _ensure_latents(self, it: Iteration) -> None:
-        """Chunk-causal plans have no windows: frames enter as the window slides."""
-        fresh = [f for f in it.frames if f not in self.latents and f not in self.final]
+    def _admit(self, it: Iteration) -> None:
+        """Latents of the window's frames: clean ones from `final`, new ones from the noise source.
+        A diffusion forcing window starts afresh; a chunk-causal window slides frames in."""
+        st = self.state
+        if it.window != st.window:
+            st.enter_window(it.window)
+        fresh = [f for f in it.frames if f not in st.latents and f not in st.final]
         for f in it.frames:
-            if f not in self.latents and f in self.final:
-                self.latents[f] = self.final[f]
+            if f not in st.latents and f in st.final:
+                st.latents[f] = st.final[f]
         if fresh:
-            noise = self.noise(it.window, fresh, self._shape()).to(self.device, self.dtype)
-            self.latents.update(zip(fresh, noise))
+            noise = self.noise(it.window, fresh, self.runner.shape).to(self.device, self.dtype)
+            st.latents.update((f, noise[i].clone()) for i, f in enumerate(fresh))
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> Iterator[tuple[int, torch.Tensor]]:
-        start, next_emit = self.resume_at
+        st = self.state
         for it in self.plan.iterations():
-            if it.serial < start:
+            if it.serial < st.next_serial:
                 continue  # done before the checkpoint this rollout was restored from
             if self.before_iteration is not None:
-                self.before_iteration(it, next_emit)
-            if it.window != self._window:
-                self._enter_window(it)
-            self._ensure_latents(it)
+                self.before_iteration(it, st.next_emit)
+            self._admit(it)
             rec = self._iterate(it)
+            st.next_serial = it.serial + 1
             if self.on_step is not None:
                 self.on_step(rec)
-            while next_emit in self.final:
-                yield next_emit, self.final[next_emit]
-                next_emit += 1
-            self._evict(it)
+            while st.next_emit in st.final:
+                yield st.next_emit, st.final[st.next_emit]
+                st.next_emit += 1
+            # frames before the window and its context are final and already emitted (in order, above)
+            st.evict_before(it.frames[0] if it.context_start is None else min(it.context_start, it.frames[0]))
 
     def _iterate(self, it: Iteration) -> StepRecord:
         t0 = time.perf_counter()
+        st = self.state
         frames = list(it.frames)
         c_lo, c_hi = it.compute
         comp = frames[c_lo:c_hi]
         active = [frames[j] for j in it.active]
-        sig = {frames[j]: self._sigma_pair(u) for j, u in enumerate(it.progress)}
-        prog = {frames[j]: u for j, u in enumerate(it.progress)}
+        levels = self._levels(it)
         if self.reuse is not None:
             comp = self.reuse.prepare(it, comp, active)
 
         disc = None
         if self.policy.needs_feature:
-            disc = self.reuse.discrepancy(self, comp, sig, it) if self.reuse else self._discrepancy(comp, sig, it)
-        steps = [prog[f] - 1 for f in active] or [0]
+            disc = self.runner.discrepancy(it, comp, levels, self.policy.feature, self.chunk)
+        steps = [u - 1 for u, m in zip(it.progress, it.update) if m] or [0]
+        counts = [st.history.count(f) for f in active]
         ctx = StepContext(
             serial=it.serial,
             index=it.index,
             window=it.window,
             num_steps=it.num_steps,
-            cache_ready=all(self.history.count(f) >= 1 for f in active),
-            history=min((self.history.count(f) for f in active), default=0),
+            cache_ready=all(c >= 1 for c in counts),
+            history=min(counts, default=0),
             min_step=min(steps),
             max_step=max(steps),
             last=it.is_last_in_window(),
-            **(self.reuse.context(it) if self.reuse is not None else {}),
+            chunks=self._chunk_states(it) if self.chunk is not None else (),
         )
         decision = self.policy.decide(ctx, disc)
-        mode = decision.mode
         if self.check_decisions:
-            self.topo.check(f"{it.serial}:{int(mode)}:{decision.r!r}")
+            self.topo.check(f"{it.serial}:{int(decision.mode)}:{decision.r!r}")
 
-        v: dict[int, torch.Tensor] = {}
-        computed, flops = 0, 0.0
         if self.reuse is not None:  # the baselines act inside the forward (engine/reuse.py)
-            v, computed, flops, mode, why = self.reuse.step(self, it, comp, active, sig, decision)
-            if mode != decision.mode or why != decision.reason:
-                self.stats.fallbacks += int(mode != decision.mode)
-                decision = replace(decision, mode=mode, reason=why)
-        if mode == Mode.PREDICT and self.reuse is None:
-            v = self._predict(active, sig)
-            if v is None:
-                mode = Mode.RECOMPUTE
-                self.stats.fallbacks += 1
-        if mode == Mode.CACHE and self.reuse is None:
-            v = {f: self.history.last(f) for f in active}
-        if mode == Mode.RECOMPUTE and self.reuse is None:
-            v, computed, flops = self._forward(it, comp, sig)
-            for f in active:
-                self.history.push(f, sig[f][0], v[f])
-        self.policy.record(mode)
+            out = self.reuse.step(self.runner, it, comp, active, levels, decision)
+        else:
+            out = self._act(it, comp, active, levels, decision)
+        self.policy.record(out.mode)
+        st.stats.fallbacks += int(out.mode != decision.mode)
 
         for f in active:
-            s, s_next = sig[f]
-            self.latents[f] = self.solver.step(f, self.latents[f], v[f].to(self.latents[f].dtype), s, s_next, prog[f] - 1)
-            if prog[f] == it.num_steps:
-                self.final[f] = self.latents[f]
+            s, s_next = levels[f]
+            x = st.latents[f]
+            st.latents[f] = self.solver.step(f, x, out.velocity[f].to(x.dtype), s, s_next, it.progress[f - it.start] - 1)
+            if it.progress[f - it.start] == it.num_steps:
+                st.final[f] = st.latents[f]
         for j in range(it.prefix):  # clean prefix frames are final from the start
-            self.final.setdefault(frames[j], self.latents[frames[j]])
+            st.final.setdefault(frames[j], st.latents[frames[j]])
 
-        self.stats.counts[mode.label] += 1
-        self.stats.frame_forwards += computed
-        self.stats.flops += flops
-        self.stats.iterations += 1
+        st.stats.counts[out.mode.label] += 1
+        st.stats.frame_forwards += out.computed
+        st.stats.flops += out.flops
+        st.stats.iterations += 1
         return StepRecord(
             window=it.window,
             iteration=it.index,
             serial=it.serial,
-            mode=mode.label,
-            reason=decision.reason if mode == decision.mode else "predict-unstable",
+            mode=out.mode.label,
+            reason=out.reason,
             d=decision.d,
             r=decision.r,
             valid_lo=frames[it.valid[0]],
@@ -270,58 +254,37 @@ class Rollout:
             compute_lo=comp[0] if comp else frames[0],
             compute_hi=comp[-1] + 1 if comp else frames[0],
             active=len(active),
-            frames_computed=computed,
-            flops=flops,
+            frames_computed=out.computed,
+            flops=out.flops,
             seconds=time.perf_counter() - t0,
         )
 
-    def _discrepancy(self, comp: list[int], sig: dict, it: Iteration) -> Discrepancy | None:
-        n_pad, (lo, hi) = self.topo.layout(len(comp))
-        self.topo.migrate(self._prev_feature_frames(), comp, [self.features])
-        mine = [f for f in comp[lo:hi]]
-        num = den = 0.0
-        seen = 0
-        if mine:
-            x = torch.stack([self.latents[f] for f in mine])
-            s = torch.tensor([sig[f][0] for f in mine], device=self.device, dtype=torch.float32)
-            spec = ForwardSpec(frames=comp, origin=it.start, shard=(lo, min(hi, len(comp))))
-            with torch.no_grad():
-                phi = self.adapter.host_feature(x, s, self.cond, spec)
-            seen = self.features.seen(mine)
-            if not getattr(self.policy, "chunk_feature_sums", None):
-                num, den = self.features.sums(mine, phi)
-        size = getattr(self.policy, "chunk_feature_sums", None)  # chunk-wise policies: sums per chunk too
-        if size:
-            return self._chunk_discrepancy(comp, mine, phi if mine else None, seen, size)
-        self._feature_frames = comp
-        num, den, seen = self.topo.allreduce([num, den, seen])
-        return Discrepancy(num, den) if seen > 0 else None
+    def _act(self, it: Iteration, comp: list[int], active: list[int], levels: Levels, decision: Decision) -> Outcome:
+        """Whole-velocity policies (SCOPE, Original): Cache reuses, Predict extrapolates (falling back
+        to Recompute when the stability check rejects it), Recompute forwards and records history."""
+        hist = self.state.history
+        if decision.mode == Mode.CACHE:
+            return Outcome({f: hist.last(f) for f in active}, Mode.CACHE, decision.reason)
+        if decision.mode == Mode.PREDICT:
+            v = self._predict(active, levels)
+            if v is not None:
+                return Outcome(v, Mode.PREDICT, decision.reason)
+            reason = "predict-unstable"
+        else:
+            reason = decision.reason
+        res = self.runner.forward(it, comp, levels)
+        for f in active:
+            hist.push(f, levels[f][0], res.velocity[f])
+        return Outcome(res.velocity, Mode.RECOMPUTE, reason, res.computed, res.flops)
 
-    def _chunk_discrepancy(self, comp: list[int], mine: list[int], phi, seen: int, size: int) -> Discrepancy | None:
-        """Per-chunk (num, den) in Discrepancy.chunks (chunk = frame // size), reduced over ranks in one
-        float64 vector whose layout every rank derives from the replicated frame list."""
-        chunks = sorted({f // size for f in comp})
-        at = {c: i for i, c in enumerate(chunks)}
-        part = [0.0] * (2 * len(chunks))
-        for i, f in enumerate(mine):
-            n, d = self.features.sums([f], phi[i : i + 1])
-            part[2 * at[f // size]] += n
-            part[2 * at[f // size] + 1] += d
-        self._feature_frames = comp
-        red = self.topo.allreduce([float(seen)] + part)
-        seen, part = red[0], red[1:]
-        per = tuple((c, part[2 * i], part[2 * i + 1]) for c, i in at.items() if part[2 * i + 1] > 0 or part[2 * i] > 0)
-        num, den = sum(n for _, n, _ in per), sum(d for _, _, d in per)
-        return Discrepancy(num, den, per) if seen > 0 else None
-
-    def _prev_feature_frames(self) -> list[int]:
-        return getattr(self, "_feature_frames", [])
-
-    def _predict(self, active: list[int], sig: dict) -> dict[int, torch.Tensor] | None:
+    def _predict(self, active: list[int], levels: Levels) -> dict[int, torch.Tensor] | None:
+        """The predictor's extrapolation of every active frame, or None when the stability check
+        (non-finite values, or a step too far from the last velocity) rejects it; clipped if asked."""
+        hist = self.state.history
         out, delta_sq, ref_sq, bad = {}, 0.0, 0.0, 0.0
         for f in active:
-            vk = self.history.last(f)
-            vh = self.predict(self.history.get(f), sig[f][0])
+            vk = hist.last(f)
+            vh = self.predict(hist.get(f), levels[f][0])
             out[f] = vh
             bad += float((~torch.isfinite(vh)).sum())
             delta_sq += float((vh.double() - vk.double()).pow(2).sum())
@@ -330,78 +293,35 @@ class Rollout:
         if not ok:
             return None
         if scale != 1.0:
-            out = {f: self.history.last(f) + scale * (out[f] - self.history.last(f)) for f in active}
+            out = {f: hist.last(f) + scale * (out[f] - hist.last(f)) for f in active}
         return out
 
-    def _forward(self, it: Iteration, comp: list[int], sig: dict, hooks=None, context_to: int | None = None) -> tuple[dict, int, float]:
-        """Recompute: forward the compute interval (plus clean context frames whose K/V are not yet
-        cached: the clean re-forward that no policy may skip), gather, return velocities.
-        engine.reuse passes `hooks` (adapters/base.py ForwardHooks) and may ask for the clean frames
-        before `context_to` as context instead of the plan's."""
-        causal = bool(getattr(self.adapter, "causal", False))
-        context = list(it.context) if causal else []
-        if causal and context_to is not None:
-            context = [f for f in range(it.context.start, context_to) if f in self.final]
-        fill: list[int] = []
-        if context:
-            missing = [f for f in context if not self._cached(f)]
-            if missing:
-                first = context.index(missing[0])
-                fill, context = context[first:], context[:first]
-        if fill and hooks is not None and hooks.partial:  # a forward that skips blocks writes no K/V:
-            _, n0, f0 = self._forward(it, [], sig, context_to=context_to)  # clean re-forward first
-            v, n, fl = self._forward(it, comp, sig, hooks, context_to)
-            return v, n + n0, fl + f0
-        seq = fill + comp
-        n_pad, (lo, hi) = self.topo.layout(len(seq))
-        full = seq + [-1] * (n_pad - len(seq))
-        mine = full[lo:hi]
-        x = torch.stack([self.final[f] if f in fill else (self.latents[f] if f >= 0 else torch.zeros(self._shape(), device=self.device, dtype=self.dtype)) for f in mine])
-        s = torch.tensor([self.clean_sigma if (f in fill or f < 0) else sig[f][0] for f in mine], device=self.device, dtype=torch.float32)
-        spec = ForwardSpec(
-            frames=full,
-            origin=it.start,
-            context=context,
-            store=frozenset(fill) | frozenset(f for f in comp if self._is_clean(f, sig)) if causal else frozenset(),
-            kv=self.kv if causal else None,
-            causal=causal,
-            shard=(lo, hi),
-            sigmas=tuple(self.clean_sigma if (f in fill or f < 0) else sig[f][0] for f in full),
-        )
-        extra = {}
-        if hooks is not None:
-            spec = hooks.adjust(spec) if hasattr(hooks, "adjust") else spec
-            spec = replace(spec, store=frozenset()) if hooks.partial else spec
-            extra = {"hooks": hooks}
-        with torch.no_grad():
-            out = self.adapter.velocity(x, s, self.cond, spec, self.topo.attention, **extra)
-        vel = self.topo.gather(out, len(seq))
-        v = {f: vel[i] for i, f in enumerate(seq) if f not in fill}
-        if hooks is not None:  # frames counted by the share of the block stack they went through
-            ran = len(seq) if hooks.blocks_run is None else round(len(seq) * hooks.blocks_run / max(hooks.depth, 1))
-            return v, ran, self.adapter.flops(len(seq), len(spec.context), blocks=hooks.blocks_run)
-        flops = self.adapter.flops(len(seq), len(context)) if hasattr(self.adapter, "flops") else 0.0
-        return v, len(seq), flops
+    def _chunk_states(self, it: Iteration) -> tuple[ChunkState, ...]:
+        """Per chunk of the window: its furthest frame's step (0-based) and whether any frame advances."""
+        size, by_chunk = self.chunk, {}
+        for j, f in enumerate(it.frames):
+            c = by_chunk.setdefault(f // size, [it.progress[j], False])
+            c[0] = max(c[0], it.progress[j])
+            c[1] = c[1] or it.update[j]
+        return tuple(ChunkState(c, max(u - 1, 0), act) for c, (u, act) in sorted(by_chunk.items()))
 
-    def _is_clean(self, f: int, sig: dict) -> bool:
-        return f in self.final and sig[f][0] == self.clean_sigma
 
-    def _cached(self, f: int) -> bool:
-        return self.kv.has(f)
-
-    def _evict(self, it: Iteration) -> None:
-        """Drop what no later iteration reads. Frames before the window and its context are final
-        and already emitted (emission is in order and runs first)."""
-        lo = it.frames[0] if it.context_start is None else min(it.context_start, it.frames[0])
-        self.kv.evict_before(lo)
-        for f in [f for f in self.final if f < lo]:
-            del self.final[f]
-        for f in [f for f in self.latents if f < lo]:
-            del self.latents[f]
-
-def decision_digest(records: list[StepRecord]) -> str:
+def decision_digest(records) -> str:
     """A short hash of the decision sequence, for comparing runs and ranks."""
-    h = hashlib.sha256()
+    d = DigestBuilder()
     for r in records:
-        h.update(f"{r.serial}:{r.mode}:{r.compute_lo}:{r.compute_hi};".encode())
-    return h.hexdigest()[:16]
+        d.add(r)
+    return d.hexdigest()
+
+
+class DigestBuilder:
+    """decision_digest, one record at a time (a run log streams: it keeps no list of records)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def add(self, r: StepRecord) -> None:
+        self._h.update(f"{r.serial}:{r.mode}:{r.compute_lo}:{r.compute_hi};".encode())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()[:16]

@@ -15,7 +15,7 @@ import torch
 from scopevid import adapters
 from scopevid.config import RunConfig
 from scopevid.engine.metrics import RunningQuality
-from scopevid.engine.rollout import STEP_SCHEMA, Rollout, StepRecord, decision_digest
+from scopevid.engine.rollout import STEP_SCHEMA, DigestBuilder, Rollout, StepRecord, video_facts
 from scopevid.engine.sinks import FrameStore, Mp4Sink, RunLog, prepare_out_dir, write_json
 from scopevid.engine.solvers import SOLVERS
 from scopevid.engine.topology import LocalTopology, Topology
@@ -54,46 +54,47 @@ def build_plan(cfg: RunConfig, adapter):
     )
 
 
-def build_solver(cfg: RunConfig, adapter):
+def build_solver(cfg: RunConfig, adapter, schedule):
+    """The solver a config names, on the model's noise levels for this video (`adapter.prepare`)."""
     if cfg.solver == "euler":
         return SOLVERS["euler"]()
     if cfg.solver == "unipc":  # per-frame UniPC on the adapter's own sigma table (SkyReels-V2's solver)
         from scopevid.engine.unipc import UniPC
 
-        return UniPC.for_adapter(adapter, cfg.schedule.steps)
-    if hasattr(adapter, "make_solver"):
-        return adapter.make_solver(cfg.solver, cfg.schedule.steps)
-    raise ConfigError(f"solver: {cfg.solver!r} is not available for model {adapter.name}; allowed: euler")
+        return UniPC.for_adapter(adapter, schedule)
+    raise ConfigError(f"solver: {cfg.solver!r} is not available for model {adapter.name}; allowed: euler, unipc")
+
+
+def make_rollout(cfg: RunConfig, adapter, plan, policy, cond, *, predictor: str = "taylor2", **kw) -> Rollout:
+    """The Rollout a config describes: the model prepared for this video, its solver on the model's
+    noise levels, the config's stability check, device and dtype. `kw` goes to Rollout."""
+    schedule = adapter.prepare(video_facts(plan))
+    return Rollout(adapter, plan, policy, cond, seed=cfg.seed, solver=build_solver(cfg, adapter, schedule), schedule=schedule,
+                   predictor=predictor, stability=Stability(**cfg.stability), device=cfg.device, dtype=DTYPES[cfg.dtype], **kw)
 
 
 @dataclass
 class RunResult:
     summary: dict
-    records: list[StepRecord] = field(default_factory=list)
+    records: list[StepRecord] = field(default_factory=list)  # only with keep_records
 
 
-class _Decoder:
-    """Decodes finished latents in small groups (adapters with a temporal VAE bring their own)."""
+class RunTotals:
+    """What the summary needs from the run log, accumulated row by row (no list of records kept)."""
 
-    def __init__(self, adapter, group: int = 8):
-        self.adapter, self.group, self.buf = adapter, group, []
+    def __init__(self) -> None:
+        self.full_forwards = 0.0
+        self.compute = 0
+        self.valid = 0
+        self.rows = 0
+        self.digest = DigestBuilder()
 
-    def push(self, latent: torch.Tensor) -> torch.Tensor | None:
-        self.buf.append(latent)
-        return self.flush() if len(self.buf) >= self.group else None
-
-    def flush(self) -> torch.Tensor | None:
-        if not self.buf:
-            return None
-        x, self.buf = torch.stack(self.buf), []
-        with torch.no_grad():
-            return self.adapter.decode(x)
-
-    def state_dict(self) -> dict:  # engine.checkpoint: latents waiting for their group
-        return {"buf": list(self.buf)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buf = list(state["buf"])
+    def add(self, r: StepRecord) -> None:
+        self.full_forwards += r.frames_computed / max(1, r.valid_hi - r.valid_lo)
+        self.compute += r.compute_hi - r.compute_lo
+        self.valid += r.valid_hi - r.valid_lo
+        self.rows += 1
+        self.digest.add(r)
 
 
 def run_once(
@@ -108,7 +109,7 @@ def run_once(
     topology: Topology | None = None,
     progress: bool = False,
     check_decisions: bool = False,
-    keep_records: bool = True,
+    keep_records: bool = False,
     checkpoint=None,
 ) -> RunResult:
     """One rollout under one policy. Writes what it is given paths for, as frames finish.
@@ -124,6 +125,7 @@ def run_once(
     cond = adapter.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance)
     log = RunLog(steps_log, STEP_SCHEMA) if (steps_log and writes) else None
     records: list[StepRecord] = []
+    totals = RunTotals()
     bar = None
     if progress and writes:
         from tqdm import tqdm
@@ -131,6 +133,7 @@ def run_once(
         bar = tqdm(total=plan.num_iterations(), desc=f"{policy_name}", unit="it", dynamic_ncols=True, mininterval=0.5)
 
     def on_step(rec: StepRecord) -> None:
+        totals.add(rec)
         if keep_records:
             records.append(rec)
         if log is not None:
@@ -139,13 +142,10 @@ def run_once(
             bar.update(1)
             bar.set_postfix_str(rec.mode[0].upper())
 
-    rollout = Rollout(
-        adapter, plan, policy, cond, seed=cfg.seed, solver=build_solver(cfg, adapter), topology=topo,
-        predictor=predictor, stability=Stability(**cfg.stability), device=cfg.device,
-        dtype=DTYPES[cfg.dtype], on_step=on_step, check_decisions=check_decisions,
-    )
+    rollout = make_rollout(cfg, adapter, plan, policy, cond, predictor=predictor, topology=topo, on_step=on_step,
+                           check_decisions=check_decisions)
     sink = Mp4Sink(video, cfg.fps) if (video and writes) else None
-    decoder = adapter.stream_decoder() if hasattr(adapter, "stream_decoder") else _Decoder(adapter)
+    decoder = adapter.stream_decoder()
     quality = RunningQuality() if reference is not None else None
     ref_iter = reference.read() if reference is not None else None
     ref_buf: list[torch.Tensor] = []
@@ -192,10 +192,7 @@ def run_once(
         if checkpoint is not None:
             checkpoint.close()
     wall = time.perf_counter() - t0 + wall_before
-    st = rollout.stats
-    full = sum(r.frames_computed / max(1, r.valid_hi - r.valid_lo) for r in records)
-    comp_len = [r.compute_hi - r.compute_lo for r in records]
-    valid_len = [r.valid_hi - r.valid_lo for r in records]
+    st = rollout.state.stats
     summary = {
         "policy": policy_name,
         "policy_spec": spec,
@@ -203,14 +200,15 @@ def run_once(
         "latent_frames": plan.latent_frames,
         "iterations": st.iterations,
         "wall_seconds": wall,
-        "full_forwards": full,
+        "full_forwards": totals.full_forwards,
         "frame_forwards": st.frame_forwards,
         "flops": st.flops,
         "counts": dict(st.counts),
         "predict_fallbacks": st.fallbacks,
-        "mean_compute_interval": sum(comp_len) / max(1, len(comp_len)),
-        "mean_valid_interval": sum(valid_len) / max(1, len(valid_len)),
-        "decision_digest": decision_digest(records) if keep_records else None,
+        "mean_compute_interval": totals.compute / max(1, totals.rows),
+        "mean_valid_interval": totals.valid / max(1, totals.rows),
+        "decision_digest": totals.digest.hexdigest(),
+        "engine_seconds": {"forward": rollout.runner.timings.forward, "feature": rollout.runner.timings.feature},
     }
     if quality is not None:
         summary.update(quality.result())

@@ -7,7 +7,21 @@ frame, like every other per-frame state in the engine.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class Solver(Protocol):
+    """One frame's update from its velocity and its pair of noise levels; state per absolute frame."""
+
+    name: str
+
+    def step(self, frame: int, x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, step: int) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class Euler:
@@ -17,9 +31,6 @@ class Euler:
 
     def step(self, frame: int, x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, step: int) -> torch.Tensor:
         return x + v * (sigma_next - sigma)
-
-    def forget(self, frame: int) -> None:
-        pass
 
     def state_dict(self) -> dict:
         return {}

@@ -7,11 +7,21 @@ so that every process holds the same latents and takes the same step.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, MutableMapping, Protocol
 
 import torch
 
 from scopevid.adapters.base import Attention, local_attention
+
+
+@dataclass(frozen=True)
+class FrameKeyed:
+    """A mapping whose entries each belong to one absolute frame (`frame_of(key)`): per-frame state
+    that lives on the rank computing that frame, which `Topology.migrate` hands to its new owner."""
+
+    data: MutableMapping
+    frame_of: Callable[[Hashable], int] = field(default=int)
 
 
 class Topology(Protocol):
@@ -22,9 +32,9 @@ class Topology(Protocol):
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
         """For n frames: (padded length of the full sequence, this process's [lo, hi) of it)."""
 
-    def migrate(self, old: list[int], new: list[int], stores: list) -> None:
-        """Hand per-frame state (dict-like stores keyed by absolute frame) to the frames' new owners,
-        given the full frame lists of the previous and the current forward."""
+    def migrate(self, old: list[int], new: list[int], stores: list[FrameKeyed]) -> None:
+        """Hand per-frame state to the owners its frames have in the layout of `new`, given the full
+        frame lists of the previous and the current forward (equal lists: nothing moves)."""
 
     def allreduce(self, values: list[float]) -> list[float]:
         """Sum over processes in float64 (identical on every process)."""
@@ -35,6 +45,11 @@ class Topology(Protocol):
     def check(self, digest: str) -> None:
         """Debug: fail loudly if processes disagree on a decision digest."""
 
+    def state_dict(self) -> dict:
+        """Counters worth keeping across a resume (none on one process)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 class LocalTopology:
     rank = 0
@@ -44,7 +59,7 @@ class LocalTopology:
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
         return n, (0, n)
 
-    def migrate(self, old: list[int], new: list[int], stores: list) -> None:
+    def migrate(self, old: list[int], new: list[int], stores: list[FrameKeyed]) -> None:
         pass
 
     def allreduce(self, values: list[float]) -> list[float]:
@@ -54,4 +69,10 @@ class LocalTopology:
         return local[:n]
 
     def check(self, digest: str) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
         pass

@@ -76,14 +76,15 @@ class UniPC:
         self._state: dict[int, _FrameState] = {}
 
     @classmethod
-    def for_adapter(cls, adapter, num_steps: int) -> "UniPC":
-        """Built from the adapter's sigma table and its scheduler options (`solver_options()`)."""
-        opts = dict(adapter.solver_options()) if hasattr(adapter, "solver_options") else {}
+    def for_adapter(cls, adapter, schedule) -> "UniPC":
+        """Built on the video's noise levels (`adapter.prepare`) with the model's own scheduler options
+        (`solver_options()`; UniPC's defaults for a model without a scheduler of its own)."""
+        opts = dict(adapter.solver_options() or {})
         allowed = {"order", "solver_type", "lower_order_final", "disable_corrector", "pipeline_compat"}
         unknown = sorted(set(opts) - allowed)
         if unknown:
             raise ConfigError(f"solver: unipc does not support option(s) {unknown} of model {adapter.name}")
-        return cls(adapter.sigmas(num_steps), **opts)
+        return cls(schedule.sigmas, **opts)
 
     # --- coefficients (scalars, float32, as the scheduler computes them) -------------------------
     def _coefficients(self, kind: str, k: int, p: int) -> dict:

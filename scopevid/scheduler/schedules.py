@@ -133,6 +133,17 @@ class DiffusionForcingPlan:
         if self.interval is not None:
             _require(self.interval >= 1, "interval", f"must be >= 1 latent frame, got {self.interval}")
 
+    chunked = False  # windows that restart (not a sliding chunk pipeline)
+
+    @property
+    def unit(self) -> int:
+        """Latent frames per causal block: the granularity of per-chunk policies."""
+        return self.block
+
+    def prefixes(self) -> dict[int, int]:
+        """Window origin -> clean prefix frames (overlap history) of that window."""
+        return {w.start: w.prefix for w in self.windows()}
+
     def windows(self) -> list[Window]:
         if self.latent_frames <= self.window:
             return [Window(0, 0, self.latent_frames, 0)]
@@ -204,6 +215,15 @@ class ChunkCausalPlan:
             "steps",
             f"{self.num_steps} steps do not split into {self.window_chunks} equal stages",
         )
+
+    chunked = True  # one sliding window: chunks enter and leave, nothing restarts
+
+    @property
+    def unit(self) -> int:
+        return self.chunk
+
+    def prefixes(self) -> dict[int, int]:
+        return {}
 
     @property
     def steps_per_stage(self) -> int:

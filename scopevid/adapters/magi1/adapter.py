@@ -3,8 +3,9 @@
 What the official pipeline (inference/pipeline/video_generate.py, distill configs) does per forward,
 and where it lives here:
 - t schedule: t = linspace(0, 1, N+1)^2, sd3 shift 3: t' = (t/3) / (1 - (2/3) t); t = 0 is noise.
-  `sigmas()` returns sigma = 1 - t (the engine's convention) and remembers each level's t exactly
-  (float32, as upstream computes it) so conditioning and stage decisions see the official values.
+  `prepare` returns sigma = 1 - t (the engine's convention) and remembers each level's t exactly
+  (float32, as upstream computes it) so conditioning and stage decisions see the official values;
+  it also takes the video's chunk count, which sets the duration tokens of the captions.
 - chunk staircase (chunk 6, window 4, N/4 steps per stage): scheduler.schedules.ChunkCausalPlan.
 - clean re-forward at t = 0.9999 of the chunk that just finished, writing its K/V: the engine fills
   missing context frames with a clean forward before the forward that needs them (never skipped by a
@@ -29,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scopevid.adapters.base import Attention, Conditioning, ForwardSpec, local_attention
+from scopevid.adapters.base import (Adapter, Attention, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
+                                    GroupDecoder, NoiseSchedule, VideoFacts, local_attention)
 from scopevid.adapters.magi1 import checkpoint as ckpt
 from scopevid.adapters.magi1.config import PRESETS, Magi1Arch, Magi1Recipe, read_official_config, recipe_from_official
 from scopevid.adapters.magi1.model import Magi1DiT
@@ -49,9 +51,15 @@ def official_t(num_steps: int, shift: float) -> torch.Tensor:
     return inv * t / (1 + (inv - 1) * t)
 
 
-class Magi1Adapter:
+class Magi1Adapter(Adapter):
     name = "magi1"
-    causal = True  # chunk-causal with a KV cache: selective computation and lazy KV fill are exact
+    # chunk-causal with a KV cache (selective computation and lazy KV fill are exact); hooks for the
+    # baselines; FlowCache's MAGI-1 signal (embed) and the per-frame condition (temb)
+    capabilities = Capabilities(
+        causal=True,
+        hook_points=frozenset({HookPoint.STACK, HookPoint.BLOCK}),
+        features=frozenset({Feature.EMBED, Feature.TEMB}),
+    )
 
     def __init__(
         self,
@@ -88,7 +96,7 @@ class Magi1Adapter:
         self._vae = None
         self.host_kind = host_feature
         self.clean_sigma = 1.0 - float(np.float32(recipe.clean_t))
-        self.noise_sigma = 1.0
+        # per video (prepare):
         self._levels: dict[float, tuple[int, float]] = {}  # float32(sigma) -> (step index, exact t)
         self._t_table = None
         self.num_steps: int | None = None
@@ -128,27 +136,25 @@ class Magi1Adapter:
                    latent_hw=(h // 8, w // 8), host_feature=spec.get("host_feature", "embed"), device=device, dtype=dtype)
 
     # --- schedule -----------------------------------------------------------------------------
-    def sigmas(self, num_steps: int) -> tuple[float, ...]:
+    def prepare(self, video: VideoFacts) -> NoiseSchedule:
+        """Per video: the t table of its steps (exact float32 levels) and its chunk count."""
+        num_steps = video.num_steps
         t = official_t(num_steps, self.recipe.shift)
         if num_steps % len(self.recipe.noise2clean_kvrange):
             raise ConfigError(f"schedule.steps: {num_steps} steps do not split into {len(self.recipe.noise2clean_kvrange)} kv-range stages")
-        self.num_steps, self._t_table = num_steps, t
+        if video.chunked and video.unit != self.chunk:
+            raise ConfigError(f"schedule.chunk_width: {video.unit} differs from the model recipe's chunk_width {self.chunk}")
         clean_t = float(torch.ones(1) * self.recipe.clean_t)
-        self._levels = {}
+        levels = {}
         for k, tk in enumerate(t.tolist()):
             key = float(np.float32(1.0 - tk))
-            if key in self._levels:
+            if key in levels:
                 raise ConfigError(f"schedule.steps: {num_steps} steps give noise levels closer than float32 resolution")
-            self._levels[key] = (k, tk)
-        self._levels[float(np.float32(1.0 - clean_t))] = (num_steps, clean_t)
-        return tuple(1.0 - tk for tk in t.tolist())
-
-    def prepare_rollout(self, plan) -> None:
-        """Called by the engine once per rollout: the chunk count sets the duration tokens."""
-        chunk = getattr(plan, "chunk", None)
-        if chunk is not None and chunk != self.chunk:
-            raise ConfigError(f"schedule.chunk_width: {chunk} differs from the model recipe's chunk_width {self.chunk}")
-        self.num_chunks = -(-plan.latent_frames // self.chunk)
+            levels[key] = (k, tk)
+        levels[float(np.float32(1.0 - clean_t))] = (num_steps, clean_t)
+        self.num_steps, self._t_table, self._levels = num_steps, t, levels
+        self.num_chunks = -(-video.latent_frames // self.chunk)
+        return NoiseSchedule(sigmas=tuple(1.0 - tk for tk in t.tolist()), noise=1.0, clean=self.clean_sigma)
 
     def _level(self, sigma: float) -> tuple[int | None, float]:
         """(step index or None, MAGI t) of a noise level the engine passes back."""
@@ -171,7 +177,7 @@ class Magi1Adapter:
     def _captions(self, prompt: Magi1Prompt, chunks: list[int], clean: list[bool]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Distinct caption token sets and, per entry of `chunks`, the index of the one it attends."""
         if prompt.tokens is not None and self.num_chunks is None:
-            raise ConfigError("MAGI-1: the adapter needs the video's chunk count (engine calls prepare_rollout)")
+            raise RuntimeError("Magi1Adapter.prepare(video) must be called before a forward (it gives the chunk count)")
         caps: list[torch.Tensor] = []
         keys: dict[object, int] = {}
         idx = []
@@ -243,21 +249,17 @@ class Magi1Adapter:
                 h = h * (1 + gate[:, None, :])
         return h
 
-    # optional capabilities (adapters/base.py): reuse hooks for the baselines and their signals
-    hook_points = frozenset({"stack", "block"})
-    feature_kinds = frozenset({"embed", "temb"})
-
-    def named_feature(self, kind: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
+    def named_feature(self, kind: Feature, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
         """embed: the patch-embedded input [F, T, D] (FlowCache's MAGI-1 signal); temb: the per-frame
         condition [F, cond] (timestep, distill step size and caption adaLN embeddings)."""
-        if kind == "embed":
+        if kind == Feature.EMBED:
             with torch.no_grad():
                 return self.model.embed(x.to(self.device, self.dtype)).float()
-        if kind == "temb":
+        if kind == Feature.TEMB:
             t = torch.tensor([self._level(float(s))[1] for s in sigma.tolist()], dtype=torch.float32, device=self.device)
             with torch.no_grad():
                 return self.model.condition(t, self._step_size()).float()
-        raise ConfigError(f"feature: MAGI-1 offers {', '.join(sorted(self.feature_kinds))} besides host, not {kind!r}")
+        return super().named_feature(kind, x, sigma, cond, spec)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention,
@@ -271,7 +273,7 @@ class Magi1Adapter:
         local = spec.frames[lo:hi]
         key_ranges = self._key_ranges(spec, levels)
         need = min((a for (a, b), f in zip(key_ranges, spec.frames) if f >= 0), default=0)
-        kv = spec.kv.branch("cond") if (spec.kv is not None and hasattr(spec.kv, "branch")) else spec.kv
+        kv = spec.kv.branch("cond") if spec.kv is not None else None
         main = replace(spec, key_ranges=key_ranges, context=[f for f in spec.context if f >= need], kv=kv)
 
         t_loc = torch.tensor([levels[lo + i][1] for i in range(len(local))], dtype=torch.float32, device=self.device)
@@ -336,35 +338,13 @@ class Magi1Adapter:
         px = tiled_decode(dec, z, Tiling(sample_t=self.recipe.fps // 2))
         return ((px[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
 
-    def stream_decoder(self):
-        return _ChunkDecoder(self)
+    def stream_decoder(self) -> GroupDecoder:
+        """Decodes finished latents one chunk at a time (the official per-chunk decode)."""
+        return GroupDecoder(self.decode, self.chunk)
 
-    def flops(self, frames: int, context: int, blocks: int | None = None) -> float:
+    def flops(self, frames: int, context: int, blocks: int | None = None, branches: int = 1) -> float:
         hp, wp = self.latent_hw[0] // self.arch.patch_size, self.latent_hw[1] // self.arch.patch_size
-        return self.model.flops(frames, frames + context, hp * wp, caption_tokens=0, blocks=blocks)
-
-
-class _ChunkDecoder:
-    """Decodes finished latents one chunk at a time (the official per-chunk decode)."""
-
-    def __init__(self, adapter: Magi1Adapter):
-        self.adapter, self.buf = adapter, []
-
-    def push(self, latent: torch.Tensor):
-        self.buf.append(latent)
-        return self.flush() if len(self.buf) >= self.adapter.chunk else None
-
-    def flush(self):
-        if not self.buf:
-            return None
-        x, self.buf = torch.stack(self.buf), []
-        return self.adapter.decode(x)
-
-    def state_dict(self) -> dict:
-        return {"buf": list(self.buf)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buf = list(state["buf"])
+        return branches * self.model.flops(frames, frames + context, hp * wp, caption_tokens=0, blocks=blocks)
 
 
 # --- helpers ------------------------------------------------------------------------------------

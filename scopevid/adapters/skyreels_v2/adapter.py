@@ -3,11 +3,12 @@
 
 What the pipeline does per forward, and where it lives here:
 - per-frame timesteps from the step matrix: 999 for frames not started, the scheduler's timestep
-  while denoising, 0 once clean. The engine hands per-frame sigmas; `sigmas()` publishes the
-  scheduler's own sigma table and `noise_sigma` / `clean_sigma`, and `_timesteps` maps each sigma
-  back to exactly the integer timestep the pipeline would pass;
-- addnoise_condition: the clean overlap-history prefix of a later window enters every forward as
-  x (1 - a/1000) + n a/1000 with timestep a (see `_prefix_frames` for how the prefix is known);
+  while denoising, 0 once clean. The engine hands per-frame sigmas; `prepare` returns the
+  scheduler's own sigma table with the not-started and clean levels, and `_timesteps` maps each
+  sigma back to exactly the integer timestep the pipeline would pass;
+- addnoise_condition: the clean overlap-history prefix of a later window (its length per window
+  origin comes with the video's facts in `prepare`) enters every forward as x (1 - a/1000) + n a/1000
+  with timestep a;
 - classifier-free guidance as two forwards (cond, uncond) when guidance > 1, combined in model dtype;
 - the fps embedding (0 for 16 fps, 1 otherwise) of models trained with inject_sample_info;
 - attention: bidirectional within the forward (official default). `causal_attention: N` gives the
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from scopevid.adapters.base import Attention, Conditioning, ForwardSpec, local_attention
+from scopevid.adapters.base import (Adapter, Attention, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
+                                    NoiseSchedule, VideoFacts, local_attention)
 from scopevid.adapters.skyreels_v2.loader import Components, load_checkpoint
 from scopevid.adapters.skyreels_v2.model import DFTransformer
 from scopevid.adapters.skyreels_v2.vae import LatentNorm, StreamDecoder
@@ -42,8 +44,8 @@ SPEC_KEYS = {
     "shift": "flow shift of the sigma schedule (T2V: 8); default: the scheduler config's",
     "fps": "fps embedding input (16 -> 0, else 1); default 24 like both pipelines",
     "addnoise_condition": "noise level a on the overlap prefix (official default 20)",
-    "addnoise_rng": "'frame' (seeded per frame and forward: deterministic, shard-independent) "
-                    "or 'global' (torch's global RNG, as diffusers)",
+    "addnoise_rng": "'frame' (seeded per frame and window iteration: deterministic, shard- and call-independent) "
+                    "or 'global' (torch's global RNG, as diffusers: each forward draws, so it depends on their order)",
     "addnoise_seed": "seed of the 'frame' addnoise stream",
     "causal_attention": "0 = bidirectional; N = block-causal over N latent frames; default: the checkpoint's num_frame_per_block",
     "max_sequence_length": "prompt tokens (512)",
@@ -67,9 +69,16 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-class SkyReelsV2Adapter:
+class SkyReelsV2Adapter(Adapter):
     name = "skyreels_v2"
-    causal = False  # bidirectional within the window: the engine never serves K/V context
+    # bidirectional within the window (the engine never serves K/V context); hooks for the baselines;
+    # TeaCache's signals e and e0
+    capabilities = Capabilities(
+        causal=False,
+        hook_points=frozenset({HookPoint.STACK, HookPoint.BLOCK}),
+        features=frozenset({Feature.TEMB, Feature.TEMB_MOD}),
+    )
+    NOISE_SIGMA, CLEAN_SIGMA = 1.0, 0.0  # map to timesteps 999 and 0
 
     def __init__(
         self,
@@ -118,12 +127,9 @@ class SkyReelsV2Adapter:
         if not (sc.use_flow_sigmas and sc.prediction_type == "flow_prediction"):
             raise ConfigError("model: the scheduler config must use flow sigmas with flow_prediction (SkyReels-V2 DF)")
         self.shift = float(sc.flow_shift)
-        self.noise_sigma, self.clean_sigma = 1.0, 0.0  # read by the engine; map to timesteps 999 and 0
+        # per video (prepare):
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # (sigmas float64, timesteps long)
-        self._branches = 2
-        self._prefix_len: dict[int, int] | None = None  # window origin -> clean prefix frames (prepare_rollout)
-        self._origin_max: dict[int, int] = {}  # window origin -> last frame forwarded under it (fallback)
-        self._calls: dict[int, int] = {}  # window origin -> forwards so far (addnoise stream)
+        self._prefix_len: dict[int, int] = {}  # window origin -> clean prefix frames
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -158,14 +164,25 @@ class SkyReelsV2Adapter:
     # --- schedule ------------------------------------------------------------------------------
     def sigmas(self, num_steps: int) -> tuple[float, ...]:
         """The scheduler's T+1 sigmas (last 0), exactly as the pipeline's per-frame schedulers hold them."""
-        self.scheduler.set_timesteps(num_steps)
-        sig, ts = self.scheduler.sigmas, self.scheduler.timesteps
-        keys = torch.cat([sig[:-1].double(), torch.tensor([self.noise_sigma, self.clean_sigma], dtype=torch.float64)])
+        return tuple(float(x) for x in self._schedule(num_steps)[0])
+
+    def _schedule(self, num_steps: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        from diffusers import UniPCMultistepScheduler
+
+        sched = UniPCMultistepScheduler.from_config(self.scheduler.config)  # a copy: this call changes nothing
+        sched.set_timesteps(num_steps)
+        sig, ts = sched.sigmas, sched.timesteps
+        keys = torch.cat([sig[:-1].double(), torch.tensor([self.NOISE_SIGMA, self.CLEAN_SIGMA], dtype=torch.float64)])
         vals = torch.cat([ts.long().cpu(), torch.tensor([NOT_STARTED_T, CLEAN_T])])
         if len(set(keys.tolist())) != len(keys):
             raise ConfigError(f"steps: {num_steps} steps give coinciding sigmas; choose fewer steps")
-        self._table = (keys, vals)
-        return tuple(float(s) for s in sig)
+        return sig, (keys, vals)
+
+    def prepare(self, video: VideoFacts) -> NoiseSchedule:
+        """Per video: the sigma table the timesteps are read from, and each window's clean prefix."""
+        sig, self._table = self._schedule(video.num_steps)
+        self._prefix_len = dict(video.prefixes)
+        return NoiseSchedule(sigmas=tuple(float(x) for x in sig), noise=self.NOISE_SIGMA, clean=self.CLEAN_SIGMA)
 
     def solver_options(self) -> dict:
         """For the engine's UniPC (`solver: unipc`): the scheduler config's multistep settings."""
@@ -178,13 +195,13 @@ class SkyReelsV2Adapter:
     def _timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
         """Per-frame sigmas (float32 from the engine) -> the pipeline's integer timesteps [F] (long)."""
         if self._table is None:
-            raise RuntimeError("SkyReelsV2Adapter.sigmas(num_steps) must be called before a forward")
+            raise RuntimeError("SkyReelsV2Adapter.prepare(video) must be called before a forward")
         keys, vals = self._table
         dist = (sigma.detach().double().cpu()[:, None] - keys[None, :]).abs()
         best, idx = dist.min(dim=1)
         if bool((best > 1e-5).any()):
             bad = float(sigma.flatten()[int(best.argmax())])
-            raise ValueError(f"sigma {bad} is not on this run's schedule (shift {self.shift}); was sigmas() called with the plan's steps?")
+            raise ValueError(f"sigma {bad} is not on this run's schedule (shift {self.shift}); was prepare() called with the plan's steps?")
         return vals[idx].to(self.device)
 
     # --- prompts ---------------------------------------------------------------------------------
@@ -210,44 +227,17 @@ class SkyReelsV2Adapter:
         if guidance > 1.0:  # the pipeline's do_classifier_free_guidance
             neg = self._encode(negative or "")
             uncond = Prompt(neg, self.net.text_context(neg))
-        self._branches = 2 if uncond is not None else 1
-        return Conditioning(cond=cond, uncond=uncond, guidance=float(guidance))
+        return Conditioning(cond=cond, uncond=uncond, guidance=float(guidance), branches=2 if uncond is not None else 1)
 
     # --- the overlap prefix (addnoise_condition) ------------------------------------------------
-    def prepare_rollout(self, plan) -> None:
-        """Called by the engine once per video: each window's clean prefix comes from the plan."""
-        self._origin_max.clear()
-        self._calls.clear()
-        windows = getattr(plan, "windows", None)
-        self._prefix_len = {w.start: w.prefix for w in windows()} if callable(windows) else None
-
     def _prefix_frames(self, spec: ForwardSpec) -> set[int]:
-        """Frames of `spec` that are the clean overlap history of their window: [origin, origin + prefix).
-
-        From the plan when the engine called `prepare_rollout`. Otherwise recovered from the window
-        origins: a window's prefix is exactly the frames the previous window (a smaller origin) also
-        covered, and every frame of a window is forwarded at least once (each is active at some
-        iteration, and the compute interval always holds the active frames), so the last frame seen
-        under an earlier origin ends the prefix. spec.frames is the full sequence on every rank, so
-        all ranks agree. An origin smaller than one seen before starts a new video."""
-        o = spec.origin
-        real = [f for f in spec.frames if f >= 0]
-        if self._prefix_len is not None:
-            end = o + self._prefix_len.get(o, 0)
-        else:
-            if self._origin_max and o < max(self._origin_max):
-                self._origin_max.clear()
-                self._calls.clear()
-            earlier = [m for oo, m in self._origin_max.items() if oo < o]
-            end = max(earlier) + 1 if earlier else o
-            if real:
-                self._origin_max[o] = max(self._origin_max.get(o, -1), max(real))
-        return {f for f in real if o <= f < end}
+        """Frames of `spec` that are the clean overlap history of their window: [origin, origin + prefix)."""
+        end = spec.origin + self._prefix_len.get(spec.origin, 0)
+        return {f for f in spec.frames if spec.origin <= f < end}
 
     def _condition_prefix(self, x: torch.Tensor, t: torch.Tensor, spec: ForwardSpec, prefix: set[int]) -> None:
         """addnoise_condition on the prefix frames of this forward (in place on x [F, C, h, w], t [F])."""
-        o = spec.origin
-        k = self._calls[o] = self._calls.get(o, -1) + 1  # forwards in this window so far
+        k = spec.step  # the window's iteration: every step of the pipeline draws afresh
         local = spec.local_frames()
         rows = [i for i, f in enumerate(local) if f in prefix]
         a = 0.001 * self.addnoise
@@ -300,37 +290,26 @@ class SkyReelsV2Adapter:
         Every frame attends every forwarded frame (bidirectional), or, with block-causal attention,
         the forwarded frames up to the end of its own block (blocks of `block_causal` frames counted
         from the window start, as diffusers builds its mask). Key ranges let local_attention run one
-        mask-free SDPA per group of frames instead of a dense [S, S] mask. Without that field
-        (older engine) the same masks come from frame indices: all-visible, or block indices in place
-        of frames with the frame-causal rule."""
+        mask-free SDPA per group of frames instead of a dense [S, S] mask."""
         real = [f for f in spec.frames if f >= 0]
         lo, hi = (min(real), max(real) + 1) if real else (0, 0)
         n = self.block_causal
-        if "key_ranges" in ForwardSpec.__dataclass_fields__:
-            if n > 1:
-                ranges = tuple((lo, min(hi, spec.origin + ((f - spec.origin) // n + 1) * n)) if f >= 0 else (lo, hi) for f in spec.frames)
-            else:
-                ranges = ((lo, hi),) * len(spec.frames)
-            return replace(spec, key_ranges=ranges, causal=False, context=[], store=frozenset(), kv=None)
         if n > 1:
-            blocks = [(f - spec.origin) // n if f >= 0 else -1 for f in spec.frames]
-            return replace(spec, frames=blocks, causal=True, context=[], store=frozenset(), kv=None)
-        return replace(spec, causal=False, context=[], store=frozenset(), kv=None)
-
-    # optional capabilities (adapters/base.py): reuse hooks for the baselines and their signals
-    hook_points = frozenset({"stack", "block"})
-    feature_kinds = frozenset({"temb", "temb_mod"})
+            ranges = tuple((lo, min(hi, spec.origin + ((f - spec.origin) // n + 1) * n)) if f >= 0 else (lo, hi) for f in spec.frames)
+        else:
+            ranges = ((lo, hi),) * len(spec.frames)
+        return replace(spec, key_ranges=ranges, causal=False, context=[], store=frozenset(), kv=None)
 
     @torch.no_grad()
-    def named_feature(self, kind: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
+    def named_feature(self, kind: Feature, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
         """temb: the timestep embedding per frame [F, D] (TeaCache's `e`); temb_mod: its projection to
         the six adaLN vectors, fps embedding included, [F, 6, D] (`e0`, what SkyReels-V2's own TeaCache
         compares with use_ret_steps)."""
-        if kind not in self.feature_kinds:
-            raise ConfigError(f"feature: SkyReels-V2 offers {', '.join(sorted(self.feature_kinds))} besides host, not {kind!r}")
+        if kind not in self.capabilities.features:
+            return super().named_feature(kind, x, sigma, cond, spec)
         _, t = self._inputs(x, sigma, spec, noise=False)
         temb, e = self.net.time_modulation(t, self.fps_id, cond.cond.embeds)
-        return (temb if kind == "temb" else e)[0]
+        return (temb if kind == Feature.TEMB else e)[0]
 
     @torch.no_grad()
     def velocity(
@@ -361,5 +340,5 @@ class SkyReelsV2Adapter:
         dec = self.stream_decoder()
         return torch.cat([dec.push(z) for z in latents])
 
-    def flops(self, frames: int, context: int = 0, blocks: int | None = None) -> float:
-        return self._branches * self.net.flops(frames, self.tokens_per_frame, self.max_sequence_length, blocks)
+    def flops(self, frames: int, context: int = 0, blocks: int | None = None, branches: int = 1) -> float:
+        return branches * self.net.flops(frames, self.tokens_per_frame, self.max_sequence_length, blocks)

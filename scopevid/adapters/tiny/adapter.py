@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from scopevid.adapters.base import Attention, Conditioning, ForwardSpec, local_attention
+from scopevid.adapters.base import (Adapter, Attention, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
+                                    NoiseSchedule, VideoFacts, local_attention)
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
 from scopevid.errors import CheckpointError, ConfigError
 
@@ -28,10 +29,16 @@ def shifted_sigmas(num_steps: int, shift: float) -> tuple[float, ...]:
     return tuple(out)
 
 
-class TinyAdapter:
+class TinyAdapter(Adapter):
     name = "tiny"
     temporal_compression = 1
-    causal = True  # frame-level block-causal: selective computation is exact with the KV cache
+    # frame-level block-causal (selective computation is exact with the KV cache); hooks for the
+    # baselines; TeaCache's and FlowCache's signals
+    capabilities = Capabilities(
+        causal=True,
+        hook_points=frozenset({HookPoint.STACK, HookPoint.BLOCK}),
+        features=frozenset({Feature.TEMB, Feature.TEMB_MOD, Feature.EMBED}),
+    )
 
     def __init__(self, model: TinyDiT, shift: float = 3.0, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.model = model.to(device=device, dtype=dtype).eval()
@@ -58,8 +65,9 @@ class TinyAdapter:
         return cls(model, float(spec.get("shift", meta.get("shift", 3.0))), device, dtype)
 
     # --- protocol -----------------------------------------------------------------------------
-    def sigmas(self, num_steps: int) -> tuple[float, ...]:
-        return shifted_sigmas(num_steps, self.shift)
+    def prepare(self, video: VideoFacts) -> NoiseSchedule:
+        sig = shifted_sigmas(video.num_steps, self.shift)
+        return NoiseSchedule(sigmas=sig, noise=sig[0], clean=0.0)
 
     def tokenize(self, prompt: str) -> torch.Tensor:
         vocab = {w: i for i, w in enumerate(self.cfg.vocab)}
@@ -77,29 +85,25 @@ class TinyAdapter:
     def encode_prompt(self, prompt: str, negative: str | None = None, guidance: float = 1.0) -> Conditioning:
         cond = self.model.prompt_vector(self.tokenize(prompt))
         uncond = self.model.prompt_vector(self.tokenize(negative or ""))
-        return Conditioning(cond=cond, uncond=uncond, guidance=float(guidance))
+        return Conditioning(cond=cond, uncond=uncond, guidance=float(guidance), branches=1 if guidance == 1.0 else 2)
 
     def host_feature(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
         return self.model.host_feature(x.to(self.dtype), sigma, cond.cond)
 
-    # optional capabilities (adapters/base.py): reuse hooks and the baselines' pre-forward signals
-    hook_points = frozenset({"stack", "block"})
-    feature_kinds = frozenset({"temb", "temb_mod", "embed"})
-
-    def named_feature(self, kind: str, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
+    def named_feature(self, kind: Feature, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
         """temb: timestep embedding per frame [F, dim] (TeaCache's e on Wan/SkyReels); temb_mod: block 0's
         adaLN projection of the per-frame conditioning [F, 6 dim] (TeaCache's e0; here it also carries the
         prompt vector, which the tiny model adds to the time embedding); embed: patch-embedded input [F, T, dim]."""
         m = self.model
-        if kind == "temb":
+        if kind == Feature.TEMB:
             from scopevid.adapters.tiny.model import timestep_embedding
 
             return m.time_mlp(timestep_embedding(sigma, self.cfg.dim))
-        if kind == "temb_mod":
+        if kind == Feature.TEMB_MOD:
             return m.blocks[0].ada(torch.nn.functional.silu(m.conditioning(sigma, cond.cond)))
-        if kind == "embed":
+        if kind == Feature.EMBED:
             return m.patch_embed(m.patchify(x.to(self.dtype)))
-        raise ConfigError(f"feature: the tiny model offers {', '.join(sorted(self.feature_kinds))} besides host, not {kind!r}")
+        return super().named_feature(kind, x, sigma, cond, spec)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention,
@@ -119,12 +123,12 @@ class TinyAdapter:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return ((latents.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
 
-    def flops(self, frames: int, context: int, blocks: int | None = None) -> float:
-        return self.model.flops(frames, context, blocks)
+    def flops(self, frames: int, context: int, blocks: int | None = None, branches: int = 1) -> float:
+        return branches * self.model.flops(frames, context, blocks)
 
 
 def _with_branch(spec: ForwardSpec, kv, name: str) -> ForwardSpec:
-    if kv is None or not hasattr(kv, "branch"):
+    if kv is None:
         return spec
     from dataclasses import replace
 

@@ -9,7 +9,9 @@ sums takes the same decision, and no collective can hide inside one branch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import Enum, IntEnum
+
+from scopevid.scheduler.signals import Feature
 
 
 class Mode(IntEnum):
@@ -60,7 +62,7 @@ class StepContext:
     min_step: int  # smallest denoising step (0-based) among active frames
     max_step: int  # largest denoising step (0-based) among active frames
     last: bool = False  # the last iteration of the window (every frame takes its last step)
-    chunks: tuple[ChunkState, ...] = ()  # filled for policies with granularity "chunk"
+    chunks: tuple[ChunkState, ...] = ()  # filled for policies with chunk_sums
 
 
 @dataclass(frozen=True)
@@ -73,16 +75,33 @@ class Decision:
     blocks: tuple[int, int] | None = None  # block-range policies: [lo, hi) blocks whose delta is reused
 
 
+class Reuse(str, Enum):
+    """How a policy's Cache / Predict are carried out (engine/reuse.py has one executor per kind)."""
+
+    VELOCITY = "velocity"  # the engine reuses or extrapolates whole velocities (SCOPE, Original)
+    STACK = "stack"  # TeaCache: the block stack's residual
+    MODULES = "modules"  # TaylorSeer: per-block module outputs forecast by Taylor series
+    BLOCKS = "blocks"  # Delta-DiT: a block range skipped, its delta added
+    CHUNKS = "chunks"  # FlowCache: per chunk, skipped chunks take their residual
+
+
 class Policy:
-    """Base class. Subclasses set `name` and `needs_feature` and implement `decide`."""
+    """Base class. Subclasses set `name` and what they need, and implement `decide`.
+
+    What the engine reads, all declared here with defaults:
+      needs_feature  compute the discrepancy (Eq. 4) before deciding
+      feature        the signal it is taken on (Feature.HOST: adapter.host_feature)
+      reuse          how Cache / Predict act (Reuse.VELOCITY: whole velocities)
+      chunk_sums     also give per-chunk sums (Discrepancy.chunks) and per-chunk states (ctx.chunks)
+      chunk          latent frames per chunk for those (None: the plan's causal block or chunk)
+    """
 
     name = "policy"
-    needs_feature = False  # whether the engine must compute the host feature
-    # What the engine needs beyond whole-velocity reuse (engine/reuse.py acts on these):
-    feature = "host"  # which pre-forward signal: host (adapter.host_feature) | temb | temb_mod | embed
-    reuse = "velocity"  # how Cache/Predict act: velocity | stack | modules | blocks | chunks
-    granularity = "iteration"  # iteration | chunk (per-chunk sums in Discrepancy.chunks, ctx.chunks)
-    interval = "plan"  # plan: the plan's compute interval | active: only the active frames' span
+    needs_feature = False
+    feature: Feature = Feature.HOST
+    reuse: Reuse = Reuse.VELOCITY
+    chunk_sums = False
+    chunk: int | None = None
 
     def decide(self, ctx: StepContext, disc: Discrepancy | None) -> Decision:
         raise NotImplementedError

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scopevid.errors import ConfigError
-from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, StepContext
+from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, Reuse, StepContext
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class DeltaDiTConfig:
 
 class DeltaDiT(Policy):
     needs_feature = False
-    reuse = "blocks"
+    reuse = Reuse.BLOCKS
 
     def __init__(self, cfg: DeltaDiTConfig, name: str = "deltadit"):
         self.cfg, self.name = cfg, name

@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scopevid.errors import ConfigError
-from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, StepContext
+from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, Reuse, StepContext
+from scopevid.scheduler.signals import Feature
 from scopevid.scheduler.policies.teacache import check_rescaled_rule, poly1d
 
 
@@ -49,13 +50,12 @@ class FlowCacheConfig:
 
 class FlowCache(Policy):
     needs_feature = True
-    reuse = "chunks"
-    granularity = "chunk"
-    interval = "active"
+    reuse = Reuse.CHUNKS
+    chunk_sums = True  # only the active chunks' span is forwarded: engine/reuse.py ChunkExecutor
 
     def __init__(self, cfg: FlowCacheConfig, name: str = "flowcache"):
         self.cfg, self.name = cfg, name
-        self.feature = cfg.feature
+        self.feature = Feature(cfg.feature)
         self.chunk = cfg.chunk
         self.acc: dict[int, float] = {}  # per chunk, since its last compute
         self.computed: set[int] = set()  # chunks computed in this window (they have a residual)

@@ -10,7 +10,7 @@ Recompute if any chunk needs it, else Predict if any chunk needs it, else Cache.
 are the paper's: lambda decay after Predict, reset after Recompute, at most H consecutive
 non-Recompute iterations; warmup applies per chunk (its first `warmup` iterations recompute).
 
-The engine fills `Discrepancy.chunks` for a policy that sets `chunk_feature_sums` (the chunk width).
+The engine fills `Discrepancy.chunks` for a policy that sets `chunk_sums` (chunks of `chunk` frames).
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ class ScopeChunkConfig(ScopeConfig):
 class ScopeChunk(Policy):
     name = "scope_chunk"
     needs_feature = True
+    chunk_sums = True
 
     def __init__(self, cfg: ScopeChunkConfig, name: str = "scope_chunk"):
         self.cfg, self.name = cfg, name
-        self.chunk_feature_sums = cfg.chunk  # asks the engine for per-chunk sums
+        self.chunk = cfg.chunk
         self.r: dict[int, float] = {}  # accumulated score per chunk after the last decision
         self.age: dict[int, int] = {}  # iterations a chunk has been scored
         self.run = 0  # consecutive non-Recompute iterations

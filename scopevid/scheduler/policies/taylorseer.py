@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scopevid.errors import ConfigError
-from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, StepContext
+from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, Reuse, StepContext
 
 GRANULARITIES = ("modules", "stack")
 
@@ -47,19 +47,11 @@ class TaylorSeerConfig:
 
 class TaylorSeer(Policy):
     needs_feature = False
-    reuse = "modules"
+    reuse = Reuse.MODULES
 
     def __init__(self, cfg: TaylorSeerConfig, name: str = "taylorseer"):
         self.cfg, self.name = cfg, name
         self.counter = 0  # forecast iterations since the last full compute (cache_counter)
-
-    @property
-    def order(self) -> int:
-        return self.cfg.order
-
-    @property
-    def granularity_level(self) -> str:
-        return self.cfg.granularity
 
     def decide(self, ctx: StepContext, disc: Discrepancy | None = None) -> Decision:
         cfg = self.cfg

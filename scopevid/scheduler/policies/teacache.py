@@ -23,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scopevid.errors import ConfigError
-from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, StepContext
+from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, Reuse, StepContext
+from scopevid.scheduler.signals import Feature
 
-FEATURES = ("host", "temb", "temb_mod", "embed")
+FEATURES = tuple(f.value for f in Feature)
 
 
 def check_rescaled_rule(cfg) -> None:
@@ -69,11 +70,11 @@ class TeaCacheConfig:
 
 class TeaCache(Policy):
     needs_feature = True
-    reuse = "stack"
+    reuse = Reuse.STACK
 
     def __init__(self, cfg: TeaCacheConfig, name: str = "teacache"):
         self.cfg, self.name = cfg, name
-        self.feature = cfg.feature
+        self.feature = Feature(cfg.feature)
         self.acc = 0.0  # accumulated rescaled distance since the last compute
         self._pending = 0.0
 

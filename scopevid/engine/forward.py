@@ -1,0 +1,182 @@
+"""The forward runner: every model call of a rollout goes through here.
+
+It owns what a forward needs besides the latents: this process's shard of the frames (the
+topology's layout), the clean re-forward of context frames whose K/V are not cached yet (never
+skipped, whatever the policy), the gather of velocities, FLOPs, and the discrepancy of Eq. 4,
+sequence-parallel aware, that SCOPE and every baseline decide on. The loop (engine.rollout) and the
+baselines' executors (engine.reuse) call it; neither touches the adapter or the topology directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from scopevid.adapters.base import Adapter, Conditioning, ForwardHooks, ForwardSpec, NoiseSchedule
+from scopevid.engine.state import RolloutState
+from scopevid.engine.topology import FrameKeyed, Topology
+from scopevid.scheduler.plan import Iteration
+from scopevid.scheduler.policies import Discrepancy, Mode
+from scopevid.scheduler.signals import Feature
+
+Levels = dict[int, tuple[float, float]]  # frame -> (sigma now, sigma after this iteration's step)
+
+
+@dataclass
+class ForwardResult:
+    velocity: dict[int, torch.Tensor]  # per forwarded frame of the request (clean fill excluded)
+    frames: list[int]  # the full sequence forwarded (clean fill first), unpadded
+    computed: int  # frames counted as forwarded (a partial forward counts its share of blocks)
+    flops: float
+
+
+@dataclass
+class Outcome:
+    """What one iteration did: the velocities of its active frames and how they were obtained."""
+
+    velocity: dict[int, torch.Tensor]
+    mode: Mode  # the mode really taken (a cheap decision that could not be served is a Recompute)
+    reason: str
+    computed: int = 0
+    flops: float = 0.0
+
+
+@dataclass
+class Timings:
+    """Seconds inside the adapter, for the engine-overhead benchmark (everything else is the engine)."""
+
+    forward: float = 0.0
+    feature: float = 0.0
+
+
+class ForwardRunner:
+    def __init__(self, adapter: Adapter, cond: Conditioning, topology: Topology, schedule: NoiseSchedule,
+                 state: RolloutState, device: torch.device, dtype: torch.dtype):
+        self.adapter, self.cond, self.topo, self.schedule, self.state = adapter, cond, topology, schedule, state
+        self.device, self.dtype = device, dtype
+        self.causal = adapter.capabilities.causal
+        h, w = adapter.latent_hw
+        self.shape = (adapter.latent_channels, h, w)
+        self.timings = Timings()
+        self._hook_frames: list[int] = []  # frames of the last hooked forward (hook state owners)
+
+    # --- Eq. 4 ---------------------------------------------------------------------------------
+    def discrepancy(self, it: Iteration, frames: list[int], levels: Levels, feature: Feature = Feature.HOST,
+                    chunk: int | None = None) -> Discrepancy | None:
+        """sum |phi_k - phi_{k-1}| and sum |phi_{k-1}| over `frames` (and, with `chunk`, per chunk of
+        `chunk` frames), each rank taking its shard, reduced over ranks in float64 in rank order.
+
+        phi is the policy's signal at this iteration; phi_{k-1} the previous one of the same frame,
+        kept on the rank that computed it and handed over when the shard layout moves. None when no
+        frame had a previous signal (the first iteration of a frame)."""
+        st = self.state
+        _, (lo, hi) = self.topo.layout(len(frames))
+        self.topo.migrate(st.feature_frames, frames, [st.features.keyed()])
+        mine = frames[lo:hi]
+        per: list[tuple[float, float]] = []
+        seen = 0
+        if mine:
+            x = torch.stack([st.latents[f] for f in mine])
+            s = torch.tensor([levels[f][0] for f in mine], device=self.device, dtype=torch.float32)
+            spec = ForwardSpec(frames=frames, origin=it.start, step=it.index, shard=(lo, min(hi, len(frames))))
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                if feature == Feature.HOST:
+                    phi = self.adapter.host_feature(x, s, self.cond, spec)
+                else:
+                    phi = self.adapter.named_feature(feature, x, s, self.cond, spec)
+            self.timings.feature += time.perf_counter() - t0
+            seen = st.features.seen(mine)
+            per = st.features.sums(mine, phi)
+        st.feature_frames = list(frames)
+        values = [sum(n for n, _ in per), sum(d for _, d in per), float(seen)]
+        chunks: list[int] = []
+        if chunk is not None:  # one vector whose layout every rank derives from the replicated frames
+            chunks = sorted({f // chunk for f in frames})
+            at = {c: i for i, c in enumerate(chunks)}
+            part = [0.0] * (2 * len(chunks))
+            for f, (n, d) in zip(mine, per):
+                part[2 * at[f // chunk]] += n
+                part[2 * at[f // chunk] + 1] += d
+            values += part
+        red = self.topo.allreduce(values)
+        if red[2] <= 0:
+            return None
+        part = red[3:]
+        by_chunk = tuple((c, part[2 * i], part[2 * i + 1]) for i, c in enumerate(chunks) if part[2 * i] > 0 or part[2 * i + 1] > 0)
+        return Discrepancy(red[0], red[1], by_chunk)
+
+    # --- the forward -----------------------------------------------------------------------------
+    def forward(self, it: Iteration, frames: list[int], levels: Levels, hooks: ForwardHooks | None = None,
+                context_to: int | None = None, hook_state: list[FrameKeyed] = ()) -> ForwardResult:
+        """Velocities of `frames` by one forward on this rank's shard (attention across shards).
+
+        Clean context frames whose K/V are not cached are forwarded first in the same call (the clean
+        re-forward that writes them); a forward whose hooks skip blocks writes no K/V, so it gets a
+        separate clean re-forward first. `context_to`: attend the clean frames before that frame
+        instead of the plan's context (FlowCache). `hook_state`: per-frame state of the hooks, handed
+        to the frames' owners in this forward's layout."""
+        st = self.state
+        context = list(it.context) if self.causal else []
+        if self.causal and context_to is not None:
+            context = [f for f in range(it.context.start, context_to) if f in st.final]
+        fill: list[int] = []
+        if context:
+            missing = [f for f in context if not st.kv.has(f)]
+            if missing:
+                first = context.index(missing[0])
+                fill, context = context[first:], context[:first]
+        if fill and hooks is not None and hooks.partial:
+            clean = self.forward(it, [], levels, context_to=context_to)
+            res = self.forward(it, frames, levels, hooks, context_to, hook_state)
+            return ForwardResult(res.velocity, res.frames, res.computed + clean.computed, res.flops + clean.flops)
+        seq = fill + frames
+        n_pad, (lo, hi) = self.topo.layout(len(seq))
+        full = seq + [-1] * (n_pad - len(seq))
+        if hook_state:
+            self.topo.migrate(self._hook_frames, seq, list(hook_state))
+            self._hook_frames = list(seq)
+        fill_set = set(fill)
+        clean = self.schedule.clean
+        rows, sig = [], []
+        for f in full[lo:hi]:
+            if f in fill_set:
+                rows.append(st.final[f])
+            elif f >= 0:
+                rows.append(st.latents[f])
+            else:
+                rows.append(torch.zeros(self.shape, device=self.device, dtype=self.dtype))
+        sigmas = tuple(clean if (f in fill_set or f < 0) else levels[f][0] for f in full)
+        x = torch.stack(rows)
+        s = torch.tensor(sigmas[lo:hi], device=self.device, dtype=torch.float32)
+        spec = ForwardSpec(
+            frames=full,
+            origin=it.start,
+            step=it.index,
+            context=context,
+            store=frozenset(fill) | frozenset(f for f in frames if self._is_clean(f, levels)) if self.causal else frozenset(),
+            kv=st.kv if self.causal else None,
+            causal=self.causal,
+            shard=(lo, hi),
+            sigmas=sigmas,
+        )
+        if hooks is not None:
+            spec = hooks.adjust(spec)
+            if hooks.partial:
+                spec = replace(spec, store=frozenset())
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.adapter.velocity(x, s, self.cond, spec, self.topo.attention, hooks)
+        vel = self.topo.gather(out, len(seq))
+        self.timings.forward += time.perf_counter() - t0
+        v = {f: vel[i] for i, f in enumerate(seq) if f not in fill_set}
+        branches = self.cond.branches
+        if hooks is not None and hooks.blocks_run is not None:  # frames counted by the share of blocks run
+            ran = round(len(seq) * hooks.blocks_run / max(hooks.depth, 1))
+            return ForwardResult(v, seq, ran, self.adapter.flops(len(seq), len(spec.context), hooks.blocks_run, branches))
+        return ForwardResult(v, seq, len(seq), self.adapter.flops(len(seq), len(spec.context), None, branches))
+
+    def _is_clean(self, f: int, levels: Levels) -> bool:
+        return f in self.state.final and levels[f][0] == self.schedule.clean
