@@ -1,5 +1,6 @@
 """The adapter contract (adapters/base.py), checked the same way for every adapter: tiny, SkyReels-V2
-(a tiny checkpoint built with diffusers' own classes) and MAGI-1 (the tiny official-layout fixture).
+(a tiny checkpoint built with diffusers' own classes; bidirectional, and block-causal with K/V context)
+and MAGI-1 (the tiny official-layout fixture).
 
 What the engine relies on, and nothing else: the declared capabilities, `prepare` giving the
 video's noise levels, a pure `encode_prompt`, velocities and features of exactly the frames given,
@@ -55,12 +56,14 @@ def _cases(skyreels_ckpt) -> dict[str, Case]:
         "tiny": Case("tiny", _tiny, "red square moving right", "blue square moving left", 2.0, df, [4, 5, 6, 7]),
         "skyreels_v2": Case("skyreels_v2", lambda: make_adapter(skyreels_ckpt, addnoise_condition=20), PROMPT, NEGATIVE, 5.0,
                             df, [4, 5, 6, 7]),
+        "skyreels_v2_block_causal": Case("skyreels_v2_block_causal", lambda: make_adapter(skyreels_ckpt, causal_attention=2),
+                                         PROMPT, NEGATIVE, 5.0, replace(df, unit=2), [4, 5, 6, 7]),
         "magi1": Case("magi1", lambda: fixture_adapter(vae=str(FX / "vae")), "a fox runs", "a red car", 1.0,
                       VideoFacts(num_steps=8, latent_frames=10, unit=2, chunked=True), [2, 3, 4, 5]),
     }
 
 
-@pytest.fixture(scope="module", params=["tiny", "skyreels_v2", "magi1"])
+@pytest.fixture(scope="module", params=["tiny", "skyreels_v2", "skyreels_v2_block_causal", "magi1"])
 def case(request, skyreels_ckpt) -> Case:
     return _cases(skyreels_ckpt)[request.param]
 

@@ -3,9 +3,10 @@
 Bidirectional attention within the window (`causal_attention: 0`, the official default) so Ulysses
 really carries attention across shards both ways; the UniPC solver, CFG and addnoise_condition as
 in the paper preset. Original and SCOPE-fast (the paper's thresholds, which on this random model cache
-often), selective computation `paper` and `off`: the 2-rank latents equal the 1-rank latents and the
-decisions are identical on both ranks at every iteration and equal to the 1-rank decisions.
-(tests/test_skyreels_v2.py has a further 2-rank case with block-causal attention.)
+often), selective computation `paper` and `off`, and TeaCache; with block-causal attention
+(`causal_attention: 2`, clean blocks served as cached K/V): SCOPE-fast and FlowCache with its per-chunk
+K/V buffers (clean re-forward, and the official last-step K/V). The 2-rank latents equal the 1-rank
+latents and the decisions are identical on both ranks at every iteration and equal to 1 rank's.
 """
 
 from __future__ import annotations
@@ -21,8 +22,16 @@ from scopevid.engine.topology import LocalTopology
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-CASES = [("paper", "original"), ("paper", "scope-fast"), ("off", "scope-fast")]
-IDS = [f"selective-{s}-{p}" for s, p in CASES]
+BASELINES = {  # raw distances (coefficients [1, 0]): the published polynomials are for the released weights
+    "tc": {"kind": "teacache", "thresh": 0.5, "ret_steps": 2, "feature": "temb_mod", "coefficients": [1.0, 0.0]},
+    "fc": {"kind": "flowcache", "thresh": 0.5, "ret_steps": 1, "feature": "temb_mod", "coefficients": [1.0, 0.0]},
+    "fc-last": {"kind": "flowcache", "thresh": 0.5, "ret_steps": 1, "feature": "temb_mod", "coefficients": [1.0, 0.0],
+                "finished_kv": "last_step"},
+}
+# (selective, policy, causal_attention = causal_block_size)
+CASES = [("paper", "original", 0), ("paper", "scope-fast", 0), ("off", "scope-fast", 0), ("paper", "tc", 0),
+         ("paper", "scope-fast", 2), ("paper", "fc", 2), ("paper", "fc-last", 2)]
+IDS = [f"selective-{s}-{p}" + ("-block-causal" if b else "") for s, p, b in CASES]
 
 
 def _suite(topo, cases):
@@ -35,16 +44,17 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sp_skyreels")
     ckpt = sky.build_tiny_checkpoint(tmp / "SkyReels-V2-DF-tiny")
     cases = []
-    for i, (selective, policy) in enumerate(CASES):
+    for i, (selective, policy, block) in enumerate(CASES):
         raw = {
             "model": {"kind": "skyreels_v2", "path": str(ckpt), "height": sky.H, "width": sky.W,
-                      "max_sequence_length": sky.TEXT_LEN, "addnoise_condition": 20, "causal_attention": 0},
+                      "max_sequence_length": sky.TEXT_LEN, "addnoise_condition": 20, "causal_attention": block},
             "prompt": sky.PROMPT, "negative_prompt": sky.NEGATIVE, "guidance": 5.0, "frames": 29, "seed": 0,
             "solver": "unipc",
             "schedule": {"kind": "diffusion_forcing", "steps": 6, "base_num_frames": 13, "overlap_history": 5,
-                         "ar_step": 1, "causal_block_size": 1, "selective": selective},
+                         "ar_step": 1, "causal_block_size": max(block, 1), "selective": selective},
             "policy": policy,
             "policy_presets": str(ROOT / "configs" / "policies" / "skyreels_v2.yaml"),
+            "policies": BASELINES,
         }
         path = tmp / f"case{i}.yaml"
         path.write_text(yaml.safe_dump(raw))
@@ -68,5 +78,13 @@ def test_skyreels_two_ranks_match_one_rank(runs, i):
     assert r0["modes"] == ref["modes"] and r0["digest"] == ref["digest"]
     if CASES[i][1] != "original":
         assert r0["counts"]["cache"] + r0["counts"]["predict"] > 0, r0["counts"]
-    if CASES[i][0] == "paper":  # odd compute intervals occur: the padding rule is exercised here too
+    if CASES[i][0] == "paper" and not CASES[i][2]:  # odd compute intervals: the padding rule is exercised too
         assert any((hi - lo) % 2 for (*_, lo, hi) in r0["records"])
+    assert r0["frame_forwards"] == ref["frame_forwards"]
+
+
+def test_last_step_kv_saves_the_clean_reforward(runs):
+    """FlowCache's official finished-chunk K/V (last noisy compute) replace the engine's clean re-forward."""
+    one, _ = runs
+    clean, last = one[IDS.index("selective-paper-fc-block-causal")], one[IDS.index("selective-paper-fc-last-block-causal")]
+    assert last["frame_forwards"] < clean["frame_forwards"]

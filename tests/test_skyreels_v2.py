@@ -128,7 +128,7 @@ def test_forward_equals_diffusers_and_keeps_absolute_positions(ckpt):
         for origin in (0, 7):  # frames 7..10 of a window starting at 7 are positions 0..3
             spec = ForwardSpec(frames=list(range(origin, origin + 4)), origin=origin, causal=False)
             ours = ad.net.forward(x, t, cond.cond.embeds, cond.cond.context, spec.local_positions(),
-                                  ad._attention_spec(spec), local_attention, ad.fps_id)
+                                  ad._attention_spec(spec, "cond"), local_attention, ad.fps_id)
             torch.testing.assert_close(ours, ref(x, t), rtol=0, atol=1e-6)
     tr.register_to_config(num_frame_per_block=1)
     # a cropped forward keeps absolute positions: frames 2..3 of a window use RoPE rows 2..3
@@ -431,22 +431,24 @@ def test_baselines_run_on_skyreels(ckpt, tmp_path, spec):
     assert 0 < (a - b).abs().mean() < 0.25  # reuse changed the video, and did not wreck it
 
 
-def test_shipped_baseline_presets_fit_the_adapter_but_flowcache(ckpt):
+def test_shipped_baseline_presets_fit_the_adapter(ckpt):
     """Every baseline preset of configs/policies/skyreels_v2.yaml finds its hooks and signal on the
-    adapter; FlowCache stops with a line naming the K/V context it lacks."""
+    adapter. FlowCache needs block-causal attention (causal_attention N > 1: its per-chunk K/V
+    buffers); with the official bidirectional default it stops with a line naming what it lacks."""
     from scopevid.engine import reuse
     from scopevid.scheduler.policies import build
 
-    ad = make_adapter(ckpt)
+    bidirectional, block_causal = make_adapter(ckpt), make_adapter(ckpt, causal_attention=2)
     presets = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "policies" / "skyreels_v2.yaml").read_text())
     for name, spec in presets.items():
         if spec["kind"] in ("original", "scope"):
             continue
+        assert reuse.for_policy(build(spec, name), block_causal, PLAN_DF) is not None
         if spec["kind"] == "flowcache":
             with pytest.raises(ConfigError, match="serves no K/V context"):
-                reuse.for_policy(build(spec, name), ad, PLAN_DF)
+                reuse.for_policy(build(spec, name), bidirectional, PLAN_DF)
         else:
-            assert reuse.for_policy(build(spec, name), ad, PLAN_DF) is not None
+            assert reuse.for_policy(build(spec, name), bidirectional, PLAN_DF) is not None
 
 
 # ----------------------------------------------------------------------------- sequence parallelism

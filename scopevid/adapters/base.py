@@ -254,7 +254,7 @@ class Adapter(ABC):
     """
 
     name: ClassVar[str]
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    capabilities: Capabilities = Capabilities()  # a class default; an adapter may set its own per instance
     latent_channels: int
     latent_hw: tuple[int, int]
     temporal_compression: int  # pixel frames per latent frame after the first

@@ -45,10 +45,19 @@ class Outcome:
 
 @dataclass
 class Timings:
-    """Seconds inside the adapter, for the engine-overhead benchmark (everything else is the engine)."""
+    """Where a rollout's seconds go, for the engine-overhead benchmark: `loop` is everything the
+    rollout does per iteration (admission, discrepancy, decision, action, solver step, logging,
+    eviction; not what the caller does with the frames it yields), `forward` and `feature` the part
+    of it inside the adapter (model forwards with their gather, pre-forward signals)."""
 
+    loop: float = 0.0
     forward: float = 0.0
     feature: float = 0.0
+
+    @property
+    def overhead(self) -> float:
+        """Seconds of the loop outside the model: the engine's own cost."""
+        return self.loop - self.forward - self.feature
 
 
 class ForwardRunner:
@@ -73,7 +82,7 @@ class ForwardRunner:
         frame had a previous signal (the first iteration of a frame)."""
         st = self.state
         _, (lo, hi) = self.topo.layout(len(frames))
-        self.topo.migrate(st.feature_frames, frames, [st.features.keyed()])
+        self.topo.migrate(st.feature_frames, frames, st.features.keyed())
         mine = frames[lo:hi]
         per: list[tuple[float, float]] = []
         seen = 0

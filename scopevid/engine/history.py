@@ -51,23 +51,28 @@ class VelocityHistory:
 
 
 class FeatureMemory:
-    """The previous pre-forward feature per frame, for the discrepancy of Eq. 4."""
+    """The previous pre-forward feature per frame, for the discrepancy of Eq. 4, with its L1 norm
+    (computed once, when it is stored, in float64)."""
 
     def __init__(self) -> None:
         self._phi: dict[int, torch.Tensor] = {}
+        self._norm: dict[int, float] = {}
 
     def sums(self, frames: list[int], phi: torch.Tensor) -> list[tuple[float, float]]:
         """Per frame (sum |phi - phi_prev|, sum |phi_prev|) in float64, (0, 0) for a frame without a
         previous feature; then phi becomes every frame's previous feature."""
-        out = []
+        out = [(0.0, 0.0)] * len(frames)
+        cur = phi.detach().double().flatten(1)  # batched: a Python loop of small ops costs more
+        have = [i for i, f in enumerate(frames) if f in self._phi]
+        if have:
+            prev = torch.stack([self._phi[frames[i]] for i in have]).double().flatten(1)
+            num = (cur[have] - prev).abs().sum(1).tolist()
+            for j, i in enumerate(have):
+                out[i] = (num[j], self._norm[frames[i]])
+        norms = cur.abs().sum(1).tolist()
         for i, f in enumerate(frames):
-            prev = self._phi.get(f)
-            if prev is None:
-                out.append((0.0, 0.0))
-            else:
-                cur = phi[i].double()
-                out.append((float((cur - prev.double()).abs().sum()), float(prev.double().abs().sum())))
             self._phi[f] = phi[i].detach().clone()
+            self._norm[f] = norms[i]
         return out
 
     def seen(self, frames: list[int]) -> int:
@@ -75,7 +80,7 @@ class FeatureMemory:
 
     def drop_before(self, frame: int) -> None:
         for f in [f for f in self._phi if f < frame]:
-            del self._phi[f]
+            del self._phi[f], self._norm[f]
 
     def __len__(self) -> int:
         return len(self._phi)
@@ -83,12 +88,13 @@ class FeatureMemory:
     def frames(self) -> set[int]:
         return set(self._phi)
 
-    def keyed(self) -> FrameKeyed:
+    def keyed(self) -> list[FrameKeyed]:
         """For Topology.migrate: the previous feature of a frame lives on the rank that computed it."""
-        return FrameKeyed(self._phi)
+        return [FrameKeyed(self._phi), FrameKeyed(self._norm)]
 
     def state_dict(self) -> dict:
-        return dict(self._phi)
+        return {"phi": dict(self._phi), "norm": dict(self._norm)}
 
     def load_state_dict(self, state: dict) -> None:
-        self._phi = {int(f): t for f, t in state.items()}
+        self._phi = {int(f): t for f, t in state["phi"].items()}
+        self._norm = {int(f): float(n) for f, n in state["norm"].items()}

@@ -66,8 +66,14 @@ class ResidualHooks(ForwardHooks):
 
 
 def _get(store: dict, key, like: torch.Tensor) -> torch.Tensor:
+    """The recorded tensor of `key` (branch, frame, ...); zeros for a padding row (frame -1) only.
+    A real frame without an entry is a bug (its state was not handed to this rank), never zeros."""
     got = store.get(key)
-    return torch.zeros_like(like) if got is None else got  # padding rows (frame -1) only
+    if got is not None:
+        return got
+    if key[1] >= 0:
+        raise RuntimeError(f"reuse: no recorded state for {key} on this process (hook state not handed over)")
+    return torch.zeros_like(like)
 
 
 class TaylorHooks(ForwardHooks):
@@ -89,7 +95,7 @@ class TaylorHooks(ForwardHooks):
         for i, f in enumerate(ctx.frames):
             entry = self.store.get((ctx.branch, f))
             if entry is None:
-                rows.append(torch.zeros_like(like[i]))
+                rows.append(_get(self.store, (ctx.branch, f), like[i]))  # padding only
                 continue
             d = self.step - entry["step"]
             rows.append(sum(fi * (d**k / math.factorial(k)) for k, fi in enumerate(entry["factors"][name])))

@@ -172,22 +172,26 @@ class Rollout:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> Iterator[tuple[int, torch.Tensor]]:
-        st = self.state
+        st, timings = self.state, self.runner.timings
         for it in self.plan.iterations():
             if it.serial < st.next_serial:
                 continue  # done before the checkpoint this rollout was restored from
             if self.before_iteration is not None:
                 self.before_iteration(it, st.next_emit)
+            t0 = time.perf_counter()
             self._admit(it)
             rec = self._iterate(it)
             st.next_serial = it.serial + 1
             if self.on_step is not None:
                 self.on_step(rec)
+            timings.loop += time.perf_counter() - t0
             while st.next_emit in st.final:
                 yield st.next_emit, st.final[st.next_emit]
                 st.next_emit += 1
+            t0 = time.perf_counter()
             # frames before the window and its context are final and already emitted (in order, above)
             st.evict_before(it.frames[0] if it.context_start is None else min(it.context_start, it.frames[0]))
+            timings.loop += time.perf_counter() - t0
 
     def _iterate(self, it: Iteration) -> StepRecord:
         t0 = time.perf_counter()
@@ -281,14 +285,13 @@ class Rollout:
         """The predictor's extrapolation of every active frame, or None when the stability check
         (non-finite values, or a step too far from the last velocity) rejects it; clipped if asked."""
         hist = self.state.history
-        out, delta_sq, ref_sq, bad = {}, 0.0, 0.0, 0.0
-        for f in active:
-            vk = hist.last(f)
-            vh = self.predict(hist.get(f), levels[f][0])
-            out[f] = vh
-            bad += float((~torch.isfinite(vh)).sum())
-            delta_sq += float((vh.double() - vk.double()).pow(2).sum())
-            ref_sq += float(vk.double().pow(2).sum())
+        out = {f: self.predict(hist.get(f), levels[f][0]) for f in active}
+        vh = torch.stack([out[f] for f in active]).double().flatten(1)
+        vk = torch.stack([hist.last(f) for f in active]).double().flatten(1)
+        bad = float((~torch.isfinite(vh)).sum())
+        # per-frame float64 sums added in frame order: the same sums whatever the batching
+        delta_sq = sum((vh - vk).pow(2).sum(1).tolist())
+        ref_sq = sum(vk.pow(2).sum(1).tolist())
         ok, scale = self.stability.verdict(delta_sq, ref_sq, bad)
         if not ok:
             return None

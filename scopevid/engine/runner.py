@@ -192,7 +192,7 @@ def run_once(
         if checkpoint is not None:
             checkpoint.close()
     wall = time.perf_counter() - t0 + wall_before
-    st = rollout.state.stats
+    st, timings = rollout.state.stats, rollout.runner.timings
     summary = {
         "policy": policy_name,
         "policy_spec": spec,
@@ -208,7 +208,8 @@ def run_once(
         "mean_compute_interval": totals.compute / max(1, totals.rows),
         "mean_valid_interval": totals.valid / max(1, totals.rows),
         "decision_digest": totals.digest.hexdigest(),
-        "engine_seconds": {"forward": rollout.runner.timings.forward, "feature": rollout.runner.timings.feature},
+        "engine_seconds": {"loop": timings.loop, "forward": timings.forward, "feature": timings.feature,
+                           "overhead": timings.overhead, "overhead_share": timings.overhead / max(timings.loop, 1e-12)},
     }
     if quality is not None:
         summary.update(quality.result())

@@ -71,13 +71,6 @@ def clean_prompt(text: str) -> str:
 
 class SkyReelsV2Adapter(Adapter):
     name = "skyreels_v2"
-    # bidirectional within the window (the engine never serves K/V context); hooks for the baselines;
-    # TeaCache's signals e and e0
-    capabilities = Capabilities(
-        causal=False,
-        hook_points=frozenset({HookPoint.STACK, HookPoint.BLOCK}),
-        features=frozenset({Feature.TEMB, Feature.TEMB_MOD}),
-    )
     NOISE_SIGMA, CLEAN_SIGMA = 1.0, 0.0  # map to timesteps 999 and 0
 
     def __init__(
@@ -118,6 +111,15 @@ class SkyReelsV2Adapter(Adapter):
             n = int(parts.transformer.config.num_frame_per_block)
             causal_attention = n if n > 1 else 0
         self.block_causal = int(causal_attention)
+        # Bidirectional within the window (the official default): the engine never serves K/V context.
+        # Block-causal (causal_attention N > 1): a block attends itself and earlier blocks only, so clean
+        # blocks are served as cached K/V (selective computation exact, FlowCache's per-chunk K/V
+        # buffers). Hooks for the baselines; TeaCache's signals e and e0.
+        self.capabilities = Capabilities(
+            causal=self.block_causal > 1,
+            hook_points=frozenset({HookPoint.STACK, HookPoint.BLOCK}),
+            features=frozenset({Feature.TEMB, Feature.TEMB_MOD}),
+        )
         self.max_sequence_length = int(max_sequence_length)
         from diffusers import UniPCMultistepScheduler
 
@@ -284,21 +286,24 @@ class SkyReelsV2Adapter(Adapter):
         x, t = self._inputs(x, sigma, spec, noise=False)
         return self.net.host_feature(x, t, cond.cond.embeds, self.fps_id)
 
-    def _attention_spec(self, spec: ForwardSpec) -> ForwardSpec:
-        """What `attention` sees: no K/V context, and the model's frame mask as key ranges.
+    def _attention_spec(self, spec: ForwardSpec, branch: str) -> ForwardSpec:
+        """What `attention` sees: the model's frame mask as key ranges over the forwarded frames and,
+        block-causal only, the cached K/V of `spec.context` (this CFG branch's).
 
-        Every frame attends every forwarded frame (bidirectional), or, with block-causal attention,
-        the forwarded frames up to the end of its own block (blocks of `block_causal` frames counted
-        from the window start, as diffusers builds its mask). Key ranges let local_attention run one
-        mask-free SDPA per group of frames instead of a dense [S, S] mask."""
+        Bidirectional: every frame attends every forwarded frame. Block-causal: a frame attends the
+        context and the forwarded frames up to the end of its own block (blocks of `block_causal`
+        frames counted from the window start, as diffusers builds its mask). Key ranges let
+        local_attention run one mask-free SDPA per group of frames instead of a dense [S, S] mask."""
         real = [f for f in spec.frames if f >= 0]
-        lo, hi = (min(real), max(real) + 1) if real else (0, 0)
         n = self.block_causal
-        if n > 1:
-            ranges = tuple((lo, min(hi, spec.origin + ((f - spec.origin) // n + 1) * n)) if f >= 0 else (lo, hi) for f in spec.frames)
-        else:
-            ranges = ((lo, hi),) * len(spec.frames)
-        return replace(spec, key_ranges=ranges, causal=False, context=[], store=frozenset(), kv=None)
+        if n <= 1:
+            lo, hi = (min(real), max(real) + 1) if real else (0, 0)
+            return replace(spec, key_ranges=((lo, hi),) * len(spec.frames), causal=False, context=[], store=frozenset(), kv=None)
+        keys = real + list(spec.context)
+        lo, hi = (min(keys), max(keys) + 1) if keys else (0, 0)
+        ranges = tuple((lo, min(hi, spec.origin + ((f - spec.origin) // n + 1) * n)) if f >= 0 else (lo, hi) for f in spec.frames)
+        kv = spec.kv.branch(branch) if spec.kv is not None else None
+        return replace(spec, key_ranges=ranges, causal=False, kv=kv)
 
     @torch.no_grad()
     def named_feature(self, kind: Feature, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
@@ -319,14 +324,14 @@ class SkyReelsV2Adapter(Adapter):
         """Guided flow velocity [F, C, h, w] (float32) for exactly the frames given."""
         x, t = self._inputs(x, sigma, spec, noise=True)
         pos = spec.local_positions()
-        aspec = self._attention_spec(spec)
         p = cond.cond
         extra = {} if hooks is None else {"hooks": hooks, "branch": "cond"}
-        v = self.net.forward(x, t, p.embeds, p.context, pos, aspec, attention, self.fps_id, **extra)
+        v = self.net.forward(x, t, p.embeds, p.context, pos, self._attention_spec(spec, "cond"), attention, self.fps_id, **extra)
         if cond.uncond is not None and cond.guidance > 1.0:
             u = cond.uncond
             extra = {} if hooks is None else {"hooks": hooks, "branch": "uncond"}
-            vu = self.net.forward(x, t, u.embeds, u.context, pos, aspec, attention, self.fps_id, **extra)
+            vu = self.net.forward(x, t, u.embeds, u.context, pos, self._attention_spec(spec, "uncond"), attention, self.fps_id,
+                                  **extra)
             v = vu + cond.guidance * (v - vu)
         return v.float()
 
@@ -341,4 +346,4 @@ class SkyReelsV2Adapter(Adapter):
         return torch.cat([dec.push(z) for z in latents])
 
     def flops(self, frames: int, context: int = 0, blocks: int | None = None, branches: int = 1) -> float:
-        return branches * self.net.flops(frames, self.tokens_per_frame, self.max_sequence_length, blocks)
+        return branches * self.net.flops(frames, self.tokens_per_frame, self.max_sequence_length, blocks, context)

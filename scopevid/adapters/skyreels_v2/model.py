@@ -218,13 +218,14 @@ class DFTransformer:
         return a.to_out[1](a.to_out[0](o))
 
     # --- cost --------------------------------------------------------------------------------
-    def flops(self, frames: int, tokens_per_frame: int, text_len: int, blocks: int | None = None) -> float:
-        """Multiply-adds x 2 of one forward on `frames` frames (one CFG branch) that ran `blocks` of
-        its blocks per frame (reuse hooks skip some; default all)."""
+    def flops(self, frames: int, tokens_per_frame: int, text_len: int, blocks: int | None = None, context: int = 0) -> float:
+        """Multiply-adds x 2 of one forward on `frames` frames (one CFG branch) attending `context`
+        cached frames, that ran `blocks` of its blocks per frame (reuse hooks skip some; default all)."""
         s, d, L = frames * tokens_per_frame, self.dim, text_len
+        keys = s + context * tokens_per_frame
         per_layer = (
             2 * s * 4 * d * d  # q, k, v, out projections
-            + 2 * 2 * s * s * d  # QK^T and AV
+            + 2 * 2 * s * keys * d  # QK^T and AV
             + 2 * s * 2 * d * d + 2 * L * 2 * d * d  # cross-attention q/out and k/v (text)
             + 2 * 2 * s * L * d  # cross-attention scores and values
             + 2 * s * 2 * d * self.ffn  # feed-forward
