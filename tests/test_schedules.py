@@ -404,3 +404,25 @@ def test_chunk_causal_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as e:
         ChunkCausalPlan(**kwargs)
     assert str(e.value).startswith(field + ":"), str(e.value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4))
+def test_chunk_causal_rows_equal_the_full_staircase(latent, chunk, wc, sps):
+    """The chunk-causal plan computes each row in closed form over the window only (constant memory per
+    row); it must equal the SkyReels-style staircase built over every chunk of the video."""
+    from scopevid.scheduler.schedules import staircase, update_masks
+
+    steps = wc * sps
+    plan = ChunkCausalPlan(latent, chunk, wc, steps)
+    rows = staircase(plan.num_chunks, steps, sps)
+    masks = update_masks(rows, steps)
+    its = list(plan.iterations())
+    assert len(its) == len(rows) == plan.num_iterations()
+    for it, row, mask in zip(its, rows, masks):
+        act = [c for c, m in enumerate(mask) if m]
+        lo, hi = act[0], act[-1] + 1
+        n = min(hi * chunk, latent) - lo * chunk
+        assert it.start == lo * chunk
+        assert it.progress == tuple(u for u in row[lo:hi] for _ in range(chunk))[:n]
+        assert it.update == tuple(m for m in mask[lo:hi] for _ in range(chunk))[:n]

@@ -233,16 +233,24 @@ class ChunkCausalPlan:
     def num_chunks(self) -> int:
         return -(-self.latent_frames // self.chunk)
 
+    def progress(self, chunk: int, row: int) -> int:
+        """Chunk `chunk`'s progress at iteration `row`: the staircase with ar_step = steps_per_stage in
+        closed form (each chunk starts steps_per_stage iterations after its predecessor and advances one
+        step per iteration), so a row costs the window, not the whole video."""
+        return min(max(row + 1 - chunk * self.steps_per_stage, 0), self.num_steps + 1)
+
     def iterations(self) -> Iterator[Iteration]:
-        rows = staircase(self.num_chunks, self.num_steps, self.steps_per_stage)
-        masks = update_masks(rows, self.num_steps)
-        for i, (row, mask) in enumerate(zip(rows, masks)):
-            act = [c for c, m in enumerate(mask) if m]
-            lo_chunk, hi_chunk = act[0], act[-1] + 1
+        t, sps = self.num_steps, self.steps_per_stage
+        for i in range(self.num_iterations()):
+            # active: progress moved (1 <= i + 1 - c * sps) and is not terminal (<= T)
+            lo_chunk = max(0, -(-(i + 1 - t) // sps))
+            hi_chunk = min(self.num_chunks, i // sps + 1)
+            row = [self.progress(c, i) for c in range(lo_chunk, hi_chunk)]
+            mask = [True] * len(row)
             start = lo_chunk * self.chunk
             end = min(hi_chunk * self.chunk, self.latent_frames)
-            prog = _expand(row[lo_chunk:hi_chunk], self.chunk)[: end - start]
-            upd = _expand(mask[lo_chunk:hi_chunk], self.chunk)[: end - start]
+            prog = _expand(row, self.chunk)[: end - start]
+            upd = _expand(mask, self.chunk)[: end - start]
             yield Iteration(
                 window=0,
                 index=i,
