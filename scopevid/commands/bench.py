@@ -1,10 +1,10 @@
-"""`scopevid bench [policies|sp|scaling] ...`: side-by-side benchmarks.
+"""`scopevid bench [policies|sp|scaling|memory] ...`: side-by-side benchmarks.
 
 `bench` (or `bench policies`) runs Original and the given policies in one process on the same seeds
 and prompt and writes DIR/bench.parquet (one row per run), DIR/steps/*.parquet (per-iteration logs),
 the PNG figures of the paper (Table 1 frontier, Fig. 6 timeline, Fig. 8 length, Table 2 thresholds,
-Fig. 7 H) and DIR/summary.md. `bench sp` and `bench scaling` are other benchmarks in their own
-modules (commands/bench_sp.py, commands/bench_scaling.py), dispatched here when present.
+Fig. 7 H) and DIR/summary.md. `bench sp`, `bench scaling` and `bench memory` are other benchmarks in
+their own modules (commands/bench_sp.py, bench_scaling.py, bench_memory.py), dispatched here when present.
 
     scopevid bench --config configs/tiny.yaml --policies original,scope-slow,scope-fast,teacache-slow \\
         --frames 97,257 --seeds 0,1 --out out/bench [--selective on,off] [--predictors taylor1,taylor2] \\
@@ -23,11 +23,12 @@ from pathlib import Path
 
 from scopevid.errors import ConfigError
 
-KINDS = {"policies": None, "sp": "scopevid.commands.bench_sp", "scaling": "scopevid.commands.bench_scaling"}
+KINDS = {"policies": None, "sp": "scopevid.commands.bench_sp", "scaling": "scopevid.commands.bench_scaling",
+         "memory": "scopevid.commands.bench_memory"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="bench_kind", metavar="{policies,sp,scaling}")
+    sub = p.add_subparsers(dest="bench_kind", metavar="{" + ",".join(KINDS) + "}")
     pol = sub.add_parser("policies", help="policies side by side (the default)", description=__doc__.split("\n\n")[1])
     add_policy_arguments(pol)
     for kind, mod in KINDS.items():
