@@ -65,8 +65,9 @@ class FeatureMemory:
         cur = phi.detach().double().flatten(1)  # batched: a Python loop of small ops costs more
         have = [i for i, f in enumerate(frames) if f in self._phi]
         if have:
-            prev = torch.stack([self._phi[frames[i]] for i in have]).double().flatten(1)
-            num = (cur[have] - prev).abs().sum(1).tolist()
+            prev = torch.stack([self._phi[frames[i]] for i in have]).flatten(1).double()
+            mine = cur if len(have) == len(frames) else cur[have]
+            num = (mine - prev).abs_().sum(1).tolist()
             for j, i in enumerate(have):
                 out[i] = (num[j], self._norm[frames[i]])
         norms = cur.abs().sum(1).tolist()
