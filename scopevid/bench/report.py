@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 
 MEAN_KEYS = ("wall_seconds", "speedup", "cpu_seconds", "cpu_speedup", "forwards", "frame_forwards", "flops", "flops_speedup", "psnr", "ssim",
-             "lpips", "peak_memory_mb", "recompute", "cache", "predict", "fallbacks", "iterations")
+             "lpips", "peak_memory_mb", "recompute", "cache", "predict", "fallbacks", "iterations", "engine_overhead_share")
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -71,8 +71,8 @@ def main_table(agg: list[dict], frames: int) -> list[str]:
     lines = [
         f"### {frames} frames",
         "",
-        "| Method | Time (s) | Speedup | CPU speedup | GFLOPs | FLOPs speedup | Forwards | PSNR (dB) | SSIM | LPIPS | Peak mem (MB) | Cache/Predict/Recompute |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| Method | Time (s) | Speedup | CPU speedup | GFLOPs | FLOPs speedup | Forwards | PSNR (dB) | SSIM | LPIPS | Peak mem (MB) | Cache/Predict/Recompute | Engine overhead |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for a in agg:
         if a["frames"] != frames or a["sweep"] not in ("main", "selective"):
@@ -82,7 +82,8 @@ def main_table(agg: list[dict], frames: int) -> list[str]:
         lines.append(
             f"| {a['policy']} | {a['wall_seconds']:.1f} ± {a['wall_std']:.1f} | {a['speedup']:.2f}x | {a['cpu_speedup']:.2f}x | {a['flops'] / 1e9:.1f} | "
             f"{a['flops_speedup']:.2f}x | {a['forwards']:.1f} | {psnr} | {ssim} | {_f(a['lpips'], '{:.4f}', 'null')} | "
-            f"{_f(a['peak_memory_mb'], '{:.0f}')} | {a['cache']:.0f}/{a['predict']:.0f}/{a['recompute']:.0f} |"
+            f"{_f(a['peak_memory_mb'], '{:.0f}')} | {a['cache']:.0f}/{a['predict']:.0f}/{a['recompute']:.0f} | "
+            f"{_f(a['engine_overhead_share'] * 100 if a['engine_overhead_share'] is not None else None, '{:.1f}%')} |"
         )
     return lines + [""]
 

@@ -30,7 +30,7 @@ ROW_FIELDS = [
     "model", "policy", "base_policy", "kind", "sweep", "frames", "seed", "selective", "predictor", "horizon",
     "tau_c", "tau_p", "wall_seconds", "speedup", "cpu_seconds", "cpu_speedup", "forwards", "frame_forwards", "flops", "flops_speedup",
     "psnr", "ssim", "lpips", "peak_memory_mb", "memory_kind", "recompute", "cache", "predict", "fallbacks",
-    "iterations", "decision_digest", "threads",
+    "iterations", "decision_digest", "threads", "loop_seconds", "forward_seconds", "feature_seconds", "engine_overhead_share",
 ]
 
 
@@ -221,6 +221,11 @@ def run_row(cfg: RunConfig, adapter, variant: Variant | None, frames: int, seed:
         "iterations": s["iterations"],
         "decision_digest": s["decision_digest"],
         "threads": threads or torch.get_num_threads(),
+        # where the rollout's time goes: inside the model (forwards, pre-forward signals) or the engine
+        "loop_seconds": s["engine_seconds"]["loop"],
+        "forward_seconds": s["engine_seconds"]["forward"],
+        "feature_seconds": s["engine_seconds"]["feature"],
+        "engine_overhead_share": s["engine_seconds"]["overhead_share"],
     }
     if lpips is not None and reference is not None and store is not None:
         row["lpips"] = mean_lpips(lpips, store, reference)
