@@ -26,7 +26,13 @@ def test_bench_memory_table_and_bad_frames(tiny_config, tmp_path, capsys):
     floor = rows[0]["baseline_mb"]  # one import-only child per config: the same for every row
     assert floor > 50 and all(r["baseline_mb"] == floor for r in rows), rows
     assert all(r["above_baseline_mb"] == r["peak_rss_mb"] - floor for r in rows), rows
-    assert rows[0]["ratio_above_first"] == 1.0 and rows[1]["ratio_above_first"] is not None
+    # the growth ratio needs the smallest run to add something measurable above the import-only child
+    # (a tiny random model may add less than the allocator's noise)
+    if rows[0]["above_baseline_mb"] > 0:
+        assert rows[0]["ratio_above_first"] == 1.0
+        assert rows[1]["ratio_above_first"] == rows[1]["above_baseline_mb"] / rows[0]["above_baseline_mb"]
+    else:
+        assert rows[0]["ratio_above_first"] is None and rows[1]["ratio_above_first"] is None
     assert (out / "runs" / "tiny_test-baseline.err").is_file()
     assert (out / "runs" / "tiny_test-25" / "summary.json").is_file()
     md = (out / "memory.md").read_text()

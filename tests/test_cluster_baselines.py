@@ -10,12 +10,9 @@ stay with each rank's heads. All cases share one 2-rank process group (one start
 from __future__ import annotations
 
 import pytest
-import torch
 
-from conftest import ROOT, write_tiny_config
-from scopevid.cluster.launch import spawn
+from conftest import assert_two_ranks_match_one, one_and_two_ranks, write_tiny_config
 from scopevid.cluster.worker import collect_rollout
-from scopevid.engine.topology import LocalTopology
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -53,22 +50,14 @@ def runs(tmp_path_factory):
         d = tmp_path_factory.mktemp(f"bcase{i}")
         paths.append(str(write_tiny_config(d, schedule=sched, policy=policy, frames=20, policies=POLICIES)))
     cases = [(p, policy) for p, (_, _, policy) in zip(paths, CASES)]
-    one = [collect_rollout(LocalTopology(), p, policy, check_decisions=True) for p, policy in cases]
-    two = spawn("test_cluster_baselines:_suite", 2, args=(cases,), timeout_s=360, threads=1, dist_timeout_s=60,
-                env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
-    return one, two
+    return one_and_two_ranks("test_cluster_baselines:_suite", cases, timeout_s=360)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)
 def test_baseline_two_ranks_match_one_rank(runs, i):
     one, two = runs
     ref, r0, r1 = one[i], two[0][i], two[1][i]
-    assert r0["frames"] == r1["frames"] == ref["frames"] == list(range(ref["latent_frames"]))
-    assert torch.equal(r0["latents"], r1["latents"])
-    diff = float((r0["latents"] - ref["latents"]).abs().max())
-    assert diff <= TOL, f"2-rank video differs from 1-rank by {diff}"
-    assert r0["records"] == r1["records"]
-    assert r0["modes"] == ref["modes"] and r0["digest"] == ref["digest"]
+    assert_two_ranks_match_one(ref, r0, r1, TOL)
     assert [rec[:3] for rec in r0["records"]] == [rec[:3] for rec in ref["records"]]  # serial, mode, reason
     # the reuse path really ran (cheap iterations), so its state really crossed ranks
     assert ref["counts"]["cache"] + ref["counts"]["predict"] > 0, ref["counts"]

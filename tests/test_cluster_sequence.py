@@ -9,12 +9,9 @@ module-scoped fixture spawns it once and the tests below read its results.
 from __future__ import annotations
 
 import pytest
-import torch
 
-from conftest import ROOT, write_tiny_config
-from scopevid.cluster.launch import spawn
+from conftest import assert_two_ranks_match_one, one_and_two_ranks, write_tiny_config
 from scopevid.cluster.worker import collect_rollout
-from scopevid.engine.topology import LocalTopology
 from scopevid.errors import DistributedError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -67,24 +64,14 @@ def runs(tmp_path_factory):
         d = tmp_path_factory.mktemp(f"case{i}")
         paths.append(str(write_tiny_config(d, schedule=sched, policy=policy, frames=24, policies=MIX)))
     cases = [(p, policy) for p, (_, _, policy) in zip(paths, CASES)]
-    one = [collect_rollout(LocalTopology(), p, policy, check_decisions=True) for p, policy in cases]
-    two = spawn("test_cluster_sequence:_suite", 2, args=(cases,), timeout_s=240, threads=1, dist_timeout_s=60,
-                env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
-    return one, two
+    return one_and_two_ranks("test_cluster_sequence:_suite", cases)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)
 def test_two_ranks_match_one_rank(runs, i):
     one, two = runs
     ref, r0, r1 = one[i], two[0]["cases"][i], two[1]["cases"][i]
-    assert r0["frames"] == r1["frames"] == ref["frames"] == list(range(ref["latent_frames"]))
-    # every rank holds the same latents (velocities are gathered, the solver step is replicated)
-    assert torch.equal(r0["latents"], r1["latents"])
-    diff = float((r0["latents"] - ref["latents"]).abs().max())
-    assert diff <= TOL, f"2-rank video differs from 1-rank by {diff}"
-    # decisions: identical across ranks (also checked in-run every iteration) and equal to 1 rank
-    assert r0["records"] == r1["records"]
-    assert r0["modes"] == ref["modes"] and r0["digest"] == ref["digest"]
+    assert_two_ranks_match_one(ref, r0, r1, TOL)
     for (s, m, why, d, r, lo, hi), (s1, m1, why1, d1, r1_, lo1, hi1) in zip(r0["records"], ref["records"]):
         assert (s, m, why, lo, hi) == (s1, m1, why1, lo1, hi1)
         if d is not None or d1 is not None:

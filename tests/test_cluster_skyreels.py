@@ -15,10 +15,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
-from scopevid.cluster.launch import spawn
+from conftest import ROOT, assert_two_ranks_match_one, one_and_two_ranks
 from scopevid.cluster.worker import collect_rollout
-from scopevid.engine.topology import LocalTopology
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -60,22 +58,14 @@ def runs(tmp_path_factory):
         path.write_text(yaml.safe_dump(raw))
         cases.append((str(path), policy))
     torch.set_num_threads(1)
-    one = [collect_rollout(LocalTopology(), p, pol, check_decisions=True) for p, pol in cases]
-    two = spawn("test_cluster_skyreels:_suite", 2, args=(cases,), timeout_s=240, threads=1, dist_timeout_s=60,
-                env={"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
-    return one, two
+    return one_and_two_ranks("test_cluster_skyreels:_suite", cases)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)
 def test_skyreels_two_ranks_match_one_rank(runs, i):
     one, two = runs
     ref, r0, r1 = one[i], two[0][i], two[1][i]
-    assert r0["frames"] == r1["frames"] == ref["frames"] == list(range(ref["latent_frames"]))
-    assert torch.equal(r0["latents"], r1["latents"])
-    diff = float((r0["latents"] - ref["latents"]).abs().max())
-    assert diff <= 1e-4, f"2-rank latents differ from 1-rank by {diff}"
-    assert r0["records"] == r1["records"]
-    assert r0["modes"] == ref["modes"] and r0["digest"] == ref["digest"]
+    assert_two_ranks_match_one(ref, r0, r1)
     if CASES[i][1] != "original":
         assert r0["counts"]["cache"] + r0["counts"]["predict"] > 0, r0["counts"]
     if CASES[i][0] == "paper" and not CASES[i][2]:  # odd compute intervals: the padding rule is exercised too

@@ -16,7 +16,7 @@ The interpreter, torch and the weights are most of a small model's peak and hide
 so each config also gets one import-only child (`baseline_mb`; DIR/runs/<config>-baseline.log/.err):
 it imports what generate imports and loads the model (adapters.load of the config's model spec), but
 runs no rollout. `above_baseline_mb` = peak_rss_mb - baseline_mb is what the rollout itself adds, and
-`ratio_above_first` divides it by that of the smallest frame count.
+`ratio_above_first` divides it by that of the smallest frame count (empty when that adds nothing measurable).
 
 DIR/memory.parquet (one row per run), DIR/memory.md (the same as a markdown table, also printed).
 A child that fails is recorded (exit_code, last stderr line in `error`; a failed baseline leaves the
@@ -172,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
                 "config": str(path), "model": s.get("model", cfg.model.get("kind")), "policy": policy, "frames": f,
                 "latent_frames": s.get("latent_frames"), "peak_rss_mb": peak,
                 "ratio_to_first": peak / base if base and code == 0 else None, "baseline_mb": floor,
-                "above_baseline_mb": above, "ratio_above_first": above / above0 if above is not None and above0 else None,
+                "above_baseline_mb": above, "ratio_above_first": above / above0 if above is not None and above0 is not None and above0 > 0 else None,
                 "wall_seconds": wall, "exit_code": code,
                 "error": None if code == 0 else f"timed out after {args.timeout:g} s" if timed_out else
                          (_last_line(Path(f"{run_dir}.err")) or f"exit code {code}"),
