@@ -1,6 +1,6 @@
 """`scopevid generate | train | bench | calibrate`: thin argument parsing over the engine.
 
-Errors a user can fix (ScopevidError) print as one line on stderr with exit code 2.
+Errors (ScopevidError) print as one line on stderr: exit code 2 for bad input, 1 for a failed run.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except ScopevidError as e:
         print(f"scopevid {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

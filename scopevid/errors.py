@@ -2,7 +2,10 @@
 
 
 class ScopevidError(Exception):
-    """Base class: the CLI prints these as one line and exits non-zero, never as a traceback."""
+    """Base class: the CLI prints these as one line and exits non-zero, never as a traceback.
+    `exit_code`: 2 for bad input the user can fix (the default), 1 for a run that failed."""
+
+    exit_code = 2
 
 
 class ConfigError(ScopevidError, ValueError):
@@ -20,7 +23,19 @@ class OutputExistsError(ScopevidError):
 class DistributedError(ScopevidError):
     """A rank died, timed out, or ranks disagreed on a decision."""
 
+    exit_code = 1
+
+
+class NonFiniteError(ScopevidError):
+    """The model produced NaN or inf: the run stops there (what was finished is kept), never writing
+    a black video with exit 0."""
+
+    exit_code = 1
+
 
 class RanksDisagree(DistributedError):
     """Every rank raises this together, after a collective that succeeded: all peers are alive, so the
-    group can still be torn down with a barrier (destroying it without one can abort the process)."""
+    group can still be torn down with a barrier (destroying it without one can abort the process).
+    Exit code 2: the ranks were given different inputs (config, prompt, seed)."""
+
+    exit_code = 2

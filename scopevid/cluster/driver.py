@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         job = run_job(spec)
     except ScopevidError as e:
         print(f"scopevid driver: error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return e.exit_code
     print(json.dumps({k: job.get(k) for k in ("status", "frames", "world_size", "wall_seconds", "frames_per_second",
                                               "per_rank", "resumed_from")}, default=str), flush=True)
     return 0

@@ -17,6 +17,7 @@ import torch
 from scopevid.adapters.base import Adapter, Conditioning, ForwardHooks, ForwardSpec, NoiseSchedule
 from scopevid.engine.state import RolloutState
 from scopevid.engine.topology import FrameKeyed, Topology
+from scopevid.errors import NonFiniteError
 from scopevid.scheduler.plan import Iteration
 from scopevid.scheduler.policies import Discrepancy, Mode
 from scopevid.scheduler.signals import Feature
@@ -180,6 +181,11 @@ class ForwardRunner:
             out = self.adapter.velocity(x, s, self.cond, spec, self.topo.attention, hooks)
         vel = self.topo.gather(out, len(seq))
         self.timings.forward += time.perf_counter() - t0
+        if not bool(torch.isfinite(vel).all()):  # gathered: every rank takes this branch together
+            raise NonFiniteError(
+                f"the model returned NaN or inf velocities at window {it.window}, iteration {it.index} "
+                f"(serial {it.serial}), frames {seq[0]}..{seq[-1]}: check the weights and the guidance; "
+                "frames finished before it are kept")
         v = {f: vel[i] for i, f in enumerate(seq) if f not in fill_set}
         branches = self.cond.branches
         if hooks is not None and hooks.blocks_run is not None:  # frames counted by the share of blocks run

@@ -19,7 +19,7 @@ from scopevid.engine.rollout import STEP_SCHEMA, DigestBuilder, Rollout, StepRec
 from scopevid.engine.sinks import FrameStore, Mp4Sink, RunLog, prepare_out_dir, write_json
 from scopevid.engine.solvers import SOLVERS
 from scopevid.engine.topology import LocalTopology, Topology
-from scopevid.errors import ConfigError
+from scopevid.errors import ConfigError, NonFiniteError
 from scopevid.scheduler import policies as policy_lib
 from scopevid.scheduler.predictors import Stability
 from scopevid.scheduler.schedules import ChunkCausalPlan, DiffusionForcingPlan
@@ -157,6 +157,9 @@ def run_once(
         nonlocal pixel_frames
         if pixels is None or pixels.shape[0] == 0:
             return
+        if not bool(torch.isfinite(pixels).all()):
+            raise NonFiniteError(f"the decoder returned NaN or inf pixels after {pixel_frames} good frames "
+                                 "(check the VAE weights); the frames before them are kept")
         pixels = pixels[: max(0, cfg.frames - pixel_frames)]
         pixel_frames += pixels.shape[0]
         if sink is not None:
