@@ -187,7 +187,7 @@ class TinyDiT(nn.Module):
 
     def prompt_vector(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [L] word indices (0-padded) -> [dim]: mean of the words, through an MLP."""
-        mask = (tokens > 0).float()
+        mask = (tokens > 0).to(self.word.weight.dtype)  # the model's dtype (bf16 / fp16 runs)
         if mask.sum() == 0:  # the null prompt
             e = self.word(torch.zeros(1, dtype=torch.long, device=tokens.device))[0]
         else:
@@ -200,7 +200,7 @@ class TinyDiT(nn.Module):
         A per-frame prompt [F, dim] is accepted too (training packs several clips into one call).
         """
         p = prompt if prompt.dim() == 2 else prompt[None, :]
-        return self.time_mlp(timestep_embedding(sigma, self.cfg.dim)) + p
+        return self.time_mlp(timestep_embedding(sigma, self.cfg.dim).to(p.dtype)) + p
 
     def host_feature(self, x: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """The timestep-modulated input of the first block, per frame: [F, T, dim]."""
@@ -221,7 +221,7 @@ class TinyDiT(nn.Module):
         c = self.conditioning(sigma, prompt)
         h = self.patch_embed(self.patchify(x))
         pos = torch.tensor(spec.local_positions(), device=x.device)
-        rope = rope_tables(pos, self.cfg.size // self.cfg.patch, self.cfg.head_dim, self.cfg.rope_theta)
+        rope = tuple(t.to(h.dtype) for t in rope_tables(pos, self.cfg.size // self.cfg.patch, self.cfg.head_dim, self.cfg.rope_theta))
         if hooks is None:
             for i, blk in enumerate(self.blocks):
                 h = blk(h, c, rope, i, spec, attention)
