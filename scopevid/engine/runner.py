@@ -16,7 +16,7 @@ from scopevid import adapters
 from scopevid.config import RunConfig
 from scopevid.engine.metrics import RunningQuality
 from scopevid.engine.rollout import STEP_SCHEMA, DigestBuilder, Rollout, StepRecord, video_facts
-from scopevid.engine.sinks import FrameStore, Mp4Sink, RunLog, prepare_out_dir, write_json
+from scopevid.engine.sinks import FrameStore, Mp4Sink, RunLock, RunLog, prepare_out_dir, write_json
 from scopevid.engine.solvers import SOLVERS
 from scopevid.engine.topology import LocalTopology, Topology
 from scopevid.errors import ConfigError, NonFiniteError
@@ -241,8 +241,17 @@ def generate(
     if checkpoint is not None and compare:
         raise ConfigError("compare: a resumable (checkpointed) run cannot also run the Original reference")
     topo = topology or LocalTopology()
+    if topo.rank != 0:  # only rank 0 writes
+        return _generate(cfg, Path(out), compare, topo, progress, check_decisions, checkpoint)
+    out = prepare_out_dir(out, overwrite)  # refuse before touching anything
+    with RunLock(out):
+        prepare_out_dir(out, overwrite)  # again under the lock: a run that finished meanwhile left results
+        return _generate(cfg, out, compare, topo, progress, check_decisions, checkpoint)
+
+
+def _generate(cfg: RunConfig, out: Path, compare: bool, topo: Topology, progress: bool, check_decisions: bool,
+              checkpoint) -> dict:
     writes = topo.rank == 0
-    out = prepare_out_dir(out, overwrite) if writes else Path(out)
     adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
     summary = {"config": cfg.to_dict(), "model": adapter.name, "world_size": topo.world}
     reference = None

@@ -4,7 +4,10 @@ raw frame store (for --compare references). Each writes incrementally, so a cras
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,13 +19,58 @@ import torch
 from scopevid.errors import OutputExistsError
 
 
+LOCK_NAME = ".scopevid.lock"
+
+
 def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Create the output directory; refuse one that already holds results unless told to overwrite."""
+    """Create the output directory; refuse one that already holds results unless told to overwrite
+    (a run's lock file alone is not a result)."""
     out = Path(path)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out: {out} is a file, not a directory; choose another --out")
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
         raise OutputExistsError(f"output directory {out} is not empty; pass --overwrite or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputExistsError(f"--out: cannot create {out}: {e.strerror or e}") from None
     return out
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as one run writes into it (flock on
+    DIR/.scopevid.lock, released by the kernel if the process dies), so a second run into the same
+    directory is refused at once instead of both writing one video. The file is never removed:
+    removing it would let a third run lock a new file while the second holds the old one."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        path = self.out / LOCK_NAME
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputExistsError(f"--out: cannot write into {self.out}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise OutputExistsError(f"output directory {self.out} is in use by another scopevid run ({holder}); "
+                                    "wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
