@@ -240,3 +240,39 @@ def test_killed_job_resumes_to_the_same_video(ray_head, job_config, reference, t
     done = json.loads((out / "job.json").read_text())
     assert done["status"] == "complete" and done["resumed_from"] >= info["serial"] > 0
     assert_same_outputs(reference, out)
+
+
+@pytest.mark.parametrize("damage", ["latent-part-missing", "latent-part-truncated", "frame-part-truncated", "output-pt-corrupt"])
+def test_resume_refuses_a_damaged_run_directory(tmp_path, damage):
+    """Resume verifies every shard it relies on (latents too) and the decoder state: a missing or
+    truncated shard, or a corrupt output.pt, is one CheckpointError naming it, never a short video."""
+    from scopevid import config as config_lib
+    from scopevid.engine import runner
+    from scopevid.engine.checkpoint import Checkpointer, checkpoint_info
+    from scopevid.errors import CheckpointError
+
+    cfg = config_lib.load(write_tiny_config(tmp_path, frames=40, policy="scope-fast"))
+
+    def stop(serial, total, *a):
+        if serial == total - 5:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        runner.generate(cfg, tmp_path / "job", progress=False,
+                        checkpoint=Checkpointer(tmp_path / "job", on_iteration=stop, rows_per_part=4))
+    info = checkpoint_info(tmp_path / "job")
+    assert info["latent_parts"] >= 2 and info["frame_parts"] >= 2
+    kind, how = damage.split("-", 1)[0], damage.rsplit("-", 1)[1]
+    if kind == "output":
+        victim = tmp_path / "job" / "checkpoint" / info["tag"] / "output.pt"
+        victim.write_bytes(b"not a torch file")
+    else:
+        victim = sorted((tmp_path / "job" / ("latents" if kind == "latent" else "frames")).glob("part-*.parquet"))[0]
+        if how == "missing":
+            victim.unlink()
+        else:
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=victim.name if how != "missing" else "shard parts"):
+        runner.generate(cfg, tmp_path / "job", progress=False, overwrite=True,
+                        checkpoint=Checkpointer(tmp_path / "job", resume=True, rows_per_part=4))
+    assert not (tmp_path / "job" / "summary.json").exists()

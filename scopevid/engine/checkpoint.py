@@ -145,6 +145,22 @@ class ShardWriter:
         self.parts, self.rows = parts, []
 
 
+def count_rows(directory: Path, parts: int) -> int:
+    """Rows in the first `parts` shards, each one opened (its footer read): a missing or truncated
+    shard is a CheckpointError naming it, never a silent short video."""
+    files = _parts(directory)[:parts]
+    if len(files) != parts:
+        raise CheckpointError(f"{directory}: {len(files)} shard parts, the checkpoint says {parts}; the run directory "
+                              "was damaged: start the job over (--overwrite)")
+    n = 0
+    for p in files:
+        try:
+            n += pq.ParquetFile(str(p)).metadata.num_rows
+        except Exception as e:  # pyarrow raises several types for truncated files
+            raise CheckpointError(f"{p}: unreadable shard ({e}); start the job over (--overwrite)") from None
+    return n
+
+
 def read_frames(directory: Path, parts: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """(absolute pixel frame index, uint8 [H, W, C]) in order, from frame shards."""
     for p in _parts(directory)[:parts]:
@@ -290,7 +306,17 @@ class Checkpointer:
         if self.shards:
             self.frames_w.truncate(latest["frame_parts"])
             self.latents_w.truncate(latest["latent_parts"])
-        out_state = torch.load(tag / "output.pt", map_location="cpu", weights_only=True)
+            # every shard the resumed job relies on must hold what the checkpoint says it does
+            for what, parts, want in (("latents", latest["latent_parts"], latest["latent_frames"]),
+                                      ("frames", latest["frame_parts"], latest["pixel_frames"])):
+                got = count_rows(self.out / what, parts)
+                if got != want:
+                    raise CheckpointError(f"{self.out / what}: {got} rows in the shards, the checkpoint says {want}; "
+                                          "the run directory was damaged: start the job over (--overwrite)")
+        try:
+            out_state = torch.load(tag / "output.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for corrupt files
+            raise CheckpointError(f"{tag / 'output.pt'}: cannot read ({e}); start the job over (--overwrite)") from None
         if decoder is not None and out_state.get("decoder") is not None:
             decoder.load_state_dict(to_device(out_state["decoder"], self.rollout.device))
         self.pixel_frames = int(latest["pixel_frames"])
