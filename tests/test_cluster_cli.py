@@ -16,6 +16,7 @@ from scopevid import config as config_lib
 from scopevid.cluster.groups import free_port
 from scopevid.cluster.launch import rank_env
 from scopevid.engine import runner
+from scopevid.engine.sinks import LOCK_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +38,7 @@ def test_torchrun_generate_matches_one_process(tiny_config, tmp_path):
 
     one = runner.generate(config_lib.load(cfg_path), tmp_path / "one", progress=False)
     two = json.loads((out2 / "summary.json").read_text())
-    assert sorted(p.name for p in out2.iterdir()) == ["steps.parquet", "summary.json", "video.mp4"]
+    assert sorted(p.name for p in out2.iterdir() if p.name != LOCK_NAME) == ["steps.parquet", "summary.json", "video.mp4"]
     assert two["world_size"] == 2 and two["sequence_parallel"]["world_size"] == 2
     assert two["decision_digest"] == one["decision_digest"] and two["counts"] == one["counts"] == printed["counts"]
     a = np.stack(imageio.mimread(str(tmp_path / "one" / "video.mp4"))).astype(int)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from scopevid.adapters.paths import shard_path
 from scopevid.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -53,9 +54,9 @@ def weight_map(d: Path) -> dict[str, Path]:
             wm = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index (needs a `weight_map`; {e})") from None
-        files = {}
-        for name, shard in wm.items():
-            files[name] = d / shard
+        if not isinstance(wm, dict):
+            raise CheckpointError(f"{index}: `weight_map` must map tensor names to shard files")
+        files = {name: shard_path(d, shard, index) for name, shard in wm.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
                 first = next(n for n, p in files.items() if p == f)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from scopevid.adapters.paths import shard_path
 from scopevid.errors import CheckpointError
 
 TRANSFORMER_CLASS = "SkyReelsV2Transformer3DModel"
@@ -141,13 +142,14 @@ def _weight_files(folder: Path, single: str) -> list[Path]:
         hint = f" (found {', '.join(others)}; only safetensors in the standard name are read)" if others else ""
         raise CheckpointError(f"{folder}: missing weights {single} (or {index.name} with its shards){hint}")
     meta = _json(index)
-    shards = sorted(set((meta.get("weight_map") or {}).values()))
-    if not shards:
-        raise CheckpointError(f"{index}: weight_map is empty")
-    absent = [s for s in shards if not (folder / s).is_file()]
+    wm = meta.get("weight_map") if isinstance(meta, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{index}: weight_map is empty or not a mapping")
+    shards = sorted({shard_path(folder, s, index) for s in wm.values()})
+    absent = [s.name for s in shards if not s.is_file()]
     if absent:
         raise CheckpointError(f"{folder}: missing weight shard(s) {', '.join(absent)} listed in {index.name}")
-    return [folder / s for s in shards]
+    return shards
 
 
 def _tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:

@@ -49,8 +49,13 @@ class TinyAdapter(Adapter):
         self.latent_hw = (self.cfg.size, self.cfg.size)
 
     # --- construction -------------------------------------------------------------------------
+    SPEC_KEYS = ("kind", "weights", "init_seed", "shift", "arch")
+
     @classmethod
     def from_config(cls, spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "TinyAdapter":
+        unknown = sorted(set(spec) - set(cls.SPEC_KEYS))
+        if unknown:  # a typo (`weigths:`) must not silently run the bundled weights
+            raise ConfigError(f"model.{unknown[0]}: unknown field for tiny; allowed: {', '.join(cls.SPEC_KEYS)}")
         weights = spec.get("weights", "bundled")
         if weights == "random":
             cfg = TinyDiTConfig.from_dict(spec.get("arch", {}))
