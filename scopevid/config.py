@@ -73,24 +73,43 @@ class RunConfig:
         return out
 
 
+def _read_mapping(path: Path, field: str) -> dict:
+    """A YAML file that must hold a mapping: one ConfigError line for a missing, binary, non-UTF-8 or
+    malformed file, or one whose top level is not a mapping."""
+    if not path.is_file():
+        raise ConfigError(f"{field}: no such file {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{field}: {path} is not UTF-8 text (byte {e.start}); is it a binary file?") from None
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot read {path} ({e.strerror or e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{field}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{field}: {path} must hold a mapping at top level, not a {type(raw).__name__}")
+    return dict(raw)
+
+
 def load(path: str | Path) -> RunConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config: no such file {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config: {path} must be a mapping at top level")
-    raw = dict(raw)
+    raw = _read_mapping(path, "config")
     presets = raw.pop("policy_presets", None)
-    policies = dict(raw.pop("policies", {}) or {})
+    policies = raw.pop("policies", {}) or {}
+    if not isinstance(policies, dict):
+        raise ConfigError(f"policies: must be a mapping of preset name to policy, not a {type(policies).__name__}")
+    policies = dict(policies)
     if presets:
-        ppath = (path.parent / presets).resolve()
-        if not ppath.is_file():
-            raise ConfigError(f"policy_presets: no such file {ppath}")
-        policies = {**(yaml.safe_load(ppath.read_text()) or {}), **policies}
+        if not isinstance(presets, str):
+            raise ConfigError(f"policy_presets: must be a file path, got {presets!r}")
+        policies = {**_read_mapping((path.parent / presets).resolve(), "policy_presets"), **policies}
+    bad = sorted(str(k) for k, v in policies.items() if not isinstance(v, dict))
+    if bad:
+        raise ConfigError(f"policies.{bad[0]}: a preset must be a mapping with a `kind` (e.g. {{kind: scope, ...}})")
     policies.setdefault("original", {"kind": "original"})
     sched_raw = raw.pop("schedule", {}) or {}
     sched = _build(ScheduleConfig, sched_raw, "schedule.")

@@ -106,3 +106,26 @@ def test_shipped_presets_load():
         cfg = config_lib.load(path)
         for name in cfg.policies:
             build(cfg.policy_spec(name), name)
+
+
+@pytest.mark.parametrize("name, content, field, says", [
+    ("binary", bytes(range(256)) * 4, "config", "not UTF-8 text"),
+    ("latin1", "model: {kind: tiny}\nprompt: \"caf\xe9\"\n".encode("latin-1"), "config", "not UTF-8 text"),
+    ("list", b"- a\n- b\n", "config", "must hold a mapping at top level, not a list"),
+    ("presets-list", b"model: {kind: tiny}\npolicy_presets: list.yaml\n", "policy_presets", "not a list"),
+    ("presets-binary", b"model: {kind: tiny}\npolicy_presets: bin.yaml\n", "policy_presets", "not UTF-8 text"),
+    ("presets-number", b"model: {kind: tiny}\npolicy_presets: 3\n", "policy_presets", "must be a file path"),
+    ("policies-list", b"model: {kind: tiny}\npolicies: [a]\n", "policies", "must be a mapping"),
+    ("policy-number", b"model: {kind: tiny}\npolicies: {x: 3}\n", "policies.x", "must be a mapping with a `kind`"),
+])
+def test_unreadable_config_files_are_one_line(tmp_path, name, content, field, says):
+    (tmp_path / "list.yaml").write_bytes(b"- a\n")
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)))
+    path = tmp_path / f"{name}.yaml"
+    path.write_bytes(content)
+    proc = subprocess.run([sys.executable, "-m", "scopevid", "generate", "--config", str(path), "--out",
+                           str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert f"error: {field}:" in lines[0] and says in lines[0], lines[0]
+    assert not (tmp_path / "o").exists()
