@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 
-from scopevid.errors import ScopevidError
+from scopevid.errors import ScopevidError, Stopped
 
 # subcommand -> module with add_arguments(parser) and main(args) -> int; imported lazily
 COMMANDS = {
@@ -36,11 +37,27 @@ def main(argv: list[str] | None = None) -> int:
             module.add_arguments(p)
             p.set_defaults(_main=module.main)
     args = parser.parse_args(argv)
+    restore = _stop_on_signals()
     try:
         return int(args._main(args) or 0)
     except ScopevidError as e:
         print(f"scopevid {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        restore()
+
+
+def _stop_on_signals():
+    """SIGTERM (scancel, `kill`) and SIGINT (Ctrl-C) raise Stopped instead of ending the process at
+    once (SIGTERM) or with a traceback (SIGINT): every `finally` on the way out closes what it writes,
+    so the MP4 gets its trailer and the run log its last part. A second signal ends the process."""
+    def stop(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        raise Stopped(f"stopped by {signal.Signals(signum).name}; what was finished is kept (the video and steps.parquet "
+                      "are readable up to here); run again with --overwrite to start over")
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 if __name__ == "__main__":

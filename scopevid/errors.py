@@ -33,6 +33,13 @@ class NonFiniteError(ScopevidError):
     exit_code = 1
 
 
+class Stopped(ScopevidError):
+    """SIGTERM or SIGINT (Ctrl-C) ended the run: outputs were closed on the way out (the MP4 and the
+    run log are readable up to there)."""
+
+    exit_code = 1
+
+
 class RanksDisagree(DistributedError):
     """Every rank raises this together, after a collective that succeeded: all peers are alive, so the
     group can still be torn down with a barrier (destroying it without one can abort the process).

@@ -79,7 +79,7 @@ def timeline(rows: list[dict], steps_dir: Path, out: Path) -> Path | None:
     strips = []
     for n in names:
         p = steps_dir / f"{_safe(n)}__{f}__{seed}.parquet"
-        if p.is_file():
+        if p.exists():  # a run log is a directory of parts (engine.sinks.RunLog)
             t = pq.read_table(p, columns=["mode", "reason"])
             strips.append((n, [_code(m, r) for m, r in zip(t.column("mode").to_pylist(), t.column("reason").to_pylist())]))
     if not strips:

@@ -30,7 +30,6 @@ The checkpoint directory is deleted when the rollout completes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -42,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from scopevid.engine.files import atomic_torch_save, atomic_write_bytes, atomic_write_table, parts as _parts
 from scopevid.engine.state import compact, to_device
 from scopevid.errors import CheckpointError
 
@@ -56,55 +56,6 @@ LATENT_SCHEMA = pa.schema(
     [("frame", pa.int64()), ("shape", pa.list_(pa.int32())), ("dtype", pa.string()), ("data", pa.binary())]
 )
 
-
-# --- small atomic file helpers ------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_torch_save(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_table(path: Path, table: pa.Table) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _parts(directory: Path) -> list[Path]:
-    return sorted(Path(directory).glob("part-*.parquet"))
 
 
 # --- shards ---------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
+from scopevid.engine.files import atomic_write_table
 from scopevid.errors import OutputExistsError
 
 
@@ -121,13 +121,25 @@ class FrameStore:
 
 
 class RunLog:
-    """steps.parquet, one row per iteration, flushed every `every` rows by a ParquetWriter."""
+    """steps.parquet: one row per iteration, as a directory of Parquet parts (part-00000.parquet, ...)
+    each written atomically every `every` rows. A streamed single file is unreadable until its footer
+    is written, so a SIGKILL or a full disk would lose the whole log; here every part written before
+    survives, and `pyarrow.parquet.read_table`, `pandas.read_parquet` and polars' `scan_parquet`
+    read the directory as one table, in order."""
 
     def __init__(self, path: Path, schema: pa.Schema, every: int = 64):
         self.path, self.every, self.schema = Path(path), every, schema
         self.rows: list[dict] = []
-        self._writer = None
         self.total = 0
+        self.parts = 0
+        if self.path.is_file():  # a single-file log of an earlier version in a directory being overwritten
+            self.path.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        for p in list(self.path.iterdir()):  # a fresh log (a resumed run replays its rows into it)
+            p.unlink()
+        # part 0 holds no rows, only the schema: the log reads as a (possibly empty) table from the start
+        atomic_write_table(self.path / "part-00000.parquet", schema.empty_table())
+        self.parts = 1
 
     def add(self, record) -> None:
         self.rows.append(asdict(record) if not isinstance(record, dict) else record)
@@ -138,17 +150,13 @@ class RunLog:
         if not self.rows:
             return
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(str(self.path), self.schema)
-        self._writer.write_table(table)
+        atomic_write_table(self.path / f"part-{self.parts:05d}.parquet", table)
+        self.parts += 1
         self.total += len(self.rows)
         self.rows = []
 
     def close(self) -> None:
         self.flush()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 def write_json(path: Path, data: dict) -> None:
