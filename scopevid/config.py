@@ -159,3 +159,17 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(s, name)
         _check(_int(v) and v >= 0, f"schedule.{name}", f"must be an integer >= 0, got {v!r}")
     _check(cfg.policy in cfg.policies, "policy", f"unknown {cfg.policy!r}; presets for this model: {', '.join(sorted(cfg.policies))}")
+    check_presets(cfg.policies)
+
+
+def check_presets(policies: dict) -> None:
+    """Every preset of the file builds, not only the chosen one: a bad value in the preset that
+    `--compare` or a later `--policy` picks fails here, before any work, not after a reference run."""
+    from scopevid.scheduler import policies as policy_lib
+
+    for name, spec in policies.items():
+        try:
+            policy_lib.build(spec, name)
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(f"policy {name}") else f"policy {name}: {msg}") from None

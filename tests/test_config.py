@@ -129,3 +129,14 @@ def test_unreadable_config_files_are_one_line(tmp_path, name, content, field, sa
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
     assert f"error: {field}:" in lines[0] and says in lines[0], lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_every_preset_is_checked_before_any_work(tiny_config, tmp_path):
+    """A bad value in a preset other than the chosen one (here: the one --compare or a later --policy
+    would use) fails at load, naming the preset and the field, before the Original reference runs."""
+    presets = {"bad": {"kind": "scope", "tau_c": 0.5, "tau_p": 0.1, "decay": 0.75, "horizon": 5}}
+    with pytest.raises(ConfigError, match=r"^policy bad: tau_c/tau_p: need 0 <= tau_c <= tau_p"):
+        config_lib.load(tiny_config(policies=presets))
+    proc = subprocess.run([sys.executable, "-m", "scopevid", "generate", "--config", str(tiny_config(policies=presets)),
+                           "--compare", "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "policy bad: tau_c/tau_p" in proc.stderr and not (tmp_path / "o").exists()
