@@ -160,6 +160,36 @@ def validate(cfg: RunConfig) -> None:
         _check(_int(v) and v >= 0, f"schedule.{name}", f"must be an integer >= 0, got {v!r}")
     _check(cfg.policy in cfg.policies, "policy", f"unknown {cfg.policy!r}; presets for this model: {', '.join(sorted(cfg.policies))}")
     check_presets(cfg.policies)
+    check_size(cfg)
+
+
+# Bytes of the rollout's bookkeeping, measured with tracemalloc (2026-12): a diffusion-forcing plan
+# holds ~40 B per latent frame (its windows) and, for the window being denoised, ~90 B per step per
+# window frame (its step matrix); noise-level and solver tables ~200 B per step.
+PLAN_BYTES_PER_FRAME, PLAN_BYTES_PER_STEP_FRAME, TABLE_BYTES_PER_STEP = 40, 90, 200
+MEMORY_SHARE = 0.25  # of physical memory the bookkeeping alone may take before a run is refused
+
+
+def check_size(cfg: RunConfig) -> None:
+    """Refuse frame and step counts whose bookkeeping alone would not fit in memory, before any
+    allocation (a billion steps used to reach 6 GB before the first iteration), with the estimate."""
+    import os
+
+    s = cfg.schedule
+    frames = cfg.frames  # latent frames <= pixel frames: an upper bound whatever the model's compression
+    width = s.base_num_frames if s.kind == "diffusion_forcing" else s.chunk_width * s.window_size
+    est = (PLAN_BYTES_PER_FRAME * frames + PLAN_BYTES_PER_STEP_FRAME * width * (s.steps + width * max(s.ar_step, 1))
+           + TABLE_BYTES_PER_STEP * s.steps)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # not POSIX: no bound to derive
+        return
+    limit = MEMORY_SHARE * memory
+    if est > limit:
+        field = "frames" if PLAN_BYTES_PER_FRAME * frames > est / 2 else "schedule.steps"
+        raise ConfigError(f"{field}: {frames} frames x {s.steps} steps need about {est / 2**30:.1f} GiB for the plan and "
+                          f"noise tables alone, over {MEMORY_SHARE:.0%} of this machine's {memory / 2**30:.0f} GiB; "
+                          "use fewer frames or steps")
 
 
 def check_presets(policies: dict) -> None:

@@ -140,3 +140,15 @@ def test_every_preset_is_checked_before_any_work(tiny_config, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "scopevid", "generate", "--config", str(tiny_config(policies=presets)),
                            "--compare", "--out", str(tmp_path / "o"), "--no-progress"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "policy bad: tau_c/tau_p" in proc.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("change, field", [({"frames": 10**9}, "frames"), ({"schedule.steps": 10**9}, "schedule.steps")])
+def test_sizes_beyond_memory_are_refused_with_the_estimate(tiny_config, change, field):
+    """Before any allocation: a billion frames or steps used to reach 3-6 GB before the first iteration."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"^{field}: .* need about [\d.]+ GiB .* of this machine's \d+ GiB"):
+        config_lib.load(_edit(tiny_config(), **change))
+    assert time.monotonic() - t0 < 5
+    config_lib.load(_edit(tiny_config(), **{k: 1000 for k in change}))  # ordinary sizes pass
