@@ -6,11 +6,13 @@ never with a traceback from deep inside a rollout. Numbers from the paper live i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
 
 from scopevid.errors import ConfigError
 
@@ -20,7 +22,12 @@ SOLVERS = ("euler", "unipc")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-@dataclass(frozen=True)
+# Types checked by pydantic (strict: a string is not a number, None is not a prompt; unknown keys are
+# refused by `_build` with the allowed list); value ranges and cross-field rules by `validate`.
+TYPED = ConfigDict(strict=True, arbitrary_types_allowed=False)
+
+
+@dataclass(frozen=True, config=TYPED)
 class ScheduleConfig:
     kind: str = "diffusion_forcing"
     steps: int = 20
@@ -37,7 +44,7 @@ class ScheduleConfig:
     context_chunks: int = 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=TYPED)
 class RunConfig:
     model: dict
     schedule: ScheduleConfig
@@ -63,7 +70,10 @@ class RunConfig:
 
     def with_overrides(self, **kw: Any) -> "RunConfig":
         kw = {k: v for k, v in kw.items() if v is not None}
-        cfg = replace(self, **kw)
+        try:
+            cfg = replace(self, **kw)
+        except ValidationError as e:
+            raise _one_line(e, "") from None
         validate(cfg)
         return cfg
 
@@ -127,8 +137,16 @@ def _build(cls, raw: dict, prefix: str):
             raise ConfigError(f"{prefix}{k}: unknown field; allowed: {', '.join(n for n in names if n != 'source')}")
     try:
         return cls(**raw)
+    except ValidationError as e:
+        raise _one_line(e, prefix) from None
     except TypeError as e:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def _one_line(e: ValidationError, prefix: str) -> ConfigError:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    return ConfigError(f"{prefix}{loc}: {err['msg'].lower()} (got {err.get('input')!r})")
 
 
 def _check(ok: bool, name: str, why: str) -> None:
@@ -161,6 +179,11 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.policy in cfg.policies, "policy", f"unknown {cfg.policy!r}; presets for this model: {', '.join(sorted(cfg.policies))}")
     check_presets(cfg.policies)
     check_size(cfg)
+    from scopevid.scheduler.predictors import Stability
+
+    unknown = sorted(set(cfg.stability) - {"clip", "explode"})
+    _check(not unknown, f"stability.{unknown[0] if unknown else ''}", "unknown field; allowed: clip, explode")
+    Stability(**cfg.stability)  # its own checks name the field
 
 
 # Bytes of the rollout's bookkeeping, measured with tracemalloc (2026-12): a diffusion-forcing plan

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 import torch
 from safetensors.torch import load_file
@@ -16,8 +19,19 @@ from scopevid.adapters.base import (Adapter, Attention, Capabilities, Conditioni
                                     NoiseSchedule, VideoFacts, local_attention)
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
 from scopevid.errors import CheckpointError, ConfigError
+from scopevid.validation import Section, parse
 
 BUNDLED = Path(__file__).resolve().parents[2] / "weights"  # scopevid/weights
+
+
+class TinySpec(Section):
+    """`model:` of the tiny adapter."""
+
+    kind: Literal["tiny"]
+    weights: str = Field("bundled", min_length=1)  # bundled | random | path to a .safetensors with its .json
+    init_seed: int = 0  # seed of `weights: random`
+    shift: float | None = Field(None, ge=1e-3, le=1e3)  # flow time shift; default: the weights' own (3 for random)
+    arch: dict | None = None  # TinyDiTConfig fields of `weights: random`
 
 
 def shifted_sigmas(num_steps: int, shift: float) -> tuple[float, ...]:
@@ -49,25 +63,21 @@ class TinyAdapter(Adapter):
         self.latent_hw = (self.cfg.size, self.cfg.size)
 
     # --- construction -------------------------------------------------------------------------
-    SPEC_KEYS = ("kind", "weights", "init_seed", "shift", "arch")
-
     @classmethod
-    def from_config(cls, spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "TinyAdapter":
-        unknown = sorted(set(spec) - set(cls.SPEC_KEYS))
-        if unknown:  # a typo (`weigths:`) must not silently run the bundled weights
-            raise ConfigError(f"model.{unknown[0]}: unknown field for tiny; allowed: {', '.join(cls.SPEC_KEYS)}")
-        weights = spec.get("weights", "bundled")
+    def from_config(cls, raw: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "TinyAdapter":
+        spec = parse(TinySpec, raw, "model.")  # a typo (`weigths:`) must not silently run the bundled weights
+        weights = spec.weights
         if weights == "random":
-            cfg = TinyDiTConfig.from_dict(spec.get("arch", {}))
-            torch.manual_seed(int(spec.get("init_seed", 0)))
+            cfg = TinyDiTConfig.from_dict(spec.arch or {})
+            torch.manual_seed(spec.init_seed)
             model = TinyDiT(cfg)
             with torch.no_grad():  # adaLN-zero would make a random model output zero: perturb
                 for p in model.parameters():
                     if p.dim() > 0 and float(p.abs().sum()) == 0.0:
                         torch.nn.init.normal_(p, std=0.02)
-            return cls(model, float(spec.get("shift", 3.0)), device, dtype)
-        model, meta = load_tiny(weights_path(spec))
-        return cls(model, float(spec.get("shift", meta.get("shift", 3.0))), device, dtype)
+            return cls(model, spec.shift if spec.shift is not None else 3.0, device, dtype)
+        model, meta = load_tiny(weights_path(raw))
+        return cls(model, spec.shift if spec.shift is not None else float(meta.get("shift", 3.0)), device, dtype)
 
     # --- protocol -----------------------------------------------------------------------------
     def prepare(self, video: VideoFacts) -> NoiseSchedule:
