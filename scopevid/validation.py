@@ -21,8 +21,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def parse(model: type[M], raw: object, prefix: str) -> M:
-    """`raw` as `model`, or a ConfigError naming the first bad field under `prefix` (e.g. "model.")."""
+def parse(model: type[M], raw: object, prefix: str, owner: str = "") -> M:
+    """`raw` as `model`, or a ConfigError naming the first bad field under `prefix` (e.g. "model."),
+    and `owner` (e.g. "tiny") for an unknown one."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.')}: must be a mapping, got {type(raw).__name__}")
     try:
@@ -31,6 +32,6 @@ def parse(model: type[M], raw: object, prefix: str) -> M:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         allowed = ", ".join(model.model_fields) if err["type"] == "extra_forbidden" else None
-        what = "unknown field" + (f"; allowed: {allowed}" if allowed else "") if allowed else err["msg"]
+        what = f"unknown field{' for ' + owner if owner else ''}; allowed: {allowed}" if allowed else err["msg"]
         got = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
         raise ConfigError(f"{prefix}{loc}: {what}{got}") from None

@@ -152,3 +152,17 @@ def test_sizes_beyond_memory_are_refused_with_the_estimate(tiny_config, change, 
         config_lib.load(_edit(tiny_config(), **change))
     assert time.monotonic() - t0 < 5
     config_lib.load(_edit(tiny_config(), **{k: 1000 for k in change}))  # ordinary sizes pass
+
+
+def test_preflight_names_bad_prompts_and_world_sizes_before_any_load(tiny_config):
+    """The prompt against the vocabulary and the rank count against the heads, from metadata only: a
+    cluster job fails before placement instead of inside rank 0 after it."""
+    from scopevid import adapters
+
+    cfg = config_lib.load(tiny_config())  # TINY_ARCH: 2 heads
+    adapters.preflight(cfg.model, cfg.prompt, 2)
+    with pytest.raises(ConfigError, match=r"world-size: 3 ranks cannot split this model's 2 attention heads.*use one of 1, 2"):
+        adapters.preflight(cfg.model, cfg.prompt, 3)
+    with pytest.raises(ConfigError, match=r"prompt: unknown word\(s\) \['purple'\]"):
+        adapters.preflight(cfg.model, "purple square", 1)
+    assert adapters._metadata({"kind": "magi1", "arch": "24B"})[0] == (48, 8)  # both query and K/V heads are split

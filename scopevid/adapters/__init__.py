@@ -27,6 +27,41 @@ def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
     raise ConfigError(f"model.kind: unknown {kind!r}; allowed: {', '.join(KINDS)}")
 
 
+def preflight(spec: dict, prompt: str, world: int) -> None:
+    """Checks that need the model's metadata but not its weights, done before any placement or load:
+    the prompt against the vocabulary (tiny), the number of ranks against the attention heads
+    (Ulysses splits heads). One ConfigError line; a cluster job then fails before it starts."""
+    heads, words = _metadata(spec)
+    if world > 1 and heads is not None:
+        bad = [n for n in heads if n % world]
+        if bad:
+            ok = [w for w in range(1, min(heads) + 1) if all(n % w == 0 for n in heads)]
+            raise ConfigError(f"world-size: {world} ranks cannot split this model's {'/'.join(map(str, heads))} attention "
+                              f"heads (Ulysses gives each rank whole heads); use one of {', '.join(map(str, ok))}")
+    if words is not None:
+        unknown = [w for w in prompt.lower().split() if w not in words]
+        if unknown:
+            raise ConfigError(f"prompt: unknown word(s) {unknown} for the tiny model; its vocabulary: {' '.join(sorted(words))}")
+
+
+def _metadata(spec: dict) -> tuple[tuple[int, ...] | None, set[str] | None]:
+    """(query and K/V head counts, vocabulary or None) from the model spec and its small files only."""
+    kind = spec.get("kind")
+    if kind == "tiny":
+        from scopevid.adapters.tiny.adapter import tiny_metadata
+
+        return tiny_metadata(spec)
+    if kind == "skyreels_v2":
+        from scopevid.adapters.skyreels_v2.loader import transformer_heads
+
+        return transformer_heads(spec), None
+    if kind == "magi1":
+        from scopevid.adapters.magi1.adapter import arch_heads
+
+        return arch_heads(spec), None
+    raise ConfigError(f"model.kind: unknown {kind!r}; allowed: {', '.join(KINDS)}")
+
+
 def _check_device(device: str) -> None:
     """Refuse a device this torch cannot use before any weights load (one line, not a traceback)."""
     kind = device.split(":")[0]

@@ -331,6 +331,9 @@ def run_job(spec: JobSpec) -> dict:
                                          f"{info['pixel_frames']} frames done" if info else "no checkpoint yet, starting over"))
     else:
         world = spec.world_size or 1
+        from scopevid import adapters
+
+        adapters.preflight(cfg.model, cfg.prompt, world)  # before the directory, the placement and any load
         prepare_out_dir(out, spec.overwrite)
         (out / JOB_FILE).unlink(missing_ok=True)  # --overwrite: a new job, a new record
         _write_config(cfg, out / CONFIG_FILE)

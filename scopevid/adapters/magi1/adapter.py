@@ -348,6 +348,15 @@ class Magi1Adapter(Adapter):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def arch_heads(spec: dict) -> tuple[int, ...] | None:
+    """Query heads and K/V groups of a MAGI-1 spec's arch (both are split by Ulysses)."""
+    try:
+        arch = _arch(spec.get("arch", "4.5B"))[0]
+    except (ConfigError, CheckpointError, OSError, ValueError):
+        return None  # the load names the problem
+    return arch.num_attention_heads, arch.num_query_groups
+
+
 def _arch(spec) -> tuple[Magi1Arch, str, dict]:
     """model.arch: a preset name, a mapping of fields, or an official example JSON."""
     if isinstance(spec, str) and spec in PRESETS:

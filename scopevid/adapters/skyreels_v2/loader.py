@@ -115,6 +115,16 @@ def check_checkpoint(root: Path) -> None:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+def transformer_heads(spec: dict) -> tuple[int, ...] | None:
+    """The DiT's attention heads from DIR/transformer/config.json (None when it cannot be read: the
+    load then names the problem)."""
+    try:
+        cfg = json.loads((Path(spec["path"]) / "transformer" / "config.json").read_text())
+        return (int(cfg["num_attention_heads"]),)
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+
+
 def _json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"missing file {path}")

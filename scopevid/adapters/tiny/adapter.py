@@ -65,7 +65,7 @@ class TinyAdapter(Adapter):
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def from_config(cls, raw: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "TinyAdapter":
-        spec = parse(TinySpec, raw, "model.")  # a typo (`weigths:`) must not silently run the bundled weights
+        spec = parse(TinySpec, raw, "model.", "tiny")  # a typo (`weigths:`) must not silently run the bundled weights
         weights = spec.weights
         if weights == "random":
             cfg = TinyDiTConfig.from_dict(spec.arch or {})
@@ -148,6 +148,20 @@ def _with_branch(spec: ForwardSpec, kv, name: str) -> ForwardSpec:
     from dataclasses import replace
 
     return replace(spec, kv=kv.branch(name))
+
+
+def tiny_metadata(raw: dict) -> tuple[tuple[int, ...], set[str]]:
+    """(heads,), vocabulary of a tiny spec from its JSON (or arch), without loading weights."""
+    spec = parse(TinySpec, raw, "model.", "tiny")
+    if spec.weights == "random":
+        cfg = TinyDiTConfig.from_dict(spec.arch or {})
+    else:
+        meta_path = weights_path(raw).with_suffix(".json")
+        try:
+            cfg = TinyDiTConfig.from_dict(json.loads(meta_path.read_text())["model"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return None, None  # the load names the problem with the weights
+    return (cfg.heads,), set(cfg.vocab[1:])
 
 
 def weights_path(spec: dict) -> Path:
