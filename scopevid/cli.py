@@ -11,7 +11,8 @@ import json
 import signal
 import sys
 
-from scopevid.errors import ScopevidError, Stopped
+from scopevid import interrupts
+from scopevid.errors import ScopevidError
 
 # subcommand -> module with add_arguments(parser) and main(args) -> int; imported lazily
 COMMANDS = {
@@ -50,11 +51,13 @@ def main(argv: list[str] | None = None) -> int:
 def _stop_on_signals():
     """SIGTERM (scancel, `kill`) and SIGINT (Ctrl-C) raise Stopped instead of ending the process at
     once (SIGTERM) or with a traceback (SIGINT): every `finally` on the way out closes what it writes,
-    so the MP4 gets its trailer and the run log its last part. A second signal ends the process."""
+    so the MP4 gets its trailer and the run log its last part (never in the middle of a write: see
+    scopevid.interrupts). A second signal ends the process."""
+    interrupts.reset()
+
     def stop(signum, frame):
         signal.signal(signum, signal.SIG_DFL)
-        raise Stopped(f"stopped by {signal.Signals(signum).name}; what was finished is kept (the video and steps.parquet "
-                      "are readable up to here); run again with --overwrite to start over")
+        interrupts.request(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     return lambda: [signal.signal(s, h) for s, h in previous.items()]

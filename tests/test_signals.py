@@ -1,9 +1,11 @@
-"""SIGTERM, SIGINT and SIGKILL at random points of a run: the run log and the video stay readable
-every time, with one line (exit 1) for the signals a process can catch. Ten of each, at random times
-(a fixed seed, so a failure reproduces)."""
+"""SIGTERM, SIGINT and SIGKILL at random points of a 257-frame `scopevid generate --checkpoint` run,
+ten of each: the run log and the video are readable every time (one line and exit 1 for the signals
+a process can catch), and `--resume` finishes the video byte for byte as an uninterrupted run did.
+Random times from a fixed seed, so a failure reproduces."""
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -16,43 +18,78 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+FRAMES = 257
 
 
-def _start(cfg_path, out):
+def _generate(cfg_path, out, *extra):
     return subprocess.Popen([sys.executable, "-m", "scopevid", "generate", "--config", str(cfg_path), "--out", str(out),
-                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             "--no-progress", "--checkpoint", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from conftest import write_tiny_config
+
+    tmp = tmp_path_factory.mktemp("signals")
+    cfg_path = write_tiny_config(tmp, frames=FRAMES, policy="scope-fast")
+    p = _generate(cfg_path, tmp / "ref")
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    return cfg_path, tmp / "ref"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
-def test_signal_at_random_points_leaves_readable_outputs(tiny_config, tmp_path, sig):
-    cfg_path = tiny_config(frames=257)
+def test_signal_at_random_points_then_resume(reference, tmp_path, sig):
+    cfg_path, ref = reference
     rng = random.Random(int(sig))
-    readable: dict = {}
+    span = 0.8 * json.loads((ref / "summary.json").read_text())["wall_seconds"]  # signals land within the rollout
+    interrupted = 0
     for k in range(10):
         out = tmp_path / f"run{k}"
-        p = _start(cfg_path, out)
+        p = _generate(cfg_path, out)
         deadline = time.monotonic() + 60
         while not (out / "steps.parquet").exists():  # the rollout has started
             assert p.poll() is None and time.monotonic() < deadline, p.communicate()
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(rng.uniform(0.0, span))
         p.send_signal(sig)
         _, err = p.communicate(timeout=60)
-        if p.returncode == 0:  # the run finished before the signal arrived: a whole video
-            assert (out / "summary.json").is_file()
-            continue
-        if sig == signal.SIGKILL:
-            assert p.returncode == -signal.SIGKILL
-        else:
-            lines = err.strip().splitlines()
-            assert p.returncode == 1 and "Traceback" not in err, err[-2000:]
-            assert f"stopped by {sig.name}" in lines[-1], lines[-1]
-        log = pq.read_table(out / "steps.parquet")  # readable whatever the signal
-        serials = log.column("serial").to_pylist()
-        assert serials == list(range(len(serials)))
-        video = out / "video.mp4"
-        if sig != signal.SIGKILL and video.exists():  # closed on the way out: a playable MP4 of the frames finished
-            frames = iio.imread(video)  # (no file: stopped before the first frame was finished)
-            assert 0 < frames.shape[0] < 257
-        readable[sig.name] = readable.get(sig.name, 0) + int(video.exists())
+        finished = (out / "summary.json").is_file()  # the signal came after the work, while exiting
+        if p.returncode != 0 and not finished:
+            interrupted += 1
+            if sig == signal.SIGKILL:
+                assert p.returncode == -signal.SIGKILL
+            else:
+                lines = err.strip().splitlines()
+                assert p.returncode == 1 and "Traceback" not in err, err[-2000:]
+                assert f"stopped by {sig.name}" in lines[-1] and "--resume" in lines[-1], lines[-1]
+            log = pq.read_table(out / "steps.parquet")  # readable whatever the signal
+            assert log.column("serial").to_pylist() == list(range(log.num_rows))
+            video = out / "video.mp4"
+            if sig != signal.SIGKILL and video.exists():  # closed on the way out (absent: no frame finished yet)
+                assert 0 < iio.imread(video).shape[0] < FRAMES
+            r = _generate(cfg_path, out, "--resume")
+            _, err = r.communicate(timeout=300)
+            assert r.returncode == 0, err[-2000:]
+        assert (out / "video.mp4").read_bytes() == (ref / "video.mp4").read_bytes(), f"run {k}: the video differs"
+        a, b = pq.read_table(ref / "steps.parquet"), pq.read_table(out / "steps.parquet")
+        assert a.column("mode").to_pylist() == b.column("mode").to_pylist()
+        sa, sb = json.loads((ref / "summary.json").read_text()), json.loads((out / "summary.json").read_text())
+        assert sa["decision_digest"] == sb["decision_digest"] and sb["frames"] == FRAMES
+    assert interrupted >= 7  # most signals landed mid-run
+
+
+def test_resume_refuses_changed_settings(reference, tmp_path):
+    cfg_path, _ = reference
+    out = tmp_path / "run"
+    p = _generate(cfg_path, out)
+    while not (out / "checkpoint").exists():
+        assert p.poll() is None
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    r = _generate(cfg_path, out, "--resume", "--seed", "7")
+    _, err = r.communicate(timeout=60)
+    assert r.returncode == 2 and "resume: seed was 0 when the run started and is 7 now" in err.strip().splitlines()[-1], err

@@ -19,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selective", choices=config_lib.SELECTIVE, help="selective computation mode")
     p.add_argument("--compare", action="store_true", help="also run Original and report speedup, PSNR, SSIM")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="resumable: checkpoints at window boundaries, lossless frame and latent shards in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the --checkpoint run in --out after a kill (same config and overrides)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--check-decisions", action="store_true",
                    help="multi-rank debug: cross-check every iteration's decision across ranks, fail on divergence")
@@ -39,8 +43,13 @@ def main(args: argparse.Namespace) -> int:
         if env.rank != 0:
             return 0
     else:
-        summary = generate(cfg, args.out, compare=args.compare, overwrite=args.overwrite, progress=not args.no_progress,
-                           check_decisions=args.check_decisions)
+        checkpoint = None
+        if args.checkpoint or args.resume:
+            from scopevid.engine.checkpoint import Checkpointer
+
+            checkpoint = Checkpointer(args.out, resume=args.resume)
+        summary = generate(cfg, args.out, compare=args.compare, overwrite=args.overwrite or args.resume,
+                           progress=not args.no_progress, check_decisions=args.check_decisions, checkpoint=checkpoint)
     print(json.dumps(brief(summary), indent=2))
     return 0
 

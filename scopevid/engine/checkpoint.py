@@ -43,7 +43,7 @@ import torch
 
 from scopevid.engine.files import atomic_torch_save, atomic_write_bytes, atomic_write_table, parts as _parts
 from scopevid.engine.state import compact, to_device
-from scopevid.errors import CheckpointError
+from scopevid.errors import CheckpointError, ConfigError
 
 FORMAT = 2  # 2: the rollout state is engine.state.RolloutState (format 1 is not read)
 LATEST = "LATEST"
@@ -193,6 +193,29 @@ class Checkpointer:
         self._total = 0
 
     # --- set-up -------------------------------------------------------------------------------
+    def bind_settings(self, settings: dict) -> None:
+        """Record the run's resolved config with a fresh job; on resume, refuse a different one (the
+        checkpoint's state is only valid for the settings that produced it). Rank 0 calls this."""
+        path = self.dir / "settings.json"
+        text = json.dumps(settings, sort_keys=True, default=str)
+        if not self.resume:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, text.encode())
+            return
+        if not path.is_file():
+            raise CheckpointError(f"resume: {self.out} holds no resumable run (it finished, or was not started with "
+                                  "--checkpoint)")
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable ({e}); start the job over (--overwrite)") from None
+        now = json.loads(text)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"resume: {k} was {saved.get(k)!r} when the run started and is {now.get(k)!r} now; "
+                              "resume with the same config and options, or start over with --overwrite")
+
     def attach(self, rollout, *, writes: bool, decoder=None, sink=None) -> tuple[int, float]:
         """Install on `rollout` (before it runs); restore when resuming. Returns (pixel frames already
         written, wall seconds spent before the kill)."""

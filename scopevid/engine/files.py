@@ -11,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from scopevid import interrupts
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -26,6 +28,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with interrupts.critical():
+        _write_bytes(path, data)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -37,6 +44,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_torch_save(path: Path, obj) -> None:
+    with interrupts.critical():
+        _torch_save(path, obj)
+
+
+def _torch_save(path: Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -48,6 +60,11 @@ def atomic_torch_save(path: Path, obj) -> None:
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
+    with interrupts.critical():
+        _write_table(path, table)
+
+
+def _write_table(path: Path, table: pa.Table) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pq.write_table(table, str(tmp))

@@ -247,6 +247,8 @@ def generate(
     out = prepare_out_dir(out, overwrite)  # refuse before touching anything
     with RunLock(out):
         prepare_out_dir(out, overwrite)  # again under the lock: a run that finished meanwhile left results
+        if checkpoint is not None:
+            checkpoint.bind_settings({k: v for k, v in cfg.to_dict().items() if k != "source"})
         return _generate(cfg, out, compare, topo, progress, check_decisions, checkpoint)
 
 

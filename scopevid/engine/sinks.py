@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from scopevid import interrupts
 from scopevid.engine.files import atomic_write_table
 from scopevid.errors import OutputExistsError
 
@@ -93,14 +95,16 @@ class Mp4Sink:
                 str(self.path), fps=self.fps, codec="libx264", quality=8, macro_block_size=2 if (h % 2 or w % 2) else 1,
                 ffmpeg_log_level="error", pixelformat="yuv420p",
             )
-        for f in to_uint8(frames):
-            self._w.append_data(f)
-            self.frames += 1
+        with interrupts.critical():  # a signal mid-frame would make the writer kill ffmpeg
+            for f in to_uint8(frames):
+                self._w.append_data(f)
+                self.frames += 1
 
     def close(self) -> None:
         if self._w is not None:
-            self._w.close()
-            self._w = None
+            with interrupts.critical():
+                self._w.close()
+                self._w = None
 
 
 class FrameStore:
@@ -132,13 +136,17 @@ class RunLog:
         self.rows: list[dict] = []
         self.total = 0
         self.parts = 0
-        if self.path.is_file():  # a single-file log of an earlier version in a directory being overwritten
+        # A fresh log (a resumed run replays its rows into it), put in place whole: part 0 holds no rows,
+        # only the schema, so the directory reads as a (possibly empty) table from its first moment.
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        atomic_write_table(tmp / "part-00000.parquet", schema.empty_table())
+        if self.path.is_dir():
+            shutil.rmtree(self.path)
+        elif self.path.exists():  # a single-file log of an earlier version in a directory being overwritten
             self.path.unlink()
-        self.path.mkdir(parents=True, exist_ok=True)
-        for p in list(self.path.iterdir()):  # a fresh log (a resumed run replays its rows into it)
-            p.unlink()
-        # part 0 holds no rows, only the schema: the log reads as a (possibly empty) table from the start
-        atomic_write_table(self.path / "part-00000.parquet", schema.empty_table())
+        os.replace(tmp, self.path)
         self.parts = 1
 
     def add(self, record) -> None:
