@@ -8,13 +8,13 @@ import subprocess, sys
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 M = {
- "predict_returns_last": ("scopevid/engine/rollout.py", "            out[f] = vh\n", "            out[f] = vk\n"),
+ "predict_returns_last": ("scopevid/engine/rollout.py", "        out = {f: self.predict(hist.get(f), levels[f][0]) for f in active}", "        out = {f: hist.last(f) for f in active}"),
  "resume_drops_policy": ("scopevid/engine/state.py", "        for name, c in self.components.items():\n            c.load_state_dict(", "        for name, c in self.components.items():\n            if name == 'policy': continue\n            c.load_state_dict("),
  "resume_drops_features": ("scopevid/engine/state.py", '        self.features.load_state_dict(to_device(state["features"], device))', '        pass'),
  "resume_drops_history": ("scopevid/engine/state.py", '        self.history.load_state_dict(to_device(state["history"], device))', '        pass'),
  "stability_ignored": ("scopevid/engine/rollout.py", "        ok, scale = self.stability.verdict(delta_sq, ref_sq, bad)\n", "        ok, scale = True, 1.0\n"),
  "kv_never_evicted": ("scopevid/engine/kvcache.py", "        for f in [f for f in self._frames if f < frame]:\n            del self._frames[f]", "        pass"),
- "sums_float32": ("scopevid/engine/history.py", "                cur = phi[i].double()\n                out.append((float((cur - prev.double()).abs().sum()), float(prev.double().abs().sum())))", "                cur = phi[i].float()\n                out.append((float((cur - prev.float()).abs().sum()), float(prev.float().abs().sum())))"),
+ "sums_float32": ("scopevid/engine/history.py", ".double()", ".float()"),
  "history_not_pruned": ("scopevid/engine/state.py", "        self.history.drop_before(frame)\n", ""),
  "features_not_pruned": ("scopevid/engine/state.py", "        self.features.drop_before(frame)\n", ""),
 }
@@ -22,7 +22,7 @@ tests = sys.argv[1:]
 for name, (path, a, b) in M.items():
     p = ROOT / path
     src = p.read_text()
-    assert src.count(a) == 1, (name, src.count(a))
+    assert src.count(a) >= 1, (name, src.count(a))
     p.write_text(src.replace(a, b))
     try:
         r = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
