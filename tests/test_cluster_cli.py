@@ -70,3 +70,29 @@ def test_ranks_with_different_settings_refuse_to_run(tiny_config, tmp_path):
         assert p.returncode == 2, err[-2000:]
         assert "ranks disagree on the run config" in err.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "video.mp4").exists()
+
+
+@pytest.mark.timeout(120)
+def test_nan_on_two_ranks_is_one_line_on_each(tiny_config, tmp_path):
+    """A NaN weight under sequence parallelism: both ranks see it in the gathered velocities, stop
+    together with one line and exit 1, and tear the group down cleanly (no abort)."""
+    from test_nonfinite import _tiny_weights
+
+    cfg_path = tiny_config(frames=8, model={"kind": "tiny", "weights": str(_tiny_weights(tmp_path, poison=True))})
+    port = free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "scopevid", "generate", "--config", str(cfg_path), "--out",
+                          str(tmp_path / "out"), "--no-progress"],
+                         env=rank_env(rank, 2, port, threads=1, dist_timeout_s=60), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    try:
+        errs = [p.communicate(timeout=100)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, err in zip(procs, errs):
+        assert p.returncode == 1, err[-2000:]
+        assert "NaN or inf" in err.strip().splitlines()[-1] and "Traceback" not in err, err[-2000:]
