@@ -51,21 +51,7 @@ def test_torchrun_generate_matches_one_process(tiny_config, tmp_path):
 def test_ranks_with_different_settings_refuse_to_run(tiny_config, tmp_path):
     """The most reported multi-GPU bug is ranks drawing different noise: a rank started with another
     seed must stop the job before the rollout, with one clear line on every rank."""
-    cfg_path = tiny_config(frames=8)
-    port = free_port()
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "scopevid", "generate", "--config", str(cfg_path), "--out",
-                          str(tmp_path / "out"), "--no-progress", "--seed", str(seed)],
-                         env=rank_env(rank, 2, port, threads=1, dist_timeout_s=60), cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank, seed in ((0, 0), (1, 1))
-    ]
-    try:
-        errs = [p.communicate(timeout=100)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    procs, errs = _two_ranks(tiny_config(frames=8), tmp_path / "out", [["--seed", "0"], ["--seed", "1"]])
     for p, err in zip(procs, errs):
         assert p.returncode == 2, err[-2000:]
         assert "ranks disagree on the run config" in err.strip().splitlines()[-1]
@@ -79,20 +65,23 @@ def test_nan_on_two_ranks_is_one_line_on_each(tiny_config, tmp_path):
     from test_nonfinite import _tiny_weights
 
     cfg_path = tiny_config(frames=8, model={"kind": "tiny", "weights": str(_tiny_weights(tmp_path, poison=True))})
+    procs, errs = _two_ranks(cfg_path, tmp_path / "out", [[], []])
+    for p, err in zip(procs, errs):
+        assert p.returncode == 1, err[-2000:]
+        assert "NaN or inf" in err.strip().splitlines()[-1] and "Traceback" not in err, err[-2000:]
+
+
+def _two_ranks(cfg_path, out, extra: list[list[str]]):
+    """`scopevid generate` as ranks 0 and 1 of a torchrun-style group (each with its own extra args);
+    returns the processes and their stderr, killing any still running."""
     port = free_port()
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "scopevid", "generate", "--config", str(cfg_path), "--out",
-                          str(tmp_path / "out"), "--no-progress"],
-                         env=rank_env(rank, 2, port, threads=1, dist_timeout_s=60), cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)
-    ]
+    procs = [subprocess.Popen([sys.executable, "-m", "scopevid", "generate", "--config", str(cfg_path), "--out", str(out),
+                               "--no-progress", *args], env=rank_env(rank, 2, port, threads=1, dist_timeout_s=60),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank, args in enumerate(extra)]
     try:
-        errs = [p.communicate(timeout=100)[1] for p in procs]
+        return procs, [p.communicate(timeout=100)[1] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, err in zip(procs, errs):
-        assert p.returncode == 1, err[-2000:]
-        assert "NaN or inf" in err.strip().splitlines()[-1] and "Traceback" not in err, err[-2000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from conftest import ROOT, TINY_ARCH, write_tiny_config

@@ -150,7 +150,7 @@ class ForwardRunner:
             self._hook_frames = list(seq)
         fill_set = set(fill)
         clean = self.schedule.clean
-        rows, sig = [], []
+        rows = []
         for f in full[lo:hi]:
             if f in fill_set:
                 rows.append(st.final[f])

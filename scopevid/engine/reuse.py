@@ -256,12 +256,13 @@ class Executor:
                 del d[k]
         self.recorded = {f for f in self.recorded if f >= frame}
 
-    def _stores(self) -> list[FrameKeyed]:
-        return [FrameKeyed(self.store, _frame_at(1))]
-
     def _migrating(self) -> list[FrameKeyed]:
         """The stores whose entries live on the rank that computed their frame."""
         return [FrameKeyed(self.store, _frame_at(1))]
+
+    def _stores(self) -> list[FrameKeyed]:
+        """Every per-frame store, for forgetting frames (ChunkExecutor adds its captured K/V)."""
+        return self._migrating()
 
     def ready(self, frames: list[int]) -> bool:
         return all(f in self.recorded for f in frames)

@@ -13,7 +13,7 @@ Convention: x_sigma = (1 - sigma) x0 + sigma eps, the network predicts v = eps -
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
