@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 
@@ -23,6 +24,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    entry = argv is None  # called as the program (console script, python -m), not by a caller
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="scopevid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,12 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     restore = _stop_on_signals()
     try:
-        return int(args._main(args) or 0)
+        rc = int(args._main(args) or 0)
     except ScopevidError as e:
         print(f"scopevid {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        rc = e.exit_code
     finally:
         restore()
+    groups = sys.modules.get("scopevid.cluster.groups")
+    if entry and groups is not None and groups.TORN_DOWN:  # the process's own entry point, a rank of a group
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)  # a torn-down gloo group may abort a normal exit (see cluster.groups.TORN_DOWN)
+    return rc
 
 
 def _stop_on_signals():

@@ -196,6 +196,14 @@ class Group:
                 self.barrier("teardown barrier")
         finally:
             dist.destroy_process_group()
+            global TORN_DOWN
+            TORN_DOWN = True
+
+
+# Set once a process group was destroyed in this process. A gloo group can leave C++ threads that
+# abort the interpreter's exit ("terminate called without an active exception", SIGABRT) even after
+# a barrier and destroy: the CLI then leaves with os._exit once its outputs are flushed.
+TORN_DOWN = False
 
 
 def pick_backend(device: str | torch.device | None) -> tuple[str, torch.device]:
