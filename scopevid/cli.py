@@ -1,6 +1,7 @@
 """`scopevid generate | train | bench | calibrate`: thin argument parsing over the engine.
 
-Errors (ScopevidError) print as one line on stderr: exit code 2 for bad input, 1 for a failed run.
+Errors (ScopevidError, and writes the disk refuses) print as one line on stderr: exit code 2 for bad
+input, 1 for a failed run; `scopevid --debug COMMAND` adds the traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import signal
 import sys
 
 from scopevid import interrupts
-from scopevid.errors import ScopevidError
+from scopevid.errors import ScopevidError, refused_errno, write_error
 
 # subcommand -> module with add_arguments(parser) and main(args) -> int; imported lazily
 COMMANDS = {
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     entry = argv is None  # called as the program (console script, python -m), not by a caller
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="scopevid", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="print a traceback with an error's one line")
     sub = parser.add_subparsers(dest="command", required=True)
     name = next((a for a in argv if not a.startswith("-")), None)
     for cmd, (mod, help_) in COMMANDS.items():
@@ -43,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = int(args._main(args) or 0)
     except ScopevidError as e:
-        print(f"scopevid {args.command}: error: {e}", file=sys.stderr)
-        rc = e.exit_code
+        rc = _report(args, e)
+    except OSError as e:
+        if refused_errno(e) is None:  # not the disk refusing a write: a bug, with its traceback
+            raise
+        rc = _report(args, write_error(e))
     finally:
         restore()
     groups = sys.modules.get("scopevid.cluster.groups")
@@ -53,6 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(rc)  # a torn-down gloo group may abort a normal exit (see cluster.groups.TORN_DOWN)
     return rc
+
+
+def _report(args, e: ScopevidError) -> int:
+    if args.debug:
+        import traceback
+
+        traceback.print_exception(e.__context__ or e)
+    print(f"scopevid {args.command}: error: {e}", file=sys.stderr)
+    return e.exit_code
 
 
 def _stop_on_signals():

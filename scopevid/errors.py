@@ -1,5 +1,7 @@
 """Errors a user can act on. Each carries a one-line message that names the offending thing."""
 
+import errno
+
 
 class ScopevidError(Exception):
     """Base class: the CLI prints these as one line and exits non-zero, never as a traceback.
@@ -38,6 +40,41 @@ class Stopped(ScopevidError):
     run log are readable up to there)."""
 
     exit_code = 1
+
+
+class OutputWriteError(ScopevidError):
+    """The disk refused a write (full, read-only, no permission, quota): what was already written
+    stays readable; the message names the file and the reason."""
+
+    exit_code = 1
+
+
+# errno values that mean the filesystem refused a write, not a bug in the program
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG})
+
+
+def refused_errno(e: OSError) -> int | None:
+    """The errno of an OSError if it says the filesystem refused a write, else None. pyarrow's
+    errors carry no errno attribute, only "[errno 28]" in their text."""
+    import re
+
+    code = e.errno
+    if code is None:
+        m = re.search(r"[Ee]rrno (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    return code if code in WRITE_ERRNOS else None
+
+
+def write_error(e: OSError, what: object = None) -> OutputWriteError:
+    """One line for a refused write: `cannot write FILE: REASON; what survives and how to go on`."""
+    import os
+
+    name = what or e.filename or "a file"
+    code = refused_errno(e)
+    reason = os.strerror(code) if code is not None else (e.strerror or str(e))
+    return OutputWriteError(f"cannot write {name}: {reason}; what was written before is kept (the run log "
+                            "and the video up to their last whole part); free space, then continue a --checkpoint "
+                            "run with --resume or start over with --overwrite")
 
 
 class RanksDisagree(DistributedError):

@@ -185,15 +185,10 @@ def run_once(
                 emit(decoder.push(latent))
         if writes:
             emit(decoder.flush())
-    finally:
-        if sink is not None:
-            sink.close()
-        if log is not None:
-            log.close()
-        if bar is not None:
-            bar.close()
-        if checkpoint is not None:
-            checkpoint.close()
+    except BaseException:
+        _close([sink, log, bar, checkpoint], quiet=True)  # the first error is the one to report
+        raise
+    _close([sink, log, bar, checkpoint])
     wall = time.perf_counter() - t0 + wall_before
     st, timings = rollout.state.stats, rollout.runner.timings
     summary = {
@@ -277,3 +272,20 @@ def _generate(cfg: RunConfig, out: Path, compare: bool, topo: Topology, progress
     if writes:
         write_json(out / "summary.json", summary)
     return summary
+
+
+def _close(outputs: list, quiet: bool = False) -> None:
+    """Close every output (MP4 trailer, last log part, checkpoint) in order. `quiet` (a run already
+    failing): each is still tried, and an error closing one (the same full disk) is dropped so that it
+    cannot replace the error that ended the run."""
+    for o in outputs:
+        if o is None:
+            continue
+        if not quiet:
+            o.close()
+            continue
+        try:
+            o.close()
+        except Exception:
+            pass
+

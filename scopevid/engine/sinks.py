@@ -17,8 +17,8 @@ import pyarrow as pa
 import torch
 
 from scopevid import interrupts
-from scopevid.engine.files import atomic_write_table
-from scopevid.errors import OutputExistsError
+from scopevid.engine.files import atomic_write_table, atomic_write_text
+from scopevid.errors import OutputExistsError, write_error
 
 
 LOCK_NAME = ".scopevid.lock"
@@ -79,8 +79,16 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
     return (frames.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
 
+# Fragmented MP4 (a moof per half second, the index up front): the file plays up to its last whole
+# fragment even when its end is never written (a full disk, ffmpeg killed), where a plain MP4 keeps
+# its index in the trailer and is unreadable without it.
+FRAGMENTED = ["-movflags", "+frag_keyframe+empty_moov+default_base_moof", "-frag_duration", "500000"]
+
+
 class Mp4Sink:
-    """H.264 via imageio-ffmpeg; frames are appended (and flushed by ffmpeg) as they arrive."""
+    """H.264 via imageio-ffmpeg; frames are appended (and flushed by ffmpeg) as they arrive. A write
+    the disk refuses is one OutputWriteError (ffmpeg's broken pipe names no reason: the disk is the
+    usual one, and the message says which file)."""
 
     def __init__(self, path: Path, fps: int):
         self.path, self.fps, self._w, self.frames = Path(path), fps, None, 0
@@ -93,18 +101,32 @@ class Mp4Sink:
             # macro_block_size=1 keeps tiny frames (32x32) at their size; yuv420p needs even sides
             self._w = imageio.get_writer(
                 str(self.path), fps=self.fps, codec="libx264", quality=8, macro_block_size=2 if (h % 2 or w % 2) else 1,
-                ffmpeg_log_level="error", pixelformat="yuv420p",
+                ffmpeg_log_level="fatal", pixelformat="yuv420p", output_params=FRAGMENTED,
             )
         with interrupts.critical():  # a signal mid-frame would make the writer kill ffmpeg
-            for f in to_uint8(frames):
-                self._w.append_data(f)
-                self.frames += 1
+            try:
+                for f in to_uint8(frames):
+                    self._w.append_data(f)
+                    self.frames += 1
+            except OSError as e:
+                self._w = None  # ffmpeg is gone; close() has nothing left to finish
+                raise self._refused(e) from None
 
     def close(self) -> None:
         if self._w is not None:
+            w, self._w = self._w, None
             with interrupts.critical():
-                self._w.close()
-                self._w = None
+                try:
+                    w.close()
+                except OSError as e:
+                    raise self._refused(e) from None
+
+    def _refused(self, e: OSError):
+        """ffmpeg died writing the file: almost always a refused write (ENOSPC, EROFS), seen by us
+        only as a broken pipe; the free space decides which message is true."""
+        if shutil.disk_usage(self.path.parent).free < 1 << 20:
+            e = OSError(28, os.strerror(28))
+        return write_error(e, self.path)
 
 
 class FrameStore:
@@ -116,7 +138,11 @@ class FrameStore:
         self.chunks = 0
 
     def write(self, frames: torch.Tensor) -> None:
-        np.save(self.path / f"{self.chunks:06d}.npy", frames.to(torch.float16).cpu().numpy())
+        path = self.path / f"{self.chunks:06d}.npy"
+        try:
+            np.save(path, frames.to(torch.float16).cpu().numpy())
+        except OSError as e:
+            raise write_error(e, path) from None
         self.chunks += 1
 
     def read(self):
@@ -168,6 +194,4 @@ class RunLog:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
