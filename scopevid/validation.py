@@ -31,7 +31,13 @@ def parse(model: type[M], raw: object, prefix: str, owner: str = "") -> M:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
-        allowed = ", ".join(model.model_fields) if err["type"] == "extra_forbidden" else None
-        what = f"unknown field{' for ' + owner if owner else ''}; allowed: {allowed}" if allowed else err["msg"]
-        got = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            what = f"unknown field{' for ' + owner if owner else ''}; allowed: {', '.join(model.model_fields)}"
+        elif kind == "missing":
+            field = model.model_fields.get(str(err["loc"][0]))
+            what = "required" + (f": {field.description}" if field is not None and field.description else "")
+        else:
+            what = err["msg"]
+        got = "" if kind in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
         raise ConfigError(f"{prefix}{loc}: {what}{got}") from None

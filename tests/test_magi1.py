@@ -240,10 +240,32 @@ def test_other_checkpoint_problems_are_clear(tmp_path):
 def test_decoding_without_vae_weights_says_what_is_missing(adapter, tmp_path, ref):
     with pytest.raises(CheckpointError, match="no weights configured"):
         adapter.decode(ref["final_latents"][:, :CW].permute(1, 0, 2, 3))
+    with pytest.raises(CheckpointError, match="no weights configured"):
+        adapter.stream_decoder()  # asked for before a rollout: the run fails before its work
     (tmp_path / "vae").mkdir()
-    ad = fixture_adapter(vae=str(tmp_path / "vae"))
     with pytest.raises(CheckpointError, match=r"config.json is missing"):
-        ad.decode(ref["final_latents"][:, :CW].permute(1, 0, 2, 3))
+        fixture_adapter(vae=str(tmp_path / "vae"))  # at load, not at the first decode
+    import shutil
+
+    shutil.copy(FX / "vae" / "config.json", tmp_path / "vae")
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"cannot read safetensors"):
+        fixture_adapter(vae=str(tmp_path / "vae"))
+
+
+def test_model_spec_is_typed_and_strict():
+    with pytest.raises(ConfigError, match=r"^model.vea: unknown field for magi1; allowed: kind, arch, weights"):
+        fixture_adapter(vea="x")
+    with pytest.raises(ConfigError, match=r"^model.height: Input should be a multiple of 16 \(got 100\)"):
+        fixture_adapter(height=100)
+    with pytest.raises(ConfigError, match=r"^model.height: Input should be a valid integer \(got '480'\)"):
+        fixture_adapter(height="480")
+    with pytest.raises(ConfigError, match=r"^model.host_feature: Input should be 'embed' or 'modulated'"):
+        fixture_adapter(host_feature="modulate")
+    spec = fixture_spec()
+    del spec["weights"]
+    with pytest.raises(ConfigError, match=r"^model.weights: required: a MAGI-1 checkpoint directory"):
+        Magi1Adapter.from_config(spec)
 
 
 def test_missing_special_tokens_file_and_text_encoder_are_named(tmp_path):
@@ -491,8 +513,10 @@ def test_paper_config_validates_and_points_at_the_release(tmp_path):
     for name, (tc, tp) in {"scope-fast": (0.03, 0.08), "scope-slow": (0.02, 0.05)}.items():
         spec = cfg.policy_spec(name)
         assert (spec["tau_c"], spec["tau_p"], spec["decay"], spec["horizon"], spec["predictor"]) == (tc, tp, 0.75, 5, "taylor2")
+    with pytest.raises(CheckpointError, match="MAGI-1 VAE: downloads/vae/config.json is missing"):
+        Magi1Adapter.from_config(cfg.model)  # the small VAE is checked first: a missing one never waits for a 24B load
     with pytest.raises(CheckpointError, match="checkpoint directory not found"):
-        Magi1Adapter.from_config({**cfg.model, "weights": str(tmp_path / "MAGI-1" / "4.5B_distill")})
+        Magi1Adapter.from_config({**cfg.model, "vae": str(FX / "vae"), "weights": str(tmp_path / "MAGI-1" / "4.5B_distill")})
 
 
 def test_bad_settings_are_config_errors():
@@ -504,7 +528,7 @@ def test_bad_settings_are_config_errors():
         fixture_adapter().encode_prompt("a fox", None, 5.0)
     with pytest.raises(ConfigError, match="12 selects MAGI-1's shortcut"):
         fixture_adapter().prepare(video_facts(ChunkCausalPlan(latent_frames=12, chunk=2, window_chunks=4, num_steps=12)))
-    with pytest.raises(ConfigError, match="multiples of 16"):
+    with pytest.raises(ConfigError, match="model.height: Input should be a multiple of 16"):
         fixture_adapter(height=72)
     ad = fixture_adapter()
     with pytest.raises(ConfigError, match="chunk_width"):

@@ -490,3 +490,23 @@ def test_two_ranks_match_one_rank(ckpt, tmp_path):
             assert a["digest"] == b["digest"] and a["frames"] == b["frames"]
             torch.testing.assert_close(b["latents"], a["latents"], rtol=1e-4, atol=1e-4)
     assert set(one[0]["modes"]) >= {"cache", "recompute"}
+
+
+def test_model_spec_is_typed_and_strict_before_any_file_is_read(tmp_path):
+    from scopevid.adapters import check_spec
+    from scopevid.adapters.skyreels_v2 import SkyReelsV2Adapter
+
+    base = {"kind": "skyreels_v2", "path": str(tmp_path / "nowhere")}
+    for over, msg in [({"heigth": 544}, r"^model.heigth: unknown field for skyreels_v2; allowed: kind, path, height"),
+                      ({"height": 540}, r"^model.height: Input should be a multiple of 16 \(got 540\)"),
+                      ({"shift": "8"}, r"^model.shift: Input should be a valid number \(got '8'\)"),
+                      ({"addnoise_rng": "local"}, r"^model.addnoise_rng: Input should be 'frame' or 'global'"),
+                      ({"vae_dtype": "fp16"}, r"^model.vae_dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+                      ({"path": None}, r"^model.path: Input should be a valid string")]:
+        with pytest.raises(ConfigError, match=msg):
+            check_spec({**base, **over})
+        with pytest.raises(ConfigError, match=msg):
+            SkyReelsV2Adapter.from_config({**base, **over})  # the load refuses it before looking for the directory
+    with pytest.raises(ConfigError, match=r"^model.path: required: the SkyReels-V2 checkpoint directory"):
+        SkyReelsV2Adapter.from_config({"kind": "skyreels_v2"})
+    check_spec(base)  # valid: the missing directory is the load's business

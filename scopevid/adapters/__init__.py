@@ -31,6 +31,7 @@ def preflight(spec: dict, prompt: str, world: int) -> None:
     """Checks that need the model's metadata but not its weights, done before any placement or load:
     the prompt against the vocabulary (tiny), the number of ranks against the attention heads
     (Ulysses splits heads). One ConfigError line; a cluster job then fails before it starts."""
+    check_spec(spec)
     heads, words = _metadata(spec)
     if world > 1 and heads is not None:
         bad = [n for n in heads if n % world]
@@ -39,12 +40,29 @@ def preflight(spec: dict, prompt: str, world: int) -> None:
             raise ConfigError(f"world-size: {world} ranks cannot split this model's {'/'.join(map(str, heads))} attention "
                               f"heads (Ulysses gives each rank whole heads); use one of {', '.join(map(str, ok))}")
     if words is not None:
-        unknown = [w for w in prompt.lower().split() if w not in words]
-        if unknown:
-            raise ConfigError(f"prompt: unknown word(s) {unknown} for the tiny model; its vocabulary: {' '.join(sorted(words))}")
+        from scopevid.adapters.tiny.adapter import check_prompt
+
+        check_prompt(prompt, words)
 
 
-def _metadata(spec: dict) -> tuple[tuple[int, ...] | None, set[str] | None]:
+def check_spec(spec: dict) -> None:
+    """The `model:` section against its adapter's typed spec (unknown keys, types, ranges), without
+    reading any file: a typo fails before placement or a weights load."""
+    from scopevid.validation import parse
+
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "tiny":
+        from scopevid.adapters.tiny.adapter import TinySpec as model
+    elif kind == "skyreels_v2":
+        from scopevid.adapters.skyreels_v2.adapter import SkyReelsV2Spec as model
+    elif kind == "magi1":
+        from scopevid.adapters.magi1.adapter import Magi1Spec as model
+    else:
+        raise ConfigError(f"model.kind: unknown {kind!r}; allowed: {', '.join(KINDS)}")
+    parse(model, spec, "model.", kind)
+
+
+def _metadata(spec: dict) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
     """(query and K/V head counts, vocabulary or None) from the model spec and its small files only."""
     kind = spec.get("kind")
     if kind == "tiny":

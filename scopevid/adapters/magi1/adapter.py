@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from scopevid.adapters.base import (Adapter, Attention, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
                                     GroupDecoder, NoiseSchedule, VideoFacts, local_attention)
@@ -38,8 +40,25 @@ from scopevid.adapters.magi1.model import Magi1DiT
 from scopevid.adapters.magi1.text import Magi1Prompt, SpecialTokens, chunk_caption, make_text_encoder
 from scopevid.adapters.magi1.vae import Tiling, load_decoder, tiled_decode
 from scopevid.errors import CheckpointError, ConfigError
+from scopevid.validation import Section, parse
 
 HOST_FEATURES = ("embed", "modulated")
+
+
+class Magi1Spec(Section):
+    """`model:` of the MAGI-1 adapter (unknown keys and mistyped values are one ConfigError line)."""
+
+    kind: Literal["magi1"]
+    arch: str | dict = "4.5B"  # a preset (4.5B, 24B), a mapping of model_config fields, or an official config .json
+    weights: str = Field(min_length=1, description="a MAGI-1 checkpoint directory, or 'random' for a random model")
+    recipe: dict | None = None  # Magi1Recipe fields (the official runtime/engine settings)
+    special_tokens: str | None = None  # the official special_tokens.npz
+    text_encoder: str = Field("random", min_length=1)  # T5 directory, or random
+    vae: str | None = Field(None, min_length=1)  # the official vae/ folder (config.json + safetensors); loaded and checked with the model
+    height: int = Field(480, ge=16, le=4096, multiple_of=16)  # pixels (8x VAE, 2x patch)
+    width: int = Field(480, ge=16, le=4096, multiple_of=16)
+    host_feature: Literal["embed", "modulated"] = "embed"  # SCOPE's signal
+    init_seed: int = 0  # seed of `weights: random`
 
 
 def official_t(num_steps: int, shift: float) -> torch.Tensor:
@@ -108,32 +127,24 @@ class Magi1Adapter(Adapter):
         """model: {kind: magi1, arch: 4.5B | 24B | {fields} | path/to/official.json, weights: DIR | random,
         recipe: {...}, special_tokens: NPZ, text_encoder: T5 DIR | random, vae: DIR, height, width (pixels),
         host_feature: embed | modulated, init_seed}"""
-        known = {"kind", "arch", "weights", "recipe", "special_tokens", "text_encoder", "vae", "height", "width",
-                 "host_feature", "init_seed"}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ConfigError(f"model.{unknown[0]}: unknown field for magi1; allowed: {', '.join(sorted(known))}")
-        arch, arch_name, flat = _arch(spec.get("arch", "4.5B"))
-        recipe = recipe_from_official(flat, **(spec.get("recipe") or {})) if flat else Magi1Recipe.from_dict(spec.get("recipe") or {})
+        sp = parse(Magi1Spec, spec, "model.", "magi1")
+        arch, arch_name, flat = _arch(sp.arch)
+        recipe = recipe_from_official(flat, **(sp.recipe or {})) if flat else Magi1Recipe.from_dict(sp.recipe or {})
         if not recipe.distill:
             raise ConfigError("model.recipe.distill: only the distill pipeline (1 CFG pass) is implemented; base models need 3-pass CFG")
-        weights = spec.get("weights")
-        if weights is None:
-            raise ConfigError("model.weights: a MAGI-1 checkpoint directory (or 'random' for a random model) is required")
-        model = build_model(arch, weights, dtype, arch_name=arch_name, init_seed=int(spec.get("init_seed", 0)), distill=recipe.distill)
+        vae = load_decoder(sp.vae, dtype=dtype, device=str(device)) if sp.vae else None  # problems show at load, not at the first decode
+        model = build_model(arch, sp.weights, dtype, arch_name=arch_name, init_seed=sp.init_seed, distill=recipe.distill)
         special = None
         if recipe.special_tokens:
-            tok = spec.get("special_tokens")
-            if tok is None:
+            if sp.special_tokens is None:
                 raise ConfigError("model.special_tokens: path to the official special_tokens.npz is required "
                                   "(or set model.recipe.special_tokens: [])")
-            special = SpecialTokens.load(tok, arch.caption_channels)
-        h, w = int(spec.get("height", 480)), int(spec.get("width", 480))
-        if h % 16 or w % 16:
-            raise ConfigError(f"model.height/width: {h}x{w} must be multiples of 16 (8x VAE, 2x patch)")
-        text = make_text_encoder(spec.get("text_encoder", "random"), arch.caption_channels, arch.caption_max_length)
-        return cls(model, recipe, text_encoder=text, special_tokens=special, vae_path=spec.get("vae"),
-                   latent_hw=(h // 8, w // 8), host_feature=spec.get("host_feature", "embed"), device=device, dtype=dtype)
+            special = SpecialTokens.load(sp.special_tokens, arch.caption_channels)
+        text = make_text_encoder(sp.text_encoder, arch.caption_channels, arch.caption_max_length)
+        ad = cls(model, recipe, text_encoder=text, special_tokens=special, vae_path=sp.vae,
+                 latent_hw=(sp.height // 8, sp.width // 8), host_feature=sp.host_feature, device=device, dtype=dtype)
+        ad._vae = vae
+        return ad
 
     # --- schedule -----------------------------------------------------------------------------
     def prepare(self, video: VideoFacts) -> NoiseSchedule:
@@ -339,7 +350,9 @@ class Magi1Adapter(Adapter):
         return ((px[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
 
     def stream_decoder(self) -> GroupDecoder:
-        """Decodes finished latents one chunk at a time (the official per-chunk decode)."""
+        """Decodes finished latents one chunk at a time (the official per-chunk decode). Asked for
+        before the rollout: a run without a VAE fails here, not after its first chunk's work."""
+        self.vae()
         return GroupDecoder(self.decode, self.chunk)
 
     def flops(self, frames: int, context: int, blocks: int | None = None, branches: int = 1) -> float:

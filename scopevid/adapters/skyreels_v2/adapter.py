@@ -23,8 +23,10 @@ import html
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from scopevid.adapters.base import (Adapter, Attention, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
                                     NoiseSchedule, VideoFacts, local_attention)
@@ -32,27 +34,35 @@ from scopevid.adapters.skyreels_v2.loader import Components, load_checkpoint
 from scopevid.adapters.skyreels_v2.model import DFTransformer
 from scopevid.adapters.skyreels_v2.vae import LatentNorm, StreamDecoder
 from scopevid.errors import ConfigError
+from scopevid.validation import Section, parse
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NOT_STARTED_T, CLEAN_T = 999, 0  # the step matrix's boundary timesteps
 
-SPEC_KEYS = {
-    "kind": "skyreels_v2",
-    "path": "checkpoint directory (diffusers layout, see docs/skyreels_v2.md)",
-    "height": "pixels, multiple of 16 (540P: 544)",
-    "width": "pixels, multiple of 16 (540P: 960)",
-    "shift": "flow shift of the sigma schedule (T2V: 8); default: the scheduler config's",
-    "fps": "fps embedding input (16 -> 0, else 1); default 24 like both pipelines",
-    "addnoise_condition": "noise level a on the overlap prefix (official default 20)",
-    "addnoise_rng": "'frame' (seeded per frame and window iteration: deterministic, shard- and call-independent) "
-                    "or 'global' (torch's global RNG, as diffusers: each forward draws, so it depends on their order)",
-    "addnoise_seed": "seed of the 'frame' addnoise stream",
-    "causal_attention": "0 = bidirectional; N = block-causal over N latent frames; default: the checkpoint's num_frame_per_block",
-    "max_sequence_length": "prompt tokens (512)",
-    "vae_dtype": "float32 (default) | bfloat16 | float16",
-    "text_encoder_dtype": "default: the run dtype (float32 when that is float16: T5 overflows in fp16)",
-    "text_encoder_device": "default: the run device",
-}
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class SkyReelsV2Spec(Section):
+    """`model:` of the SkyReels-V2 adapter (unknown keys and mistyped values are one ConfigError line)."""
+
+    kind: Literal["skyreels_v2"]
+    path: str = Field(min_length=1, description="the SkyReels-V2 checkpoint directory, diffusers layout (see docs/skyreels_v2.md)")
+    height: int = Field(544, ge=16, le=4096, multiple_of=16)  # pixels (540P: 544)
+    width: int = Field(960, ge=16, le=4096, multiple_of=16)  # pixels (540P: 960)
+    shift: float | None = Field(None, gt=0, le=1e3)  # flow shift (T2V: 8); default: the scheduler config's
+    fps: int = Field(24, ge=1, le=240)  # fps embedding input (16 -> 0, else 1); 24 like both pipelines
+    addnoise_condition: float = Field(0.0, ge=0, lt=1000)  # noise level a (timesteps) on the overlap prefix; official 20
+    # 'frame': seeded per frame and window iteration (deterministic, shard- and call-independent);
+    # 'global': torch's global RNG as diffusers (each forward draws, so it depends on their order)
+    addnoise_rng: Literal["frame", "global"] = "frame"
+    addnoise_seed: int = 0  # seed of the 'frame' addnoise stream
+    causal_attention: int | None = Field(None, ge=0, le=1024)  # 0 bidirectional; N block-causal over N latent frames; default: the checkpoint's num_frame_per_block
+    max_sequence_length: int = Field(512, ge=1, le=4096)  # prompt tokens
+    vae_dtype: Dtype = "float32"
+    text_encoder_dtype: Dtype | None = None  # default: the run dtype (float32 when that is float16: T5 overflows in fp16)
+    text_encoder_device: str | None = None  # default: the run device
+
+
 
 
 @dataclass
@@ -136,32 +146,20 @@ class SkyReelsV2Adapter(Adapter):
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def from_config(cls, spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "SkyReelsV2Adapter":
-        unknown = sorted(set(spec) - set(SPEC_KEYS))
-        if unknown:
-            raise ConfigError(f"model.{unknown[0]}: unknown field for skyreels_v2; allowed: {', '.join(SPEC_KEYS)}")
-        if not spec.get("path"):
-            raise ConfigError("model.path: the SkyReels-V2 checkpoint directory is required (see docs/skyreels_v2.md)")
-
-        def _dtype(key: str, default: torch.dtype) -> torch.dtype:
-            v = spec.get(key)
-            if v is None:
-                return default
-            if v not in DTYPES:
-                raise ConfigError(f"model.{key}: must be one of {', '.join(DTYPES)}, got {v!r}")
-            return DTYPES[v]
-
+        sp = parse(SkyReelsV2Spec, spec, "model.", "skyreels_v2")
         text_default = torch.float32 if dtype == torch.float16 else dtype
         parts = load_checkpoint(
-            Path(spec["path"]),
+            Path(sp.path),
             device=device,
             dtype=dtype,
-            vae_dtype=_dtype("vae_dtype", torch.float32),
-            text_dtype=_dtype("text_encoder_dtype", text_default),
-            text_device=spec.get("text_encoder_device") or device,
+            vae_dtype=DTYPES[sp.vae_dtype],
+            text_dtype=DTYPES[sp.text_encoder_dtype] if sp.text_encoder_dtype else text_default,
+            text_device=sp.text_encoder_device or device,
         )
-        kw = {k: spec[k] for k in ("height", "width", "shift", "fps", "addnoise_condition", "addnoise_rng",
-                                   "addnoise_seed", "causal_attention", "max_sequence_length") if spec.get(k) is not None}
-        return cls(parts, **kw)
+        return cls(parts, height=sp.height, width=sp.width, shift=sp.shift, fps=sp.fps,
+                   addnoise_condition=sp.addnoise_condition, addnoise_rng=sp.addnoise_rng,
+                   addnoise_seed=sp.addnoise_seed, causal_attention=sp.causal_attention,
+                   max_sequence_length=sp.max_sequence_length)
 
     # --- schedule ------------------------------------------------------------------------------
     def sigmas(self, num_steps: int) -> tuple[float, ...]:

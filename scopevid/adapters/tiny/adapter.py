@@ -85,13 +85,9 @@ class TinyAdapter(Adapter):
         return NoiseSchedule(sigmas=sig, noise=sig[0], clean=0.0)
 
     def tokenize(self, prompt: str) -> torch.Tensor:
+        check_prompt(prompt, self.cfg.vocab[1:])
         vocab = {w: i for i, w in enumerate(self.cfg.vocab)}
         words = prompt.lower().split()
-        unknown = [w for w in words if w not in vocab]
-        if unknown:
-            raise ConfigError(
-                f"prompt: unknown word(s) {unknown} for the tiny model; its vocabulary: {' '.join(self.cfg.vocab[1:])}"
-            )
         ids = [vocab[w] for w in words][: self.cfg.max_prompt]
         ids += [0] * (self.cfg.max_prompt - len(ids))
         return torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -150,7 +146,14 @@ def _with_branch(spec: ForwardSpec, kv, name: str) -> ForwardSpec:
     return replace(spec, kv=kv.branch(name))
 
 
-def tiny_metadata(raw: dict) -> tuple[tuple[int, ...], set[str]]:
+def check_prompt(prompt: str, vocab) -> None:
+    """The tiny model knows only its vocabulary's words (index 0 is padding, not passed here)."""
+    unknown = [w for w in prompt.lower().split() if w not in set(vocab)]
+    if unknown:
+        raise ConfigError(f"prompt: unknown word(s) {unknown} for the tiny model; its vocabulary: {' '.join(sorted(vocab))}")
+
+
+def tiny_metadata(raw: dict) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(heads,), vocabulary of a tiny spec from its JSON (or arch), without loading weights."""
     spec = parse(TinySpec, raw, "model.", "tiny")
     if spec.weights == "random":
@@ -161,7 +164,7 @@ def tiny_metadata(raw: dict) -> tuple[tuple[int, ...], set[str]]:
             cfg = TinyDiTConfig.from_dict(json.loads(meta_path.read_text())["model"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             return None, None  # the load names the problem with the weights
-    return (cfg.heads,), set(cfg.vocab[1:])
+    return (cfg.heads,), tuple(cfg.vocab[1:])
 
 
 def weights_path(spec: dict) -> Path:
