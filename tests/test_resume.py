@@ -236,7 +236,7 @@ def test_killed_job_resumes_to_the_same_video(ray_head, job_config, reference, t
         assert (out / "video.mp4").stat().st_size > 0  # rank 0 closed its video cleanly
     r = run_driver(ray_head, "--resume", str(out))
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert "resuming" in r.stdout and f"checkpoint at iteration" in r.stdout
+    assert "resuming" in r.stdout and "checkpoint at iteration" in r.stdout
     done = json.loads((out / "job.json").read_text())
     assert done["status"] == "complete" and done["resumed_from"] >= info["serial"] > 0
     assert_same_outputs(reference, out)

@@ -24,7 +24,7 @@ import json
 import torch
 
 from scopevid.cluster.groups import Group
-from scopevid.errors import DistributedError, RanksDisagree
+from scopevid.errors import RanksDisagree
 
 
 def reduce_sums(group: Group, values: list[float], what: str = "all-reduce of discrepancy sums") -> list[float]:
