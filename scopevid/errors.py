@@ -77,6 +77,12 @@ def write_error(e: OSError, what: object = None) -> OutputWriteError:
                             "run with --resume or start over with --overwrite")
 
 
+class StopRequested(Stopped):
+    """Every rank of a job stops together at one iteration because its driver was told to stop
+    (SIGTERM from scancel or `ray job stop`): agreed through a collective, so the group's teardown
+    keeps its barrier and each rank closes its outputs."""
+
+
 class RanksDisagree(DistributedError):
     """Every rank raises this together, after a collective that succeeded: all peers are alive, so the
     group can still be torn down with a barrier (destroying it without one can abort the process).

@@ -205,12 +205,16 @@ def start_and_kill(head, job_config, out: Path, victim: str) -> tuple[subprocess
             assert time.monotonic() < deadline, "no checkpoint within 90 s"
             time.sleep(0.05)
         info = json.loads(latest.read_text())
+        t0 = time.monotonic()
         if victim == "driver":
             proc.send_signal(signal.SIGKILL)
+        elif victim == "driver-sigterm":  # scancel, `ray job stop`
+            proc.send_signal(signal.SIGTERM)
         else:
             pid = json.loads((out / "job.json").read_text())["ranks"][1]["pid"]
             os.kill(pid, signal.SIGKILL)
         text, _ = proc.communicate(timeout=90)
+        info["took"] = time.monotonic() - t0
         return subprocess.CompletedProcess(proc.args, proc.returncode, text, ""), info
     finally:
         if proc.poll() is None:
@@ -220,7 +224,7 @@ def start_and_kill(head, job_config, out: Path, victim: str) -> tuple[subprocess
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("victim", ["rank1", "driver"])
+@pytest.mark.parametrize("victim", ["rank1", "driver", "driver-sigterm"])
 def test_killed_job_resumes_to_the_same_video(ray_head, job_config, reference, tmp_path, victim):
     out = tmp_path / "job"
     killed, info = start_and_kill(ray_head, job_config, out, victim)
@@ -228,6 +232,16 @@ def test_killed_job_resumes_to_the_same_video(ray_head, job_config, reference, t
     job = json.loads((out / "job.json").read_text())
     assert job["status"] != "complete"
     assert (out / "checkpoint" / "LATEST").is_file()
+    if victim == "driver-sigterm":  # ends at once with one line: what is kept and the command that resumes
+        lines = killed.stdout.strip().splitlines()
+        assert killed.returncode == 1 and info["took"] < 5, (info["took"], killed.stdout[-3000:])
+        assert lines[-1].startswith("scopevid driver: error: stopped by SIGTERM; Kept in "), lines[-1]
+        assert lines[-1].endswith(f"Resume with: python -m scopevid.cluster.driver --resume {out}")
+        assert "Traceback" not in killed.stdout
+        assert job["status"] == "stopped" and len(job["attempt_seconds"]) == 1
+        pq.read_table(out / "steps.parquet")  # the run log reads
+        n = len(video_frames(out / "video.mp4"))  # the ranks stopped together and rank 0 closed its MP4
+        assert n > 0 and f"Kept in {out}: {n} finished frame(s)" in lines[-1], (n, lines[-1])
     if victim == "rank1":  # the driver names the dead rank, keeps what is finished, says how to resume
         pid = job["ranks"][1]["pid"]
         assert f"rank 1 (pid {pid}" in killed.stdout and "died" in killed.stdout, killed.stdout[-3000:]
@@ -240,6 +254,11 @@ def test_killed_job_resumes_to_the_same_video(ray_head, job_config, reference, t
     done = json.loads((out / "job.json").read_text())
     assert done["status"] == "complete" and done["resumed_from"] >= info["serial"] > 0
     assert_same_outputs(reference, out)
+    # the whole job is reported, not the last attempt: hand-overs and counts as the uninterrupted job's
+    ref_job = json.loads((reference / "job.json").read_text())
+    assert done["sequence_parallel"]["handovers"] == ref_job["sequence_parallel"]["handovers"] > 0
+    assert done["counts"] == ref_job["counts"]
+    assert done["job_seconds"] > done["wall_seconds"] and "over 2 attempts" in r.stdout
 
 
 @pytest.mark.parametrize("damage", ["latent-part-missing", "latent-part-truncated", "frame-part-truncated", "output-pt-corrupt"])
@@ -276,3 +295,46 @@ def test_resume_refuses_a_damaged_run_directory(tmp_path, damage):
         runner.generate(cfg, tmp_path / "job", progress=False, overwrite=True,
                         checkpoint=Checkpointer(tmp_path / "job", resume=True, rows_per_part=4))
     assert not (tmp_path / "job" / "summary.json").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_job_that_cannot_be_placed_says_what_it_waits_for(ray_head, job_config, tmp_path):
+    out = tmp_path / "job"
+    r = run_driver(ray_head, "--config", str(job_config), "--world-size", "2", "--cpus-per-rank", "2",
+                   "--placement-timeout", "5", "--out", str(out), timeout=60)
+    lines = r.stdout.strip().splitlines()
+    assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+    waiting = [ln for ln in lines if "waiting for 2 bundles of {'CPU': 2.0}" in ln]
+    assert waiting and "free CPU" in waiting[0] and "of 2" in waiting[0] and "giving up after 5 s" in waiting[0], lines
+    err = [ln for ln in r.stderr.strip().splitlines() if "INFO worker.py" not in ln]  # Ray's own connect lines
+    assert len(err) == 1 and "placement: 2 bundles of {'CPU': 2.0} not available within 5 s" in err[0], r.stderr
+    assert "free CPU 2 of 2" in err[0] and "--placement-timeout" in err[0]
+    # SIGTERM while waiting (no limit): the driver ends at once, saying so
+    proc = subprocess.Popen(driver(ray_head, "--config", str(job_config), "--world-size", "2", "--cpus-per-rank", "2",
+                                   "--placement-timeout", "0", "--out", str(tmp_path / "job2")),
+                            env=ray_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while json.loads((tmp_path / "job2" / "job.json").read_text() if (tmp_path / "job2" / "job.json").is_file()
+                         else "{}").get("status") != "waiting for placement":
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1 and took < 5, (took, stderr)
+    assert "no time limit" in stdout
+    assert stderr.strip().splitlines()[-1].startswith("scopevid driver: error: stopped by SIGTERM; Kept in"), stderr
+    assert json.loads((tmp_path / "job2" / "job.json").read_text())["status"] == "stopped"
+    # a resume that would change what the job computes is refused in one line (exit 2), before Ray is asked
+    for args, says in [(["--world-size", "1"], "runs on 2 ranks (checkpoints are per rank); resume it with --world-size 2"),
+                       (["--frames", "96"], "frames differ(s) from the job")]:
+        r = run_driver(ray_head, "--resume", str(tmp_path / "job2"), *args, timeout=60)
+        err = [ln for ln in r.stderr.strip().splitlines() if "INFO worker.py" not in ln]
+        assert r.returncode == 2 and len(err) == 1 and says in err[0], r.stderr

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from scopevid.errors import CheckpointError, ConfigError, DistributedError, ScopevidError
+from scopevid.errors import CheckpointError, ConfigError, DistributedError, ScopevidError, Stopped
 
 JOB_FILE = "job.json"
 NAMESPACE = "scopevid"
@@ -61,6 +61,7 @@ class JobSpec:
     cpus_per_rank: float = 1.0
     placement: str = "PACK"
     placement_timeout_s: float = 120.0
+    stop_grace_s: float = 2.5  # on SIGTERM, how long the ranks get to stop and close their outputs (`ray job stop` kills after 3 s)
     dist_timeout_s: float = 300.0
     checkpoint_every: int = 1
     checkpoint_seconds: float = 0.0
@@ -86,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: one GPU per rank when the cluster has them, else CPU")
     p.add_argument("--cpus-per-rank", type=float, default=1.0, help="CPUs in each rank's bundle (= torch threads)")
     p.add_argument("--placement", default="PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-    p.add_argument("--placement-timeout", type=float, default=120.0, help="seconds to wait for the bundles")
+    p.add_argument("--placement-timeout", type=float, default=120.0, help="seconds to wait for the bundles (0: no limit)")
     p.add_argument("--dist-timeout", type=float, default=300.0, help="collective timeout in seconds")
     p.add_argument("--checkpoint-every", type=int, default=1,
                    help="checkpoint at every N-th window boundary (0: never)")
@@ -200,14 +201,20 @@ class RankWorker:
 
         import torch
 
-        from scopevid.cluster.progress import Reporter
+        import ray
+
+        from scopevid.cluster.progress import Reporter, StopPoll
         from scopevid.cluster.worker import run_rank
         from scopevid.engine.checkpoint import Checkpointer
 
         t0 = time.perf_counter()
         reporter = Reporter(board.report.remote, cfg.frames) if (self.rank == 0 and board is not None) else None
+        stop = None
+        if board is not None:
+            stop = StopPoll(board.stop_requested.remote,
+                            lambda ref: ray.get(ref) if ray.wait([ref], timeout=0)[0] else None)
         ckpt = Checkpointer(out, resume=resume, every=checkpoint_every, min_seconds=checkpoint_seconds,
-                            on_iteration=reporter)
+                            on_iteration=reporter, stop_requested=stop)
         # the driver prepared the output directory; the checkpointer owns it from here (overwrite=True)
         summary = run_rank(cfg, out, self.rank, self.world, master[0], int(master[1]),
                            local_rank=0 if self.device == "cuda" else self.rank,  # Ray shows a GPU actor its GPU as 0
@@ -327,6 +334,10 @@ def run_job(spec: JobSpec) -> dict:
                               f"resume it with --world-size {job['world_size']}")
         info = checkpoint_info(out)
         attempts = int(job.get("attempts", 1)) + 1
+        seconds = list(job.get("attempt_seconds", []))
+        if len(seconds) < attempts - 1 and "attempt_started" in job:  # the last driver was SIGKILLed:
+            seconds.append(max(0.0, job_path.stat().st_mtime - job["attempt_started"]))  # up to its last write
+            _update_job(out, attempt_seconds=seconds)
         _say(spec, f"resuming {out}: " + (f"checkpoint at iteration {info['serial']}/{info['total_iterations']}, "
                                          f"{info['pixel_frames']} frames done" if info else "no checkpoint yet, starting over"))
     else:
@@ -340,7 +351,7 @@ def run_job(spec: JobSpec) -> dict:
         attempts = 1
         _update_job(out, status="starting", config=spec.config, frames=cfg.frames, world_size=world,
                     policy=cfg.policy, seed=cfg.seed, model=cfg.model.get("kind"), created=time.time())
-    _update_job(out, status="starting", attempts=attempts, argv=sys.argv, error=None)
+    _update_job(out, status="starting", attempts=attempts, argv=sys.argv, error=None, attempt_started=time.time())
 
     try:
         started_ray = connect(spec.address, cpus=world * spec.cpus_per_rank)
@@ -381,27 +392,23 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
     bundle = {"CPU": spec.cpus_per_rank, **({"GPU": 1} if device == "cuda" else {})}
 
     pg = placement_group([dict(bundle) for _ in range(world)], strategy=spec.placement, name=f"scopevid-{out.name}")
-    actors, board = [], None
+    actors, board, refs = [], None, []
     t_start = time.perf_counter()
-    old_term = signal.getsignal(signal.SIGTERM)
 
-    def on_term(signum, frame):  # `ray job stop`, scancel: end through the finally blocks
-        raise SystemExit(128 + signum)
+    def on_term(signum, frame):  # `ray job stop`, scancel, Ctrl-C: noted here, acted on within a second
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process
+        _STOP.append(signal.Signals(signum).name)
 
-    if hasattr(signal, "SIGTERM"):
+    previous = {}
+    _STOP.clear()
+    for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            signal.signal(signal.SIGTERM, on_term)
+            previous[sig] = signal.signal(sig, on_term)
         except ValueError:  # not the main thread
             pass
     status = "failed"
     try:
-        try:
-            ray.get(pg.ready(), timeout=spec.placement_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise DistributedError(
-                f"placement: {world} bundles of {bundle} not available within {spec.placement_timeout_s:g} s "
-                f"(strategy {spec.placement}); the cluster has {json.dumps({k: v for k, v in resources.items() if not k.startswith('node:')})}"
-            ) from None
+        _wait_for_placement(spec, pg, world, bundle, out)
         _no_other_job(out, world)
         Worker = ray.remote(RankWorker)
         Board = ray.remote(ProgressBoard)
@@ -415,7 +422,7 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
         ranks = _gather_named([a.info.remote() for a in actors], "start", timeout=spec.placement_timeout_s + 60)
         _update_job(out, status="running", device=device, ranks=ranks, started=time.time())
         _say(spec, f"{world} rank(s) on {device}: " + ", ".join(f"rank {i['rank']} pid {i['pid']} @ {i['node']}" for i in ranks))
-        master = ray.get(actors[0].endpoint.remote())
+        master = _gather_named([actors[0].endpoint.remote()], "report its address", timeout=60)[0]
         refs = [a.run.remote(cfg, str(out), master, resume=spec.resume, checkpoint_every=spec.checkpoint_every,
                              checkpoint_seconds=spec.checkpoint_seconds, dist_timeout_s=spec.dist_timeout_s, board=board)
                 for a in actors]
@@ -427,23 +434,35 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
                      **({"gpu_peak_mb": r["gpu_peak_bytes"] / 2**20} if "gpu_peak_bytes" in r else {}),
                      "seconds": r["seconds"], "checkpoints": r["checkpoints"]} for r in results]
         status = "complete"
+        job_seconds = _attempts_seconds(out) + wall
+        rollout = summary.get("wall_seconds") or wall  # the rollout's own clock runs on across resumes
         job = _update_job(
-            out, status="complete", finished=time.time(), wall_seconds=wall, frames=frames,
-            frames_per_second=frames / max(wall if not spec.resume else summary.get("wall_seconds") or wall, 1e-9),
-            rollout_seconds=summary.get("wall_seconds"), iterations=summary.get("iterations"),
-            resumed_from=results[0].get("resumed_from"), per_rank=per_rank, counts=summary.get("counts"),
-            decision_digest=summary.get("decision_digest"),
+            out, status="complete", finished=time.time(), wall_seconds=wall, job_seconds=job_seconds,
+            attempt_seconds=[*_job(out).get("attempt_seconds", []), wall], frames=frames,
+            frames_per_second=frames / max(rollout, 1e-9), rollout_seconds=rollout,
+            iterations=summary.get("iterations"), resumed_from=results[0].get("resumed_from"), per_rank=per_rank,
+            counts=summary.get("counts"), decision_digest=summary.get("decision_digest"),
+            sequence_parallel=summary.get("sequence_parallel"),
         )
-        _say(spec, f"done: {frames} frames in {wall:.1f} s ({frames / max(wall, 1e-9):.2f} frames/s end to end), "
-                   "peak RSS per rank " + ", ".join(f"{p['peak_rss_mb']:.0f} MiB" for p in per_rank)
+        attempts = int(job.get("attempts", 1))
+        _say(spec, f"done: {frames} frames, {frames / max(rollout, 1e-9):.2f} frames/s of rollout; "
+                   + (f"{job_seconds:.1f} s end to end over {attempts} attempts (this one {wall:.1f} s)" if attempts > 1
+                      else f"{wall:.1f} s end to end")
+                   + ", peak RSS per rank " + ", ".join(f"{p['peak_rss_mb']:.0f} MiB" for p in per_rank)
                    + f"; outputs in {out}")
         return job
-    except SystemExit:
+    except Stopped as e:
         status = "stopped"
-        raise
+        if board is not None and refs:  # the ranks stop together at their next iteration and close their outputs
+            board.request_stop.remote()
+            ray.wait(refs, num_returns=len(refs), timeout=spec.stop_grace_s)
+        msg = f"stopped by {e}; " + _kept(out)
+        _update_job(out, error=msg)
+        raise Stopped(msg) from None
     finally:
         if status != "complete":
-            _update_job(out, status=status, finished=time.time())
+            _update_job(out, status=status, finished=time.time(),
+                        attempt_seconds=[*_job(out).get("attempt_seconds", []), time.perf_counter() - t_start])
         for a in actors:
             try:
                 ray.kill(a, no_restart=True)
@@ -458,11 +477,80 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
             remove_placement_group(pg)
         except Exception:
             pass
-        if hasattr(signal, "SIGTERM"):
-            try:
-                signal.signal(signal.SIGTERM, old_term)
-            except (ValueError, TypeError):
-                pass
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# Signals seen by the driver. An exception raised from a signal handler inside Ray's Cython calls
+# becomes a SystemError, so the handler only records the signal and every wait of the driver is a
+# loop of waits of at most a second that calls _stop_point between them.
+_STOP: list[str] = []
+
+
+def _stop_point() -> None:
+    if _STOP:
+        raise Stopped(_STOP[0])
+
+
+def _kept(out: Path) -> str:
+    """What a job that ended early leaves, and the command that continues it."""
+    from scopevid.engine.checkpoint import checkpoint_info
+
+    ck = checkpoint_info(out)
+    return (f"Kept in {out}: {_frames_on_disk(out)} finished frame(s) (video.mp4, frames/, latents/, steps.parquet)"
+            + (f", checkpoint at iteration {ck['serial']}/{ck['total_iterations']} ({ck['pixel_frames']} frames)" if ck
+               else ", no checkpoint yet")
+            + f". Resume with: python -m scopevid.cluster.driver --resume {out}")
+
+
+def _job(out: Path) -> dict:
+    path = out / JOB_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _attempts_seconds(out: Path) -> float:
+    """Seconds of the job's earlier attempts (a resumed job reports the whole job)."""
+    return float(sum(_job(out).get("attempt_seconds", [])))
+
+
+def _wait_for_placement(spec: JobSpec, pg, world: int, bundle: dict, out: Path) -> None:
+    """Wait for the placement group, saying what it waits for (after a few seconds, then every 30 s);
+    `--placement-timeout 0` waits as long as it takes (a queue on a full cluster)."""
+    import ray
+
+    t0 = time.monotonic()
+    limit = spec.placement_timeout_s
+    said, first = 0.0, True
+    ready = pg.ready()
+    while True:
+        _stop_point()
+        try:
+            ray.get(ready, timeout=1.0)
+            if not first:
+                _say(spec, f"placed after {time.monotonic() - t0:.0f} s")
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        waited = time.monotonic() - t0
+        if limit > 0 and waited >= limit:
+            raise DistributedError(f"placement: {world} bundles of {bundle} not available within {limit:g} s "
+                                   f"(strategy {spec.placement}); {_resources_line()}; wait longer with "
+                                   "--placement-timeout S (0: no limit)")
+        if (first and waited >= 3.0) or (not first and waited - said >= 30.0):
+            first, said = False, waited
+            until = f"giving up after {limit:g} s" if limit > 0 else "no time limit"
+            _say(spec, f"waiting for {world} bundles of {bundle} (strategy {spec.placement}): {_resources_line()}; "
+                       f"{until}")
+            _update_job(out, status="waiting for placement")
+
+
+def _resources_line() -> str:
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    keys = [k for k in ("CPU", "GPU", "memory") if k in total]
+    fmt = (lambda k, v: f"{v / 2**30:.1f} GiB" if k == "memory" else f"{v:g}")
+    return "free " + ", ".join(f"{k} {fmt(k, free.get(k, 0))} of {fmt(k, total[k])}" for k in keys)
 
 
 def _actor_name(out: Path, rank: int) -> str:
@@ -497,10 +585,15 @@ def _gather_named(refs: list, what: str, timeout: float) -> list:
 
     out = []
     for r, ref in enumerate(refs):
+        deadline = time.monotonic() + timeout
+        while True:
+            _stop_point()
+            if ray.wait([ref], timeout=1.0)[0]:
+                break
+            if time.monotonic() > deadline:
+                raise DistributedError(f"rank {r}: actor did not {what} within {timeout:g} s")
         try:
-            out.append(ray.get(ref, timeout=timeout))
-        except ray.exceptions.GetTimeoutError:
-            raise DistributedError(f"rank {r}: actor did not {what} within {timeout:g} s") from None
+            out.append(ray.get(ref))
         except ray.exceptions.RayError as e:
             why, _ = _cause(e)
             raise DistributedError(f"rank {r}: actor failed to {what}: {why}") from None
@@ -512,7 +605,6 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
     import ray
 
     from scopevid.cluster.progress import ProgressTracker
-    from scopevid.engine.checkpoint import checkpoint_info
 
     tracker = ProgressTracker()
     rank_of = {ref: r for r, ref in enumerate(refs)}
@@ -522,6 +614,7 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
     last_print = time.monotonic()
     deadline = None  # after a failure: how long the others get to end on their own
     while pending:
+        _stop_point()
         done, pending = ray.wait(pending, num_returns=1, timeout=min(1.0, spec.progress_every_s))
         for ref in done:
             r = rank_of[ref]
@@ -551,13 +644,7 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
     info = ranks[first] if first < len(ranks) else {}
     where = f" (pid {info.get('pid')} on {info.get('node')})" if info else ""
     others = [f"rank {r}: {_clip(w)}" for r, (w, _) in sorted(failures.items()) if r != first]
-    ck = checkpoint_info(out)
-    kept = _frames_on_disk(out)
-    msg = (f"rank {first}{where} {'died' if died else 'failed'}: {why}. "
-           f"Kept in {out}: {kept} finished frame(s) (video.mp4, frames/, latents/, steps.parquet)"
-           + (f", checkpoint at iteration {ck['serial']}/{ck['total_iterations']} ({ck['pixel_frames']} frames)" if ck else
-              ", no checkpoint yet")
-           + f". Resume with: python -m scopevid.cluster.driver --resume {out}")
+    msg = f"rank {first}{where} {'died' if died else 'failed'}: {why}. " + _kept(out)
     if others:
         msg += " [then " + "; ".join(others) + "]"
     _update_job(out, error=msg, failed_rank=first)
@@ -574,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     except ScopevidError as e:
         print(f"scopevid driver: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    print(json.dumps({k: job.get(k) for k in ("status", "frames", "world_size", "wall_seconds", "frames_per_second",
+    print(json.dumps({k: job.get(k) for k in ("status", "frames", "world_size", "wall_seconds", "job_seconds", "frames_per_second",
                                               "per_rank", "resumed_from")}, default=str), flush=True)
     return 0
 

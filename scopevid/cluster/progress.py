@@ -25,6 +25,34 @@ class ProgressBoard:
         """Reports newer than rank-side time t, oldest first."""
         return [r for r in self._reports if r["time"] > t]
 
+    # the driver's stop request (SIGTERM), which every rank polls between iterations
+    _stop = False
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
+
+
+class StopPoll:
+    """Rank-side: whether the board asks to stop, without ever waiting for it. At most one question
+    is in flight; `ask()` sends one (e.g. `board.stop_requested.remote`), `answer(ref)` returns its
+    reply if it has arrived, else None."""
+
+    def __init__(self, ask, answer):
+        self.ask, self.answer, self._pending = ask, answer, None
+
+    def __call__(self) -> bool:
+        if self._pending is None:
+            self._pending = self.ask()
+            return False
+        reply = self.answer(self._pending)
+        if reply is None:
+            return False
+        self._pending = None
+        return bool(reply)
+
 
 class Reporter:
     """Rank-side: rate-limits reports to a board (`send` is e.g. `board.report.remote`)."""

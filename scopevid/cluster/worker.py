@@ -19,7 +19,7 @@ from pathlib import Path
 from scopevid.cluster import consensus
 from scopevid.cluster.groups import DistEnv, Group, init
 from scopevid.cluster.sequence import UlyssesTopology
-from scopevid.errors import DistributedError, NonFiniteError, RanksDisagree, ScopevidError
+from scopevid.errors import DistributedError, NonFiniteError, RanksDisagree, ScopevidError, StopRequested
 
 
 def run_rank(
@@ -112,7 +112,7 @@ def _run(cfg, out, env: DistEnv, *, backend=None, timeout_s=None, threads=None, 
             write_json(Path(out) / "summary.json", summary)
         ok = True
         return summary
-    except (RanksDisagree, NonFiniteError):
+    except (RanksDisagree, NonFiniteError, StopRequested):
         # both are raised by every rank together, after collectives that succeeded (a NaN velocity is
         # seen in the gathered velocities): peers are alive, so teardown can use its barrier
         agreed = True

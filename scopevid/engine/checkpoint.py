@@ -43,7 +43,7 @@ import torch
 
 from scopevid.engine.files import atomic_torch_save, atomic_write_bytes, atomic_write_table, parts as _parts
 from scopevid.engine.state import compact, to_device
-from scopevid.errors import CheckpointError, ConfigError
+from scopevid.errors import CheckpointError, ConfigError, StopRequested
 
 FORMAT = 2  # 2: the rollout state is engine.state.RolloutState (format 1 is not read)
 LATEST = "LATEST"
@@ -134,6 +134,7 @@ def rollout_state(rollout, *, window_reset: bool = False) -> dict:
     """The rollout's state (engine.state.RolloutState) plus the rank it belongs to."""
     state = rollout.state.state_dict(window_reset=window_reset)
     state["rank"], state["world"] = rollout.topo.rank, rollout.topo.world
+    state["topology"] = dict(rollout.topo.state_dict())  # hand-over counters: a resumed job reports the whole job
     return state
 
 
@@ -145,6 +146,8 @@ def load_rollout_state(rollout, state: dict) -> None:
             f"of {rollout.topo.world}: resume with the world size the job was started with"
         )
     rollout.state.load_state_dict(state, rollout.device)
+    if state.get("topology"):
+        rollout.topo.load_state_dict(state["topology"])
 
 
 # --- the job-level hook ---------------------------------------------------------------------------
@@ -157,6 +160,8 @@ class Checkpointer:
     callbacks still run). `min_seconds`: additionally skip a boundary when the last save is more recent
     (decided on rank 0 and shared with one all-reduce, so every rank saves at the same boundary).
     `on_iteration(serial, total, next_emit, pixel_frames)` is called before every iteration.
+    `stop_requested()` too (a driver's stop request); if any rank's answer is yes, every rank raises
+    StopRequested before the same iteration.
     """
 
     def __init__(
@@ -168,12 +173,14 @@ class Checkpointer:
         min_seconds: float = 0.0,
         shards: bool = True,
         on_iteration: Callable[[int, int, int, int], None] | None = None,
+        stop_requested: Callable[[], bool] | None = None,
         rows_per_part: int = 64,
     ):
         self.out = Path(out)
         self.dir = self.out / "checkpoint"
         self.resume, self.every, self.min_seconds = resume, every, min_seconds
         self.shards, self.on_iteration, self.rows_per_part = shards, on_iteration, rows_per_part
+        self.stop_requested = stop_requested
         self.rollout = None
         self.writes = False
         self.frames_w: ShardWriter | None = None
@@ -381,6 +388,9 @@ class Checkpointer:
         return False
 
     def _before_iteration(self, it, next_emit: int) -> None:
+        if self.stop_requested is not None:  # asked on every rank, decided together (one tiny allreduce)
+            if self.rollout.topo.allreduce([float(self.stop_requested())])[0] > 0:
+                raise StopRequested(f"stop requested before iteration {it.serial}")
         if self.on_iteration is not None:
             self.on_iteration(it.serial, self._total, next_emit, self.pixel_frames)
         boundary = self.every > 0 and self._is_boundary(it, next_emit)
