@@ -24,10 +24,17 @@ COMMANDS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line like every other error (argparse prints its usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     entry = argv is None  # called as the program (console script, python -m), not by a caller
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="scopevid", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="scopevid", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="print a traceback with an error's one line")
     sub = parser.add_subparsers(dest="command", required=True)
     name = next((a for a in argv if not a.startswith("-")), None)

@@ -86,6 +86,8 @@ class RunConfig:
 def _read_mapping(path: Path, field: str) -> dict:
     """A YAML file that must hold a mapping: one ConfigError line for a missing, binary, non-UTF-8 or
     malformed file, or one whose top level is not a mapping."""
+    if path.is_dir():
+        raise ConfigError(f"{field}: {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"{field}: no such file {path}")
     try:
@@ -99,7 +101,7 @@ def _read_mapping(path: Path, field: str) -> dict:
     except yaml.YAMLError as e:
         raise ConfigError(f"{field}: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if raw is None:
-        return {}
+        raise ConfigError(f"{field}: {path} is empty (or only comments); it must hold a mapping")
     if not isinstance(raw, dict):
         raise ConfigError(f"{field}: {path} must hold a mapping at top level, not a {type(raw).__name__}")
     return dict(raw)

@@ -6,9 +6,11 @@ types (a string is not a number); the first problem becomes `field.path: what is
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from scopevid.errors import ConfigError
 
@@ -29,7 +31,8 @@ def parse(model: type[M], raw: object, prefix: str, owner: str = "") -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
+        errs = e.errors()
+        err = next((x for x in errs if x["type"] == "extra_forbidden"), errs[0])  # a typo explains what is "missing"
         loc = ".".join(str(x) for x in err["loc"])
         kind = err["type"]
         if kind == "extra_forbidden":
@@ -41,3 +44,22 @@ def parse(model: type[M], raw: object, prefix: str, owner: str = "") -> M:
             what = err["msg"]
         got = "" if kind in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
         raise ConfigError(f"{prefix}{loc}: {what}{got}") from None
+
+
+D = TypeVar("D")
+_FIELDS: dict[type, type[Section]] = {}
+
+
+def build(cls: type[D], params: dict, prefix: str, owner: str = "") -> D:
+    """A config dataclass (e.g. a policy's) from a mapping, its fields checked as a Section's are
+    (unknown keys refused, strict types; YAML lists become the tuples the fields hold) before the
+    dataclass's own checks in __post_init__ run."""
+    model = _FIELDS.get(cls)
+    if model is None:
+        hints = typing.get_type_hints(cls)
+        spec = {f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls) if f.init}
+        model = _FIELDS[cls] = create_model(f"{cls.__name__}Fields", __base__=Section, **spec)
+    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()} if isinstance(params, dict) else params
+    checked = parse(model, raw, prefix, owner)
+    return cls(**dict(checked))

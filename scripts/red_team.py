@@ -81,7 +81,7 @@ def cases(tmp: Path):
     yield "non-UTF-8 config", gen(raw(tmp, "latin.yaml", "prompt: \"caf\xe9\"\n".encode("latin-1")), "o6"), {}
     yield "empty config file", gen(raw(tmp, "empty.yaml", b""), "o7"), {}
     yield "config is a directory", gen(tmp, "o8"), {}
-    yield "policy_presets not a mapping", gen(config(tmp, "pp", policy_presets=str(raw(tmp, "pp.yaml", b"- a\n- b\n"))), "o9"), {}
+    yield "policy_presets not a mapping", gen(config(tmp, "ppcfg", policy_presets=str(raw(tmp, "list.yaml", b"- a\n- b\n"))), "o9"), {}
     yield "--steps 1e9", gen(good, "o10", "--steps", "1000000000"), {}
     yield "--frames 1e9", gen(good, "o11", "--frames", "1000000000"), {}
     yield "--frames 0", gen(good, "o12", "--frames", "0"), {}
@@ -95,14 +95,14 @@ def cases(tmp: Path):
     yield "dtype float16 (CPU)", gen(config(tmp, "fp16", dtype="float16"), "o20"), {}
     yield "device cuda without a GPU", gen(config(tmp, "cuda", device="cuda"), "o21"), {}
     yield "--out names a file", gen(good, raw(tmp, "afile", b"x").name), {}
-    yield "--compare with tau_c > tau_p", gen(config(tmp, "tau", policy_presets={"bad": {"kind": "scope", "tau_c": 0.5, "tau_p": 0.1}},
+    yield "--compare with tau_c > tau_p", gen(config(tmp, "tau", policies={"bad": {"kind": "scope", "tau_c": 0.5, "tau_p": 0.1}},
                                                      policy="bad"), "o23", "--compare"), {}
     yield "--resume with nothing to resume", gen(good, "o24", "--resume"), {}
     (tmp / "o25").mkdir()
     (tmp / "o25" / "video.mp4").write_bytes(b"old")
     yield "non-empty --out without --overwrite", gen(good, "o25"), {}
-    yield "SIGTERM mid-run", gen(config(tmp, "long", frames=257), "o26"), {"signal_after": 6.0}
-    yield "SIGINT mid-run", gen(config(tmp, "long2", frames=257), "o27"), {"signal_after": 6.0, "sig": signal.SIGINT}
+    yield "SIGTERM mid-run", gen(config(tmp, "long", frames=257), "o26"), {"signal_after": 3.0}
+    yield "SIGINT mid-run", gen(config(tmp, "long2", frames=257), "o27"), {"signal_after": 3.0, "sig": signal.SIGINT}
 
 
 def full_disk(tmp: Path):

@@ -247,6 +247,10 @@ def test_build_shipped_presets():
         ({"kind": "scope", "tau_c": 0.1, "tau_p": 0.2, "lambda": 0.5}, ["my-policy", "lambda"]),  # unknown field
         ({"kind": "scope", "tau_c": 0.1}, ["my-policy", "tau_p"]),  # missing field
         ({"kind": "scope", "tau_c": 0.3, "tau_p": 0.2, "decay": 0.75, "horizon": 5}, ["tau_c"]),
+        ({"kind": "scope", "tau_c": "0.1", "tau_p": 0.2, "decay": 0.75, "horizon": 5},  # a string is not a number
+         ["policies.my-policy.tau_c: Input should be a valid number (got '0.1')"]),
+        ({"kind": "teacache", "thresh": 0.1, "coefficients": [1, "x"]}, ["policies.my-policy.coefficients.1"]),
+        ({"kind": "deltadit", "interval": 2.5}, ["policies.my-policy.interval: Input should be a valid integer"]),
     ],
 )
 def test_build_errors_are_config_errors(spec, needles):

@@ -652,7 +652,9 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m scopevid.cluster.driver", description=__doc__.splitlines()[0])
+    from scopevid.cli import OneLineParser
+
+    p = OneLineParser(prog="python -m scopevid.cluster.driver", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from scopevid.errors import ConfigError
+from scopevid.validation import build as build_config
 from scopevid.scheduler.policies.base import ChunkState, Decision, Discrepancy, Mode, Policy, StepContext
 from scopevid.scheduler.policies.original import Original
 from scopevid.scheduler.policies.scope import Scope, ScopeConfig
@@ -29,10 +30,7 @@ def _original(params: dict, name: str) -> Policy:
 
 @register("scope")
 def _scope(params: dict, name: str) -> Policy:
-    try:
-        return Scope(ScopeConfig(**params), name=name)
-    except TypeError as e:
-        raise ConfigError(f"policy {name}: {e}") from None
+    return _make(Scope, ScopeConfig, params, name)
 
 
 def build(spec: dict, name: str) -> Policy:
@@ -44,10 +42,8 @@ def build(spec: dict, name: str) -> Policy:
 
 
 def _make(cls, cfg_cls, params: dict, name: str) -> Policy:
-    try:
-        return cls(cfg_cls(**params), name=name)
-    except TypeError as e:
-        raise ConfigError(f"policy {name}: {e}") from None
+    """`cls` with its config checked field by field: one line naming policies.NAME.FIELD."""
+    return cls(build_config(cfg_cls, params, f"policies.{name}.", cls.__name__), name=name)
 
 
 # The paper's baselines (one file each beside Scope; engine/reuse.py acts on their decisions).

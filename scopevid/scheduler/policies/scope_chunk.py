@@ -97,7 +97,6 @@ class ScopeChunk(Policy):
 
 
 def _build(params: dict, name: str) -> ScopeChunk:
-    try:
-        return ScopeChunk(ScopeChunkConfig(**params), name=name)
-    except TypeError as e:
-        raise ConfigError(f"policy {name}: {e}") from None
+    from scopevid.validation import build
+
+    return ScopeChunk(build(ScopeChunkConfig, params, f"policies.{name}.", "ScopeChunk"), name=name)
