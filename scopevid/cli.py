@@ -1,4 +1,4 @@
-"""`scopevid generate | train | bench | calibrate`: thin argument parsing over the engine.
+"""`scopevid generate | batch | train | bench | calibrate`: thin argument parsing over the engine.
 
 Errors (ScopevidError, and writes the disk refuses) print as one line on stderr: exit code 2 for bad
 input, 1 for a failed run; `scopevid --debug COMMAND` adds the traceback.
@@ -18,6 +18,7 @@ from scopevid.errors import ScopevidError, refused_errno, write_error
 # subcommand -> module with add_arguments(parser) and main(args) -> int; imported lazily
 COMMANDS = {
     "generate": ("scopevid.commands.generate", "generate a video: DIR/video.mp4, steps.parquet, summary.json"),
+    "batch": ("scopevid.commands.batch", "many videos from a prompt file, the model loaded once; DIR/manifest.parquet"),
     "train": ("scopevid.train.command", "train the bundled tiny model"),
     "bench": ("scopevid.commands.bench", "side-by-side policy benchmarks to Parquet and PNG"),
     "calibrate": ("scopevid.commands.calibrate", "search SCOPE thresholds for a speed or quality target"),

@@ -26,6 +26,7 @@ def request(name: str) -> None:
     global _pending
     _pending = name
     if _depth == 0:
+        _pending = None  # raised once: the writes on the way out (closing files, a manifest) must not raise it again
         raise _stopped(name)
 
 
@@ -37,7 +38,7 @@ def reset() -> None:
 @contextmanager
 def critical():
     """A block a signal may not interrupt; a signal that arrived during it stops the run after it."""
-    global _depth
+    global _depth, _pending
     _depth += 1
     try:
         yield
@@ -46,4 +47,5 @@ def critical():
         raise
     _depth -= 1
     if _depth == 0 and _pending is not None:
-        raise _stopped(_pending)
+        name, _pending = _pending, None
+        raise _stopped(name)

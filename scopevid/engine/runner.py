@@ -231,26 +231,31 @@ def generate(
     progress: bool = True,
     check_decisions: bool = False,
     checkpoint=None,
+    adapter=None,
 ) -> dict:
-    """`scopevid generate`: DIR/video.mp4, DIR/steps.parquet, DIR/summary.json (+ --compare)."""
+    """`scopevid generate`: DIR/video.mp4, DIR/steps.parquet, DIR/summary.json (+ --compare).
+
+    adapter: one already loaded from `cfg.model` (a batch loads the model once for all its videos);
+    None loads it here."""
     if checkpoint is not None and compare:
         raise ConfigError("compare: a resumable (checkpointed) run cannot also run the Original reference")
     topo = topology or LocalTopology()
     adapters.preflight(cfg.model, cfg.prompt, topo.world)  # before any weights load or output
     if topo.rank != 0:  # only rank 0 writes
-        return _generate(cfg, Path(out), compare, topo, progress, check_decisions, checkpoint)
+        return _generate(cfg, Path(out), compare, topo, progress, check_decisions, checkpoint, adapter)
     out = prepare_out_dir(out, overwrite)  # refuse before touching anything
     with RunLock(out):
         prepare_out_dir(out, overwrite)  # again under the lock: a run that finished meanwhile left results
         if checkpoint is not None:
             checkpoint.bind_settings({k: v for k, v in cfg.to_dict().items() if k != "source"})
-        return _generate(cfg, out, compare, topo, progress, check_decisions, checkpoint)
+        return _generate(cfg, out, compare, topo, progress, check_decisions, checkpoint, adapter)
 
 
 def _generate(cfg: RunConfig, out: Path, compare: bool, topo: Topology, progress: bool, check_decisions: bool,
-              checkpoint) -> dict:
+              checkpoint, adapter=None) -> dict:
     writes = topo.rank == 0
-    adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
+    if adapter is None:
+        adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
     summary = {"config": cfg.to_dict(), "model": adapter.name, "world_size": topo.world}
     reference = None
     if compare:
