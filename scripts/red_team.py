@@ -95,7 +95,7 @@ def cases(tmp: Path):
     yield "dtype float16 (CPU)", gen(config(tmp, "fp16", dtype="float16"), "o20"), {}
     yield "device cuda without a GPU", gen(config(tmp, "cuda", device="cuda"), "o21"), {}
     yield "--out names a file", gen(good, raw(tmp, "afile", b"x").name), {}
-    yield "--compare with tau_c > tau_p", gen(config(tmp, "tau", policies={"bad": {"kind": "scope", "tau_c": 0.5, "tau_p": 0.1}},
+    yield "--compare with tau_c > tau_p", gen(config(tmp, "tau", policies={"bad": {"kind": "scope", "tau_c": 0.5, "tau_p": 0.1, "decay": 0.75, "horizon": 5}},
                                                      policy="bad"), "o23", "--compare"), {}
     yield "--resume with nothing to resume", gen(good, "o24", "--resume"), {}
     (tmp / "o25").mkdir()
