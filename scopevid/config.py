@@ -45,6 +45,72 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True, config=TYPED)
+class ParallelConfig:
+    """How a job's ranks share the work (`parallel:`; CLI `--parallel cfg=2,ulysses=2`).
+
+    cfg: 2 puts the two classifier-free guidance branches on two rank groups that exchange one
+    velocity per forward (the branches run in parallel instead of one after the other). ulysses:
+    ranks splitting each forward's attention heads (must divide the head counts); None takes what
+    the world size leaves. Rank order, outermost first: rank = (d * cfg + c) * ulysses + u."""
+
+    dp: int = 1
+    cfg: int = 1
+    ulysses: int | None = None
+    ring: int = 1
+
+    def shape(self, world: int) -> "ParallelConfig":
+        """This mesh for a job of `world` ranks, `ulysses` filled in; a ConfigError if it cannot be."""
+        _check(self.cfg in (1, 2), "parallel.cfg", f"must be 1 or 2 (the guidance branches), got {self.cfg!r}")
+        _check(self.ring == 1, "parallel.ring", "ring attention is not built yet: split heads with ulysses, "
+                                                "the guidance branches with cfg")
+        _check(self.dp == 1, "parallel.dp", "several videos at once per job is not built yet: run one job per "
+                                            "video (or `scopevid batch` on one process)")
+        rest = self.dp * self.cfg * self.ring
+        u = self.ulysses if self.ulysses is not None else (world // rest if world % rest == 0 else None)
+        _check(_int(u) and u >= 1 and rest * u == world, "parallel",
+               f"dp*cfg*ulysses*ring = {self.dp}*{self.cfg}*{self.ulysses}*{self.ring} does not make the job's "
+               f"{world} rank(s); e.g. {', '.join(meshes(world))}")
+        return replace(self, ulysses=u)
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.cfg * (self.ulysses or 1) * self.ring
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        d, rest = divmod(rank, self.cfg * self.ulysses)
+        c, u = divmod(rest, self.ulysses)
+        return d, c, u
+
+    def rank_of(self, d: int, c: int, u: int) -> int:
+        return (d * self.cfg + c) * self.ulysses + u
+
+
+def meshes(world: int, heads: tuple[int, ...] = ()) -> list[str]:
+    """Meshes this build runs for `world` ranks (ulysses dividing every head count of `heads`), or,
+    when there is none, the world sizes up to 16 that have one."""
+    def fits(w: int) -> list[str]:
+        out = []
+        for c in (1, 2):
+            u, r = divmod(w, c)
+            if r == 0 and all(h % u == 0 for h in heads):
+                out.append(f"cfg={c},ulysses={u}" if c > 1 else f"ulysses={u}")
+        return out
+
+    return fits(world) or [f"another number of ranks: {', '.join(str(w) for w in range(1, 17) if fits(w))}"]
+
+
+def parse_parallel(text: str) -> "ParallelConfig":
+    """`--parallel dp=1,cfg=2,ulysses=2` as a ParallelConfig (fields checked like the YAML's)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not value.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--parallel: {part!r} is not KEY=INTEGER (e.g. cfg=2,ulysses=2)")
+        out[key.strip()] = int(value)
+    return _build(ParallelConfig, out, "parallel.")
+
+
+@dataclass(frozen=True, config=TYPED)
 class RunConfig:
     model: dict
     schedule: ScheduleConfig
@@ -60,6 +126,7 @@ class RunConfig:
     dtype: str = "float32"
     device: str = "cpu"
     stability: dict = field(default_factory=lambda: {"clip": 1.0, "explode": 4.0})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     source: str = ""  # the YAML it came from
 
     def policy_spec(self, name: str | None = None) -> dict:
@@ -80,6 +147,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["schedule"] = {f.name: getattr(self.schedule, f.name) for f in fields(self.schedule)}
+        out["parallel"] = {f.name: getattr(self.parallel, f.name) for f in fields(self.parallel)}
         return out
 
 
@@ -125,9 +193,13 @@ def load(path: str | Path) -> RunConfig:
     policies.setdefault("original", {"kind": "original"})
     sched_raw = raw.pop("schedule", {}) or {}
     sched = _build(ScheduleConfig, sched_raw, "schedule.")
+    par_raw = raw.pop("parallel", {}) or {}
+    if not isinstance(par_raw, dict):
+        raise ConfigError(f"parallel: must be a mapping (e.g. {{cfg: 2, ulysses: 2}}), not a {type(par_raw).__name__}")
+    par = _build(ParallelConfig, par_raw, "parallel.")
     if "model" not in raw or not isinstance(raw["model"], dict) or "kind" not in raw["model"]:
         raise ConfigError("model: a mapping with at least `kind` is required")
-    cfg = _build(RunConfig, {**raw, "schedule": sched, "policies": policies, "source": str(path)}, "")
+    cfg = _build(RunConfig, {**raw, "schedule": sched, "parallel": par, "policies": policies, "source": str(path)}, "")
     validate(cfg)
     return cfg
 

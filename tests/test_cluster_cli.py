@@ -85,3 +85,21 @@ def _two_ranks(cfg_path, out, extra: list[list[str]]):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.timeout(200)
+def test_cfg_mesh_from_the_command_line_equals_one_process(tiny_config, tmp_path):
+    """`--parallel cfg=2` on two ranks: each runs one guidance branch; rank 0 alone writes, and the
+    video is the 1-process video byte for byte (the exchanged branches combine in one order)."""
+    cfg_path = tiny_config(policy="scope-fast", frames=16)
+    procs, errs = _two_ranks(cfg_path, tmp_path / "two", [["--parallel", "cfg=2"]] * 2)
+    assert [p.returncode for p in procs] == [0, 0], errs
+    one = runner.generate(config_lib.load(cfg_path), tmp_path / "one", progress=False)
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["decision_digest"] == one["decision_digest"] and two["counts"] == one["counts"]
+    assert (tmp_path / "two" / "video.mp4").read_bytes() == (tmp_path / "one" / "video.mp4").read_bytes()
+    # a mesh that cannot run is one line on every rank, before any work
+    procs, errs = _two_ranks(cfg_path, tmp_path / "bad", [["--parallel", "cfg=2,ulysses=2"]] * 2)
+    for p, err in zip(procs, errs):
+        assert p.returncode == 2 and err.strip().splitlines()[-1].startswith(
+            "scopevid generate: error: parallel: dp*cfg*ulysses*ring = 1*2*2*1 does not make the job's 2 rank(s)"), err

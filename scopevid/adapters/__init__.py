@@ -27,18 +27,21 @@ def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
     raise ConfigError(f"model.kind: unknown {kind!r}; allowed: {', '.join(KINDS)}")
 
 
-def preflight(spec: dict, prompt: str, world: int) -> None:
+def preflight(spec: dict, prompt: str, ulysses: int, world: int | None = None) -> None:
     """Checks that need the model's metadata but not its weights, done before any placement or load:
-    the prompt against the vocabulary (tiny), the number of ranks against the attention heads
-    (Ulysses splits heads). One ConfigError line; a cluster job then fails before it starts."""
+    the prompt against the vocabulary (tiny), the Ulysses degree against the attention heads
+    (Ulysses gives each rank whole heads). One ConfigError line, proposing meshes for the job's
+    `world` ranks; a cluster job then fails before it starts."""
+    from scopevid.config import meshes
+
     check_spec(spec)
     heads, words = _metadata(spec)
-    if world > 1 and heads is not None:
-        bad = [n for n in heads if n % world]
+    if ulysses > 1 and heads is not None:
+        bad = [n for n in heads if n % ulysses]
         if bad:
-            ok = [w for w in range(1, min(heads) + 1) if all(n % w == 0 for n in heads)]
-            raise ConfigError(f"world-size: {world} ranks cannot split this model's {'/'.join(map(str, heads))} attention "
-                              f"heads (Ulysses gives each rank whole heads); use one of {', '.join(map(str, ok))}")
+            raise ConfigError(f"parallel.ulysses: {ulysses} ranks cannot split this model's {'/'.join(map(str, heads))} "
+                              f"attention heads (Ulysses gives each rank whole heads); for {world or ulysses} ranks use "
+                              f"{' or '.join(meshes(world or ulysses, heads))}")
     if words is not None:
         from scopevid.adapters.tiny.adapter import check_prompt
 

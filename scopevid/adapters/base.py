@@ -157,7 +157,8 @@ def _ranged_attention(q, k, v, spec: ForwardSpec, key_frames: list[int], tpf: in
 @dataclass
 class Conditioning:
     """Encoded prompt(s). `cond`/`uncond` are model-specific tensors; `guidance` the CFG scale;
-    `branches` how many forwards one velocity costs (2 with classifier-free guidance), for FLOPs."""
+    `branches` the forwards one velocity takes: 2 with classifier-free guidance (then `uncond` is set
+    and the engine combines the branches with `Adapter.guide`), else 1."""
 
     cond: Any
     uncond: Any = None
@@ -246,7 +247,7 @@ class GroupDecoder:
 class Adapter(ABC):
     """What the engine needs from a model family: the whole contract, declared.
 
-    Required: `prepare` (per video, first), `encode_prompt`, `host_feature`, `velocity`, `decode`,
+    Required: `prepare` (per video, first), `encode_prompt`, `host_feature`, `branch_velocity`, `decode`,
     `flops`, and the attributes below. Optional, with defaults here: `named_feature`,
     `stream_decoder`, `solver_options`, and `capabilities`. Calls carry every per-video fact in
     `prepare` and every per-forward fact in arguments, so no method depends on the order of others
@@ -273,12 +274,28 @@ class Adapter(ABC):
         """SCOPE's pre-forward signal per frame, [F, ...]: cheap, computed without the block stack."""
 
     @abstractmethod
-    def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention,
-        hooks: "ForwardHooks | None" = None,
+    def branch_velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, branch: str, spec: ForwardSpec,
+        attention: Attention, hooks: "ForwardHooks | None" = None,
     ) -> torch.Tensor:
-        """Guided velocity [F, C, H, W] float32 for exactly the frames given (both CFG branches inside).
+        """One guidance branch's velocity [F, C, H, W] in the model dtype, for exactly the frames given:
+        `branch` "cond" (the prompt) or "uncond" (the negative prompt). The engine decides where the
+        branches run (one after the other here, or on two rank groups) and combines them with `guide`.
         `hooks` only when `capabilities.hook_points` is not empty."""
+
+    def guide(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Classifier-free guidance v_u + g (v_c - v_u), in the model dtype as the pipelines combine."""
+        return v_uncond + cond.guidance * (v_cond - v_uncond)
+
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec,
+        attention: Attention = local_attention, hooks: "ForwardHooks | None" = None,
+    ) -> torch.Tensor:
+        """Guided velocity [F, C, H, W] float32, both branches here, one after the other."""
+        v = self.branch_velocity(x, sigma, cond, "cond", spec, attention, hooks)
+        if cond.branches == 2:
+            v = self.guide(v, self.branch_velocity(x, sigma, cond, "uncond", spec, attention, hooks), cond)
+        return v.float()
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

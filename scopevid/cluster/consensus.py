@@ -36,7 +36,7 @@ def reduce_sums(group: Group, values: list[float], what: str = "all-reduce of di
     local = torch.tensor([float(v) for v in values], dtype=torch.float64, device=group.device)
     parts = [torch.empty_like(local) for _ in range(group.world)]
     with group.collective(what):
-        dist.all_gather(parts, local)
+        dist.all_gather(parts, local, group=group.pg)
     total = parts[0].cpu().clone()
     for p in parts[1:]:
         total += p.cpu()
@@ -50,7 +50,7 @@ def gather_objects(group: Group, obj, what: str) -> list:
         return [obj]
     out = [None] * group.world
     with group.collective(what):
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group.pg)
     return out
 
 

@@ -344,7 +344,8 @@ def run_job(spec: JobSpec) -> dict:
         world = spec.world_size or 1
         from scopevid import adapters
 
-        adapters.preflight(cfg.model, cfg.prompt, world)  # before the directory, the placement and any load
+        mesh = cfg.parallel.shape(world)  # the mesh and the heads, before the directory, the placement and any load
+        adapters.preflight(cfg.model, cfg.prompt, mesh.ulysses, world)
         prepare_out_dir(out, spec.overwrite)
         (out / JOB_FILE).unlink(missing_ok=True)  # --overwrite: a new job, a new record
         _write_config(cfg, out / CONFIG_FILE)

@@ -23,12 +23,13 @@ import socket
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Mapping
 
 import torch
 
+from scopevid.config import ParallelConfig
 from scopevid.errors import DistributedError
 
 DEFAULT_TIMEOUT_S = 600.0
@@ -139,7 +140,8 @@ class Group:
     backend: str
     device: torch.device
     timeout_s: float
-    pg: object = None  # the torch ProcessGroup (WORLD)
+    pg: object = None  # the torch ProcessGroup (WORLD, or a sub-group of a mesh)
+    ranks: tuple[int, ...] = ()  # global ranks of the members in group order (empty: WORLD, 0..world-1)
     failed: bool = field(default=False)
     comm_seconds: float = 0.0  # wall time inside collectives (stats; Ulysses' includes local attention)
     _closed: bool = field(default=False, repr=False)
@@ -173,14 +175,23 @@ class Group:
             f"rank {self.rank}/{self.world}: {what} failed after {waited:.1f} s: {cause} ({msg})"
         )
 
+    def global_rank(self, rank: int) -> int:
+        """The global rank of member `rank` (point-to-point calls take global ranks)."""
+        return self.ranks[rank] if self.ranks else rank
+
+    def sub(self, ranks: list[int]) -> "Group":
+        """This process's view of the sub-group `ranks` (global ranks), already created with new_group."""
+        return replace(self, rank=ranks.index(self.global_rank(self.rank)), world=len(ranks), ranks=tuple(ranks),
+                       comm_seconds=0.0, failed=False)
+
     def barrier(self, what: str = "barrier") -> None:
         import torch.distributed as dist
 
         with self.collective(what):
             if self.backend == "nccl":
-                dist.barrier(device_ids=[self.device.index or 0])
+                dist.barrier(group=self.pg, device_ids=[self.device.index or 0])
             else:
-                dist.barrier()
+                dist.barrier(group=self.pg)
 
     def teardown(self, ok: bool = True) -> None:
         """Barrier then destroy after a clean run; destroy only when a peer may be gone."""
@@ -264,3 +275,44 @@ def init(
 
 def _host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+@dataclass
+class Mesh:
+    """One rank's groups: `video` (every rank working on its video: decisions, control flags, the
+    writer), `sp` (the ranks sharing one forward: Ulysses), `cfg` (the ranks holding the other guidance
+    branch of the same shard). Built once, here, for every topology that needs them."""
+
+    shape: ParallelConfig  # resolved (ulysses set)
+    world: Group
+    video: Group
+    sp: Group
+    cfg: Group
+    replica: int  # which video this rank works on (0..dp-1)
+    branch: int  # which guidance branch (0 cond, 1 uncond) when shape.cfg == 2
+
+
+def build_mesh(world: Group, shape: ParallelConfig) -> Mesh:
+    """Create every sub-group of `shape` on `world` (each rank creates all of them, in one order, as
+    torch.distributed.new_group requires) and return this rank's."""
+    import torch.distributed as dist
+
+    shape = shape.shape(world.world)  # checked against the job's ranks, ulysses filled in
+    me = shape.coords(world.rank)
+    mine = {}
+    R = shape
+
+    def make(kind: str, members: list[int]) -> None:
+        pg = dist.new_group(members, timeout=timedelta(seconds=world.timeout_s)) if len(members) < world.world else world.pg
+        if world.rank in members:
+            mine[kind] = replace(world.sub(members), pg=pg)
+
+    for d in range(R.dp):
+        make("video", [R.rank_of(d, c, u) for c in range(R.cfg) for u in range(R.ulysses)])
+    for d in range(R.dp):
+        for c in range(R.cfg):
+            make("sp", [R.rank_of(d, c, u) for u in range(R.ulysses)])
+    for d in range(R.dp):
+        for u in range(R.ulysses):
+            make("cfg", [R.rank_of(d, c, u) for c in range(R.cfg)])
+    return Mesh(shape, world, mine["video"], mine["sp"], mine["cfg"], replica=me[0], branch=me[1])

@@ -4,7 +4,7 @@ and laptops. Production launches go through torchrun, Slurm or the Ray driver in
     results = spawn("scopevid.cluster.worker:collect_rollout", 2, args=(cfg_dict, "original"))
 
 The target is named "module:function" and called as fn(topology, *args, **kwargs) on every rank,
-with a `UlyssesTopology` over the group; its return values (anything torch.save can write) come back
+with a `UlyssesTopology` over the group (or over the groups of `mesh=`); its return values (anything torch.save can write) come back
 in rank order. Every rank runs with `threads` intra-op threads (OMP/MKL too), the whole launch is
 bounded by `timeout_s` (ranks still alive then are killed), and a failing rank's traceback is raised
 in the caller.
@@ -50,12 +50,14 @@ def rank_env(rank: int, world: int, port: int, *, threads: int | None = 1, dist_
 
 
 def spawn(target: str, world: int, args: tuple = (), kwargs: dict | None = None, *, timeout_s: float = 300,
-          threads: int | None = 1, dist_timeout_s: float | None = 60, env: dict | None = None) -> list:
+          threads: int | None = 1, dist_timeout_s: float | None = 60, env: dict | None = None,
+          mesh=None) -> list:
+    """`mesh`: a config.ParallelConfig for the topology (default: Ulysses over all ranks)."""
     import torch
 
     with tempfile.TemporaryDirectory(prefix="scopevid-spawn-") as tmp:
         tmp = Path(tmp)
-        (tmp / "call.pkl").write_bytes(pickle.dumps((target, args, kwargs or {})))
+        (tmp / "call.pkl").write_bytes(pickle.dumps((target, args, kwargs or {}, mesh)))
         port = free_port()
         procs = []
         for r in range(world):
@@ -94,11 +96,11 @@ def _child(tmp: Path) -> int:
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    target, args, kwargs = pickle.loads((tmp / "call.pkl").read_bytes())
+    target, args, kwargs, mesh = pickle.loads((tmp / "call.pkl").read_bytes())
     mod, name = target.split(":")
     fn = getattr(importlib.import_module(mod), name)
     env = DistEnv.from_env() or DistEnv(0, 1)
-    group, topo = start(env)
+    group, topo = start(env, mesh=mesh)
     ok = False
     try:
         result = fn(topo, *args, **kwargs)

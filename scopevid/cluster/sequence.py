@@ -78,16 +78,28 @@ def init_deepspeed(group: Group) -> None:
 
 
 class UlyssesTopology:
-    """Frames of every forward sharded contiguously over the group; attention by Ulysses all-to-all."""
+    """Frames of every forward sharded contiguously over the `group` (the sequence-parallel ranks);
+    attention by Ulysses all-to-all.
 
-    def __init__(self, group: Group):
+    In a mesh (`cluster.groups.Mesh`), `video` holds every rank of this video and `cfg` the rank
+    with the other guidance branch of the same shard: `rank` / `world` are then this process's
+    place among the video's ranks (the writer, checkpoint files, control flags), the shard layout
+    and the discrepancy sums stay on the sequence group, and `branch` / `exchange` let the engine
+    run one guidance branch here and combine it with the other."""
+
+    def __init__(self, group: Group, *, video: Group | None = None, cfg: Group | None = None):
         self.group = group
-        self.rank, self.world = group.rank, group.world
+        self.video = video or group
+        self.cfg = cfg if cfg is not None and cfg.world > 1 else None
+        self.rank, self.world = self.video.rank, self.video.world
+        self.sp_rank, self.sp_world = group.rank, group.world
+        self.heads_split = group.world
+        self.branch = None if self.cfg is None else ("cond", "uncond")[self.cfg.rank]
         self.migrated_frames = 0  # per-frame states handed to another rank (stats)
         self.handovers = 0  # hand-over rounds that issued collectives
         self.local_attention_seconds = 0.0  # attention compute inside the Ulysses all-to-alls (stats)
         self._ds = None
-        if self.world > 1:
+        if self.sp_world > 1:
             init_deepspeed(group)
             from deepspeed.sequence.layer import DistributedAttention
 
@@ -95,16 +107,16 @@ class UlyssesTopology:
 
     # --- Topology protocol --------------------------------------------------------------------
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
-        return shard_layout(n, self.world, self.rank)
+        return shard_layout(n, self.sp_world, self.sp_rank)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spec: ForwardSpec) -> torch.Tensor:
         if self._ds is None:
             return local_attention(q, k, v, layer, spec)
         heads = q.shape[2]
-        if heads % self.world or k.shape[2] % self.world:
+        if heads % self.sp_world or k.shape[2] % self.sp_world:
             raise ConfigError(
-                f"world size: Ulysses sequence parallelism splits attention heads over ranks, and this model has "
-                f"{heads} query / {k.shape[2]} key heads, not divisible by {self.world} ranks; use a world size that divides {heads}"
+                f"parallel.ulysses: Ulysses sequence parallelism splits attention heads over ranks, and this model has "
+                f"{heads} query / {k.shape[2]} key heads, not divisible by {self.sp_world} ranks; use a degree that divides {heads}"
             )
         try:
             with self.group.collective(f"Ulysses all-to-all of attention layer {layer}"):
@@ -127,21 +139,34 @@ class UlyssesTopology:
         return self.group.comm_seconds - self.local_attention_seconds
 
     def allreduce(self, values: list[float]) -> list[float]:
+        return consensus.reduce_sums(self.video, values, "all-reduce of a control flag")
+
+    def reduce_shards(self, values: list[float]) -> list[float]:
         return consensus.reduce_sums(self.group, values)
 
     def gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
-        if self.world == 1:
+        if self.sp_world == 1:
             return local[:n]
         import torch.distributed as dist
 
         local = local.contiguous()
-        parts = [torch.empty_like(local) for _ in range(self.world)]
+        parts = [torch.empty_like(local) for _ in range(self.sp_world)]
         with self.group.collective("all-gather of velocities"):
-            dist.all_gather(parts, local)
+            dist.all_gather(parts, local, group=self.group.pg)
         return torch.cat(parts)[:n]
 
+    def exchange(self, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) velocities of this shard: this rank's branch and its cfg peer's."""
+        import torch.distributed as dist
+
+        mine = mine.contiguous()
+        parts = [torch.empty_like(mine) for _ in range(2)]
+        with self.cfg.collective("all-gather of the guidance branches"):
+            dist.all_gather(parts, mine, group=self.cfg.pg)
+        return parts[0], parts[1]
+
     def check(self, digest: str) -> None:
-        consensus.check_digest(self.group, digest, "decision")
+        consensus.check_digest(self.video, digest, "decision")
 
     def state_dict(self) -> dict:
         return {"migrated_frames": self.migrated_frames, "handovers": self.handovers}
@@ -150,12 +175,12 @@ class UlyssesTopology:
         self.migrated_frames, self.handovers = int(state["migrated_frames"]), int(state["handovers"])
 
     def migrate(self, old: list[int], new: list[int], stores: list[FrameKeyed]) -> None:
-        if self.world == 1 or list(old) == list(new):
+        if self.sp_world == 1 or list(old) == list(new):
             return
         import torch.distributed as dist
 
         n_pad, _ = self.layout(len(new))
-        per = n_pad // self.world
+        per = n_pad // self.sp_world
         owner = {f: i // per for i, f in enumerate(new)}
         dicts = [s.data for s in stores]
         # what this rank holds that another rank owns now: tensors go point to point, anything else
@@ -165,7 +190,7 @@ class UlyssesTopology:
             frame_of = stores[si].frame_of
             for key in sorted(d, key=lambda k: (frame_of(k), repr(k))):  # keys may be tuples
                 dst = owner.get(frame_of(key))
-                if dst is None or dst == self.rank:
+                if dst is None or dst == self.sp_rank:
                     continue
                 val = d[key]
                 if isinstance(val, torch.Tensor):
@@ -179,18 +204,18 @@ class UlyssesTopology:
         ops, received = [], []
         ti = 0
         for si, f, dst, shape, dtype, payload in plan:
-            if payload is None:
-                ops.append(dist.P2POp(dist.isend, tensors[ti], dst))
+            if payload is None:  # point-to-point peers are global ranks
+                ops.append(dist.P2POp(dist.isend, tensors[ti], self.group.global_rank(dst), self.group.pg))
                 ti += 1
         for src, their in enumerate(plans):
             for si, f, dst, shape, dtype, payload in their:
-                if dst != self.rank:
+                if dst != self.sp_rank:
                     continue
                 if payload is not None:
                     received.append((si, f, payload))
                 else:
                     buf = torch.empty(shape, dtype=dtype, device=self.group.device)
-                    ops.append(dist.P2POp(dist.irecv, buf, src))
+                    ops.append(dist.P2POp(dist.irecv, buf, self.group.global_rank(src), self.group.pg))
                     received.append((si, f, buf))
         if ops:
             with self.group.collective("point-to-point hand-over of per-frame state"):

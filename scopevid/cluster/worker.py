@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from scopevid.cluster import consensus
-from scopevid.cluster.groups import DistEnv, Group, init
+from scopevid.cluster.groups import DistEnv, Group, build_mesh, init
+from scopevid.config import ParallelConfig
 from scopevid.cluster.sequence import UlyssesTopology
 from scopevid.errors import DistributedError, NonFiniteError, RanksDisagree, ScopevidError, StopRequested
 
@@ -57,11 +58,18 @@ def run_from_env(cfg, out: str | Path, **kw) -> dict:
 
 
 def start(env: DistEnv, cfg=None, *, backend: str | None = None, timeout_s: float | None = None,
-          threads: int | None = None) -> tuple[Group, UlyssesTopology]:
-    """Process group + topology for one rank; checks that every rank has the same config."""
-    group = init(env, device=getattr(cfg, "device", "cpu"), backend=backend, timeout_s=timeout_s, threads=threads)
+          threads: int | None = None, mesh: ParallelConfig | None = None) -> tuple[Group, UlyssesTopology]:
+    """Process group + topology for one rank; checks that every rank has the same config.
+    The mesh: `mesh`, else the config's `parallel`, else Ulysses over every rank."""
+    device = cfg.device if cfg is not None else "cpu"
+    group = init(env, device=device, backend=backend, timeout_s=timeout_s, threads=threads)
     try:
-        topo = UlyssesTopology(group)
+        shape = (mesh or (cfg.parallel if cfg is not None else ParallelConfig())).shape(group.world)
+        if shape.dp == 1 and shape.cfg == 1:
+            topo = UlyssesTopology(group)
+        else:
+            m = build_mesh(group, shape)
+            topo = UlyssesTopology(m.sp, video=m.video, cfg=m.cfg)
         if cfg is not None:
             settings = {k: v for k, v in cfg.to_dict().items() if k != "source"}  # the YAML's path may differ per node
             consensus.check_same(group, settings, "run config (every rank must load the same config, seed and overrides)")

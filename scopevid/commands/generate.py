@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt")
     p.add_argument("--steps", type=int, help="denoising steps")
     p.add_argument("--selective", choices=config_lib.SELECTIVE, help="selective computation mode")
+    p.add_argument("--parallel", help="the mesh of a multi-rank run, e.g. cfg=2,ulysses=2 (default: ulysses over every rank)")
     p.add_argument("--compare", action="store_true", help="also run Original and report speedup, PSNR, SSIM")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--checkpoint", action="store_true",
@@ -63,8 +64,9 @@ def load_with_overrides(args: argparse.Namespace) -> config_lib.RunConfig:
         sched = replace(sched, steps=args.steps)
     if getattr(args, "selective", None) is not None:
         sched = replace(sched, selective=args.selective)
+    parallel = config_lib.parse_parallel(args.parallel) if getattr(args, "parallel", None) else None
     return cfg.with_overrides(frames=args.frames, policy=args.policy, seed=args.seed,
-                              prompt=getattr(args, "prompt", None), schedule=sched)
+                              prompt=getattr(args, "prompt", None), schedule=sched, parallel=parallel)
 
 
 def brief(s: dict) -> dict:

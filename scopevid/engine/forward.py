@@ -17,7 +17,7 @@ import torch
 from scopevid.adapters.base import Adapter, Conditioning, ForwardHooks, ForwardSpec, NoiseSchedule
 from scopevid.engine.state import RolloutState
 from scopevid.engine.topology import FrameKeyed, Topology
-from scopevid.errors import NonFiniteError
+from scopevid.errors import NonFiniteError, ConfigError
 from scopevid.scheduler.plan import Iteration
 from scopevid.scheduler.policies import Discrepancy, Mode
 from scopevid.scheduler.signals import Feature
@@ -71,6 +71,9 @@ class ForwardRunner:
         self.shape = (adapter.latent_channels, h, w)
         self.timings = Timings()
         self._hook_frames: list[int] = []  # frames of the last hooked forward (hook state owners)
+        if topology.branch is not None and cond.branches != 2:
+            raise ConfigError("parallel.cfg: 2 runs the two classifier-free guidance branches on two rank groups, and "
+                              "this run has one branch (guidance 1, or a model without CFG); use cfg=1")
 
     # --- Eq. 4 ---------------------------------------------------------------------------------
     def discrepancy(self, it: Iteration, frames: list[int], levels: Levels, feature: Feature = Feature.HOST,
@@ -111,7 +114,7 @@ class ForwardRunner:
                 part[2 * at[f // chunk]] += n
                 part[2 * at[f // chunk] + 1] += d
             values += part
-        red = self.topo.allreduce(values)
+        red = self.topo.reduce_shards(values)
         if red[2] <= 0:
             return None
         part = red[3:]
@@ -178,7 +181,7 @@ class ForwardRunner:
                 spec = replace(spec, store=frozenset())
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = self.adapter.velocity(x, s, self.cond, spec, self.topo.attention, hooks)
+            out = self._guided(x, s, spec, hooks)
         vel = self.topo.gather(out, len(seq))
         self.timings.forward += time.perf_counter() - t0
         if not bool(torch.isfinite(vel).all()):  # gathered: every rank takes this branch together
@@ -192,6 +195,16 @@ class ForwardRunner:
             ran = round(len(seq) * hooks.blocks_run / max(hooks.depth, 1))
             return ForwardResult(v, seq, ran, self.adapter.flops(len(seq), len(spec.context), hooks.blocks_run, branches))
         return ForwardResult(v, seq, len(seq), self.adapter.flops(len(seq), len(spec.context), None, branches))
+
+    def _guided(self, x: torch.Tensor, s: torch.Tensor, spec: ForwardSpec, hooks) -> torch.Tensor:
+        """The guided velocity of this shard: both branches here, or (a cfg mesh) this process's
+        branch and its peer's, exchanged and combined in the same order on both (identical results)."""
+        a, cond = self.adapter, self.cond
+        if self.topo.branch is None:
+            return a.velocity(x, s, cond, spec, self.topo.attention, hooks)
+        mine = a.branch_velocity(x, s, cond, self.topo.branch, spec, self.topo.attention, hooks)
+        v_cond, v_uncond = self.topo.exchange(mine)
+        return a.guide(v_cond, v_uncond, cond).float()
 
     def _is_clean(self, f: int, levels: Levels) -> bool:
         return f in self.state.final and levels[f][0] == self.schedule.clean

@@ -240,7 +240,7 @@ def generate(
     if checkpoint is not None and compare:
         raise ConfigError("compare: a resumable (checkpointed) run cannot also run the Original reference")
     topo = topology or LocalTopology()
-    adapters.preflight(cfg.model, cfg.prompt, topo.world)  # before any weights load or output
+    adapters.preflight(cfg.model, cfg.prompt, topo.heads_split, topo.world)  # before any weights load or output
     if topo.rank != 0:  # only rank 0 writes
         return _generate(cfg, Path(out), compare, topo, progress, check_decisions, checkpoint, adapter)
     out = prepare_out_dir(out, overwrite)  # refuse before touching anything

@@ -25,9 +25,11 @@ class FrameKeyed:
 
 
 class Topology(Protocol):
-    rank: int
+    rank: int  # this process among the ranks of its video (0 writes the outputs)
     world: int
     attention: Attention
+    heads_split: int  # ranks one forward's attention heads are split over (Ulysses)
+    branch: str | None  # the guidance branch this process computes ("cond" / "uncond"); None: both
 
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
         """For n frames: (padded length of the full sequence, this process's [lo, hi) of it)."""
@@ -37,7 +39,14 @@ class Topology(Protocol):
         frame lists of the previous and the current forward (equal lists: nothing moves)."""
 
     def allreduce(self, values: list[float]) -> list[float]:
-        """Sum over processes in float64 (identical on every process)."""
+        """Sum over every process of the video in float64 (identical on every process): control flags."""
+
+    def reduce_shards(self, values: list[float]) -> list[float]:
+        """Sum over the processes sharing one forward (its shards), float64, identical everywhere:
+        the discrepancy sums of Eq. 4 (guidance-branch replicas hold the same terms and are not added)."""
+
+    def exchange(self, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With `branch` set: (cond, uncond) velocity rows of this shard, this process's and its peer's."""
 
     def gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
         """Concatenate every process's [rows, ...] along dim 0 and drop padding: [n, ...]."""
@@ -54,6 +63,8 @@ class Topology(Protocol):
 class LocalTopology:
     rank = 0
     world = 1
+    heads_split = 1
+    branch = None
     attention: Attention = staticmethod(local_attention)
 
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
@@ -64,6 +75,12 @@ class LocalTopology:
 
     def allreduce(self, values: list[float]) -> list[float]:
         return [float(v) for v in values]
+
+    def reduce_shards(self, values: list[float]) -> list[float]:
+        return [float(v) for v in values]
+
+    def exchange(self, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("one process computes both guidance branches")
 
     def gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
         return local[:n]

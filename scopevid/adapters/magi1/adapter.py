@@ -272,12 +272,15 @@ class Magi1Adapter(Adapter):
                 return self.model.condition(t, self._step_size()).float()
         return super().named_feature(kind, x, sigma, cond, spec)
 
-    def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention,
-        hooks=None,
+    def branch_velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, branch: str, spec: ForwardSpec,
+        attention: Attention = local_attention, hooks=None,
     ) -> torch.Tensor:
-        """dx/dsigma for the given frames. `hooks` (the baselines) act on the main forward; the distill
-        recipe's context-free copy of a nearly clean chunk is always computed in full."""
+        """dx/dsigma for the given frames (model dtype). The distill model has one branch (no CFG).
+        `hooks` (the baselines) act on the main forward; the distill recipe's context-free copy of a
+        nearly clean chunk is always computed in full."""
+        if branch != "cond":
+            raise ConfigError("guidance: the MAGI-1 distill model has no unconditional branch")
         x = x.to(self.device, self.dtype)
         levels = self._frame_levels(spec, sigma)
         lo, hi = spec.shard if spec.shard is not None else (0, len(spec.frames))
@@ -301,7 +304,7 @@ class Magi1Adapter(Adapter):
             c0 = spec.frames[first] // self.chunk
             members = [j for j, f in enumerate(spec.frames) if f >= 0 and f // self.chunk == c0 and not levels[j][2]]
             out = self._blend_context_free(x, out, t_loc, caps, cap_idx, spec, members, attention, step)
-        return -out.float()
+        return -out
 
     def _blend_context_free(self, x, out, t_loc, caps, cap_idx, spec, members, attention, step):
         """0.7 * out + 0.3 * (the chunk forwarded alone). The copy's positions follow the forward's last

@@ -142,6 +142,7 @@ class SkyReelsV2Adapter(Adapter):
         # per video (prepare):
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # (sigmas float64, timesteps long)
         self._prefix_len: dict[int, int] = {}  # window origin -> clean prefix frames
+        self._last_inputs = None  # (x, spec, inputs) of the forward in progress (see _forward_inputs)
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -278,6 +279,17 @@ class SkyReelsV2Adapter(Adapter):
                     t[torch.tensor(rows, device=t.device)] = int(self.addnoise)
         return x, t
 
+    def _forward_inputs(self, x: torch.Tensor, sigma: torch.Tensor, spec: ForwardSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditioned inputs of one forward, prepared once for both guidance branches: with
+        addnoise_rng 'global' the prefix noise comes from torch's RNG, and a second draw for the
+        uncond branch would shift the stream the pipeline draws from (once per forward)."""
+        last = self._last_inputs
+        if last is not None and last[0] is x and last[1] is spec:
+            return last[2]
+        out = self._inputs(x, sigma, spec, noise=True)
+        self._last_inputs = (x, spec, out)
+        return out
+
     @torch.no_grad()
     def host_feature(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec) -> torch.Tensor:
         """Timestep-modulated input of the first block, per frame: [F, tokens_per_frame, D]."""
@@ -315,23 +327,16 @@ class SkyReelsV2Adapter(Adapter):
         return (temb if kind == Feature.TEMB else e)[0]
 
     @torch.no_grad()
-    def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention,
-        hooks=None,
+    def branch_velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, branch: str, spec: ForwardSpec,
+        attention: Attention = local_attention, hooks=None,
     ) -> torch.Tensor:
-        """Guided flow velocity [F, C, h, w] (float32) for exactly the frames given."""
-        x, t = self._inputs(x, sigma, spec, noise=True)
-        pos = spec.local_positions()
-        p = cond.cond
-        extra = {} if hooks is None else {"hooks": hooks, "branch": "cond"}
-        v = self.net.forward(x, t, p.embeds, p.context, pos, self._attention_spec(spec, "cond"), attention, self.fps_id, **extra)
-        if cond.uncond is not None and cond.guidance > 1.0:
-            u = cond.uncond
-            extra = {} if hooks is None else {"hooks": hooks, "branch": "uncond"}
-            vu = self.net.forward(x, t, u.embeds, u.context, pos, self._attention_spec(spec, "uncond"), attention, self.fps_id,
-                                  **extra)
-            v = vu + cond.guidance * (v - vu)
-        return v.float()
+        """One branch's flow velocity [F, C, h, w] (model dtype) for exactly the frames given."""
+        x, t = self._forward_inputs(x, sigma, spec)
+        p = cond.cond if branch == "cond" else cond.uncond
+        extra = {} if hooks is None else {"hooks": hooks, "branch": branch}
+        return self.net.forward(x, t, p.embeds, p.context, spec.local_positions(), self._attention_spec(spec, branch),
+                                attention, self.fps_id, **extra)
 
     # --- decoding and cost ------------------------------------------------------------------------
     def stream_decoder(self) -> StreamDecoder:

@@ -116,20 +116,13 @@ class TinyAdapter(Adapter):
             return m.patch_embed(m.patchify(x.to(self.dtype)))
         return super().named_feature(kind, x, sigma, cond, spec)
 
-    def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention = local_attention,
-        hooks=None,
+    def branch_velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, branch: str, spec: ForwardSpec,
+        attention: Attention = local_attention, hooks=None,
     ) -> torch.Tensor:
-        x = x.to(self.dtype)
-        kv = spec.kv
-        spec_c = _with_branch(spec, kv, "cond")
-        extra = {} if hooks is None else {"hooks": hooks, "branch": "cond"}
-        v = self.model(x, sigma, cond.cond, spec_c, attention, **extra)
-        if cond.guidance != 1.0:
-            extra = {} if hooks is None else {"hooks": hooks, "branch": "uncond"}
-            v_u = self.model(x, sigma, cond.uncond, _with_branch(spec, kv, "uncond"), attention, **extra)
-            v = v_u + cond.guidance * (v - v_u)
-        return v.float()
+        extra = {} if hooks is None else {"hooks": hooks, "branch": branch}
+        text = cond.cond if branch == "cond" else cond.uncond
+        return self.model(x.to(self.dtype), sigma, text, _with_branch(spec, spec.kv, branch), attention, **extra)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return ((latents.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
