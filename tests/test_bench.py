@@ -113,3 +113,20 @@ def test_calibrate_fits_teacache_coefficients(tiny_config, tmp_path, capsys):
     assert rc == 0
     coeffs = yaml.safe_load((out / "teacache.yaml").read_text())["coefficients"]
     assert len(coeffs) == 5 and (out / "teacache_fit.png").is_file()
+
+
+def test_bench_sp_compares_meshes_side_by_side(tmp_path):
+    """`bench sp --meshes`: one row per mesh next to the 1-process baseline, the same video everywhere
+    (a mesh that computed something else would be a fast wrong answer), comm time measured."""
+    out = tmp_path / "sp"
+    rc = cli.main(["bench", "sp", "--meshes", "cfg=2;ulysses=2", "--frames", "6", "--dim", "32", "--depth", "2",
+                   "--heads", "2", "--size", "16", "--steps", "2", "--out", str(out)])
+    assert rc == 0
+    rows = pq.read_table(out / "bench_sp.parquet").to_pylist()
+    assert [(r["mesh"], r["world_size"]) for r in rows] == [("1 process", 1), ("cfg=2", 2), ("ulysses=2", 2)]
+    assert all(r["same_decisions_as_1rank"] for r in rows)
+    assert rows[1]["max_abs_diff_vs_1rank"] == 0.0  # the branches combine exactly as on one process
+    assert rows[2]["max_abs_diff_vs_1rank"] <= 1e-4
+    assert rows[0]["comm_seconds"] == 0.0 and rows[1]["comm_seconds"] > 0 and rows[2]["comm_seconds"] > 0
+    best = json.loads((out / "bench_sp.json").read_text())["best"]
+    assert set(best) == {"1 process", "cfg=2", "ulysses=2"} and best["cfg=2"]["world_size"] == 2

@@ -135,8 +135,11 @@ class UlyssesTopology:
 
     @property
     def comm_seconds(self) -> float:
-        """Wall time in collectives, attention compute excluded (includes waiting for slower ranks)."""
-        return self.group.comm_seconds - self.local_attention_seconds
+        """Wall time in collectives, attention compute excluded (includes waiting for slower ranks):
+        the sequence group's, the guidance-branch exchange and the video's control flags."""
+        extra = (self.cfg.comm_seconds if self.cfg is not None else 0.0) + \
+            (self.video.comm_seconds if self.video is not self.group else 0.0)
+        return self.group.comm_seconds - self.local_attention_seconds + extra
 
     def allreduce(self, values: list[float]) -> list[float]:
         return consensus.reduce_sums(self.video, values, "all-reduce of a control flag")

@@ -1,6 +1,7 @@
-"""`scopevid bench sp --world-sizes 1,2 --frames N --out DIR`: sequence-parallel scaling, a benchmark.
+"""`scopevid bench sp --world-sizes 1,2 | --meshes 'ulysses=2;cfg=2' --frames N --out DIR`: parallel
+scaling, a benchmark.
 
-For each world size W, W fresh local ranks (gloo on 127.0.0.1, `--threads` intra-op threads each) run
+For each mesh (a world size W alone means Ulysses over W ranks), W fresh local ranks (gloo on 127.0.0.1, `--threads` intra-op threads each) run
 the same rollout of a compute-bound model (the tiny DiT architecture at a larger width / depth, random
 weights: no checkpoint needed), after a short warm-up rollout. Per run: wall time of the rollout (the
 slowest rank), latent frames per second, speedup and parallel efficiency against W = 1
@@ -35,7 +36,9 @@ SCHEDULES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    p.add_argument("--world-sizes", default="1,2", help="comma-separated rank counts; 1 is added as the baseline")
+    p.add_argument("--world-sizes", default="1,2", help="comma-separated rank counts (Ulysses over all); 1 is added as the baseline")
+    p.add_argument("--meshes", help="instead of --world-sizes: semicolon-separated meshes, e.g. 'ulysses=2;cfg=2;cfg=2,ulysses=2' "
+                                    "(the 1-process baseline is added)")
     p.add_argument("--frames", type=int, default=48, help="latent frames per rollout (= pixel frames for tiny)")
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default="sync")
     p.add_argument("--policy", default="original", help="policy preset (original measures pure forward scaling)")
@@ -93,30 +96,39 @@ def main(args: argparse.Namespace) -> int:
     from scopevid.engine.sinks import prepare_out_dir, write_json
     from scopevid.errors import ConfigError
 
-    try:
-        worlds = sorted({1, *(int(w) for w in str(args.world_sizes).split(",") if w.strip())})
-    except ValueError:
-        raise ConfigError(f"--world-sizes: comma-separated integers expected, got {args.world_sizes!r}") from None
-    bad = [w for w in worlds if w < 1 or args.heads % w]
-    if bad:
-        raise ConfigError(f"--world-sizes: {bad} do not divide --heads {args.heads} (Ulysses splits heads over ranks)")
+    from scopevid.config import ParallelConfig, parse_parallel
+
+    if args.meshes:
+        meshes = [parse_parallel(m) for m in str(args.meshes).split(";") if m.strip()]
+    else:
+        try:
+            worlds = sorted({int(w) for w in str(args.world_sizes).split(",") if w.strip()})
+        except ValueError:
+            raise ConfigError(f"--world-sizes: comma-separated integers expected, got {args.world_sizes!r}") from None
+        meshes = [ParallelConfig(ulysses=w) for w in worlds]
+    meshes = [ParallelConfig(ulysses=1)] + [m.shape(m.world) for m in meshes if m.world != 1]  # a bad mesh: one line
+    for m in meshes:
+        if args.heads % m.ulysses:
+            raise ConfigError(f"--meshes: ulysses={m.ulysses} does not divide --heads {args.heads} (Ulysses splits heads)")
     out = prepare_out_dir(args.out, args.overwrite)
     cfg = bench_config(args)
     cfg_path = out / "bench_config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
 
     rows, ref = [], None
-    for world in worlds:
+    for mesh in meshes:
+        world, name = mesh.world, _mesh_name(mesh)
         for rep in range(args.repeats):
             load = os.getloadavg()[0]
             res = spawn("scopevid.commands.bench_sp:_rank", world, args=(str(cfg_path), args.policy),
-                        timeout_s=args.timeout, threads=args.threads, dist_timeout_s=max(60.0, args.timeout / 2))
+                        timeout_s=args.timeout, threads=args.threads, dist_timeout_s=max(60.0, args.timeout / 2),
+                        mesh=mesh)
             r0 = res[0]
             wall = max(r["wall_seconds"] for r in res)
             if ref is None:
                 ref = r0["latents"]
             rows.append({
-                "world_size": world, "threads_per_rank": args.threads, "repeat": rep, "schedule": args.schedule,
+                "mesh": name, "world_size": world, "threads_per_rank": args.threads, "repeat": rep, "schedule": args.schedule,
                 "policy": args.policy, "latent_frames": r0["latent_frames"], "iterations": len(r0["modes"]),
                 "frame_forwards": r0["frame_forwards"], "wall_seconds": wall,
                 "frames_per_second": r0["latent_frames"] / wall,
@@ -129,24 +141,36 @@ def main(args: argparse.Namespace) -> int:
                 "dim": args.dim, "depth": args.depth, "heads": args.heads,
                 "tokens_per_frame": (args.size // args.patch) ** 2, "load_avg_1min": load, "host_cpus": os.cpu_count(),
             })
-            print(f"world {world} repeat {rep}: {wall:.2f} s, {rows[-1]['frames_per_second']:.2f} frames/s, "
+            print(f"{name} ({world} rank(s)) repeat {rep}: {wall:.2f} s, {rows[-1]['frames_per_second']:.2f} frames/s, "
                   f"busiest rank cpu {rows[-1]['cpu_seconds_max_rank']:.2f} s (comm {rows[-1]['comm_seconds']:.2f} s, "
                   f"load {load:.1f})", flush=True)
-    best = {w: max(r["frames_per_second"] for r in rows if r["world_size"] == w) for w in worlds}
-    cpu1 = min(r["cpu_seconds_max_rank"] for r in rows if r["world_size"] == 1)
-    base_digest = next(r["digest"] for r in rows if r["world_size"] == 1)
+    names = [_mesh_name(m) for m in meshes]
+    best = {n: max(r["frames_per_second"] for r in rows if r["mesh"] == n) for n in names}
+    base = names[0]
+    cpu1 = min(r["cpu_seconds_max_rank"] for r in rows if r["mesh"] == base)
+    base_digest = next(r["digest"] for r in rows if r["mesh"] == base)
     for r in rows:
-        r["speedup"] = r["frames_per_second"] / best[1]
+        r["speedup"] = r["frames_per_second"] / best[base]
         r["parallel_efficiency"] = r["speedup"] / r["world_size"]
         r["comm_fraction"] = r["comm_seconds"] / r["wall_seconds"]
         # contention-free view: the busiest rank's CPU time bounds the wall time on dedicated cores
         r["cpu_efficiency"] = cpu1 / (r["world_size"] * r["cpu_seconds_max_rank"])
         r["same_decisions_as_1rank"] = r["digest"] == base_digest
     pq.write_table(pa.Table.from_pylist(rows), out / "bench_sp.parquet")
-    summary = {w: {"frames_per_second": best[w], "speedup": best[w] / best[1], "parallel_efficiency": best[w] / best[1] / w,
-                   "cpu_efficiency": max(r["cpu_efficiency"] for r in rows if r["world_size"] == w),
-                   "load_avg_1min": max(r["load_avg_1min"] for r in rows if r["world_size"] == w)}
-               for w in worlds}
+    summary = {}
+    for m, n in zip(meshes, names):
+        mine = [r for r in rows if r["mesh"] == n]
+        summary[n] = {"world_size": m.world, "frames_per_second": best[n], "speedup": best[n] / best[base],
+                      "parallel_efficiency": best[n] / best[base] / m.world,
+                      "cpu_efficiency": max(r["cpu_efficiency"] for r in mine),
+                      "comm_fraction": min(r["comm_fraction"] for r in mine),
+                      "load_avg_1min": max(r["load_avg_1min"] for r in mine)}
     write_json(out / "bench_sp.json", {"config": cfg, "best": summary})
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _mesh_name(mesh) -> str:
+    parts = [f"{k}={getattr(mesh, k)}" for k in ("dp", "cfg", "ulysses") if getattr(mesh, k) != 1]
+    return ",".join(parts) or "1 process"
+
