@@ -62,13 +62,13 @@ def ray_head():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_ray_job_submit_two_ranks(ray_head, tmp_path):
+def test_ray_job_submit_two_ranks_as_a_cfg_mesh(ray_head, tmp_path):
     frames = 24
     cfg = write_tiny_config(tmp_path, frames=frames, policy="scope-fast")
     out = tmp_path / "job"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(ROOT),
            "--", "python", "-m", "scopevid.cluster.driver", "--config", str(cfg), "--frames", str(frames),
-           "--world-size", "2", "--out", str(out), "--progress-every", "0.5"]
+           "--world-size", "2", "--parallel", "cfg=2", "--out", str(out), "--progress-every", "0.5"]
     t0 = time.monotonic()
     try:
         r = subprocess.run(cmd, env=ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
@@ -95,6 +95,10 @@ def test_ray_job_submit_two_ranks(ray_head, tmp_path):
     assert steps.column("serial").to_pylist() == list(range(plan.num_iterations()))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames"] == frames and summary["world_size"] == 2
+    assert summary["config"]["parallel"]["cfg"] == 2  # the guidance branches ran on the two ranks
+    one = runner.generate(rc, tmp_path / "one", progress=False)  # ... and made the 1-process video
+    assert summary["decision_digest"] == one["decision_digest"]
+    assert (out / "video.mp4").read_bytes() == (tmp_path / "one" / "video.mp4").read_bytes()
     assert summary["iterations"] == plan.num_iterations()
     assert sum(summary["counts"].values()) == plan.num_iterations()
 

@@ -55,6 +55,7 @@ class JobSpec:
     seed: int | None = None
     steps: int | None = None
     prompt: str | None = None
+    parallel: str | None = None  # --parallel cfg=2,ulysses=2 (the mesh over --world-size ranks)
     resume: bool = False
     overwrite: bool = False
     device: str = "auto"  # auto | cpu | cuda
@@ -82,6 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int, help="denoising steps")
     p.add_argument("--prompt")
+    p.add_argument("--parallel", help="the mesh over --world-size ranks, e.g. cfg=2,ulysses=2 (default: ulysses over all)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: one GPU per rank when the cluster has them, else CPU")
@@ -111,7 +113,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
             raise ConfigError(f"{name.replace('_', '-')}: must be >= {0 if name == 'checkpoint_every' else 1}, got {v}")
     return JobSpec(
         out=Path(args.resume or args.out).resolve(), config=args.config, frames=args.frames, world_size=args.world_size,
-        policy=args.policy, seed=args.seed, steps=args.steps, prompt=args.prompt, resume=bool(args.resume),
+        policy=args.policy, seed=args.seed, steps=args.steps, prompt=args.prompt, parallel=args.parallel,
+        resume=bool(args.resume),
         overwrite=args.overwrite, device=args.device, cpus_per_rank=args.cpus_per_rank, placement=args.placement,
         placement_timeout_s=args.placement_timeout, dist_timeout_s=args.dist_timeout,
         checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
@@ -125,8 +128,9 @@ def _resolve_config(spec: JobSpec):
 
     def overridden(cfg):
         sched = cfg.schedule if spec.steps is None else replace(cfg.schedule, steps=spec.steps)
+        parallel = config_lib.parse_parallel(spec.parallel) if spec.parallel else None
         return cfg.with_overrides(frames=spec.frames, policy=spec.policy, seed=spec.seed, prompt=spec.prompt,
-                                  schedule=sched)
+                                  schedule=sched, parallel=parallel)
 
     if not spec.resume:
         return overridden(config_lib.load(spec.config))
@@ -134,7 +138,8 @@ def _resolve_config(spec: JobSpec):
     if not saved_path.is_file():
         raise CheckpointError(f"resume: {saved_path} not found: {spec.out} is not the output directory of a driver job")
     saved = config_lib.load(saved_path)
-    if spec.config is not None or any(v is not None for v in (spec.frames, spec.policy, spec.seed, spec.steps, spec.prompt)):
+    if spec.config is not None or any(v is not None for v in (spec.frames, spec.policy, spec.seed, spec.steps, spec.prompt,
+                                                               spec.parallel)):
         given = overridden(config_lib.load(spec.config) if spec.config else saved)
         a, b = _comparable(saved.to_dict()), _comparable(given.to_dict())
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
