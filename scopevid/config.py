@@ -20,6 +20,7 @@ SCHEDULES = ("diffusion_forcing", "chunk_causal")
 SELECTIVE = ("off", "paper", "causal")
 SOLVERS = ("euler", "unipc")
 DTYPES = ("float32", "bfloat16", "float16")
+CFG_MODES = ("sequential", "batched")
 
 
 # Types checked by pydantic (strict: a string is not a number, None is not a prompt; unknown keys are
@@ -51,16 +52,20 @@ class ParallelConfig:
     cfg: 2 puts the two classifier-free guidance branches on two rank groups that exchange one
     velocity per forward (the branches run in parallel instead of one after the other). ulysses:
     ranks splitting each forward's attention heads (must divide the head counts); None takes what
-    the world size leaves. Rank order, outermost first: rank = (d * cfg + c) * ulysses + u."""
+    the world size leaves. cfg_mode: with both branches on one rank group, run them one after the
+    other (sequential) or as one batched forward (batched; the tiny model). Rank order, outermost
+    first: rank = (d * cfg + c) * ulysses + u."""
 
     dp: int = 1
     cfg: int = 1
     ulysses: int | None = None
     ring: int = 1
+    cfg_mode: str = "sequential"  # the branches on one rank group: one after the other, or batched in one forward
 
     def shape(self, world: int) -> "ParallelConfig":
         """This mesh for a job of `world` ranks, `ulysses` filled in; a ConfigError if it cannot be."""
         _check(self.cfg in (1, 2), "parallel.cfg", f"must be 1 or 2 (the guidance branches), got {self.cfg!r}")
+        _check(self.cfg_mode in CFG_MODES, "parallel.cfg_mode", f"must be one of {', '.join(CFG_MODES)}, got {self.cfg_mode!r}")
         _check(self.ring == 1, "parallel.ring", "ring attention is not built yet: split heads with ulysses, "
                                                 "the guidance branches with cfg")
         _check(self.dp == 1, "parallel.dp", "several videos at once per job is not built yet: run one job per "
@@ -103,10 +108,13 @@ def parse_parallel(text: str) -> "ParallelConfig":
     """`--parallel dp=1,cfg=2,ulysses=2` as a ParallelConfig (fields checked like the YAML's)."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or not value.strip().lstrip("-").isdigit():
-            raise ConfigError(f"--parallel: {part!r} is not KEY=INTEGER (e.g. cfg=2,ulysses=2)")
-        out[key.strip()] = int(value)
+        key, eq, value = (x.strip() for x in part.partition("="))
+        if key == "cfg_mode" and value:
+            out[key] = value
+            continue
+        if not eq or not value.lstrip("-").isdigit():
+            raise ConfigError(f"--parallel: {part!r} is not KEY=INTEGER or cfg_mode=MODE (e.g. cfg=2,ulysses=2)")
+        out[key] = int(value)
     return _build(ParallelConfig, out, "parallel.")
 
 

@@ -181,11 +181,13 @@ class Capabilities:
       K/V context (selective computation is exact) and runs the clean re-forward that fills it.
     hook_points: where `velocity(..., hooks=)` calls ForwardHooks (the baselines' in-forward reuse).
     features: the signals `named_feature` accepts, besides Feature.HOST.
+    batched_branches: `branches_velocity` runs the guidance branches as one batch (cfg_mode: batched).
     """
 
     causal: bool = False
     hook_points: frozenset[HookPoint] = frozenset()
     features: frozenset[Feature] = frozenset()
+    batched_branches: bool = False  # `branches_velocity`: both guidance branches in one batched forward
 
 
 @dataclass(frozen=True)
@@ -282,6 +284,14 @@ class Adapter(ABC):
         `branch` "cond" (the prompt) or "uncond" (the negative prompt). The engine decides where the
         branches run (one after the other here, or on two rank groups) and combines them with `guide`.
         `hooks` only when `capabilities.hook_points` is not empty."""
+
+    def branches_velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec, attention: Attention,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) velocities of one batched forward, model dtype; only with
+        `capabilities.batched_branches`."""
+        raise ConfigError(f"parallel.cfg_mode: batched needs a model that batches its guidance branches; {self.name} "
+                          "does not (use sequential)")
 
     def guide(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Classifier-free guidance v_u + g (v_c - v_u), in the model dtype as the pipelines combine."""

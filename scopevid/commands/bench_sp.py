@@ -71,12 +71,15 @@ def bench_config(args) -> dict:
     }
 
 
-def _rank(topo, cfg_path: str, policy: str) -> dict:
+def _rank(topo, cfg_path: str, policy: str, cfg_mode: str = "sequential") -> dict:
     """One rank of one measured launch: warm-up rollout, then the timed one."""
+    from dataclasses import replace
+
     from scopevid import config as config_lib
     from scopevid.cluster.worker import collect_rollout
 
     cfg = config_lib.load(cfg_path)
+    cfg = cfg.with_overrides(parallel=replace(cfg.parallel, cfg_mode=cfg_mode))
     warm = cfg.with_overrides(frames=min(cfg.frames, 4))
     collect_rollout(topo, warm, policy, check_decisions=False)
     comm0 = topo.comm_seconds if hasattr(topo, "comm_seconds") else 0.0
@@ -106,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--world-sizes: comma-separated integers expected, got {args.world_sizes!r}") from None
         meshes = [ParallelConfig(ulysses=w) for w in worlds]
-    meshes = [ParallelConfig(ulysses=1)] + [m.shape(m.world) for m in meshes if m.world != 1]  # a bad mesh: one line
+    baseline = ParallelConfig(ulysses=1)
+    meshes = [baseline] + [m.shape(m.world) for m in meshes if m.shape(m.world) != baseline]  # a bad mesh: one line
     for m in meshes:
         if args.heads % m.ulysses:
             raise ConfigError(f"--meshes: ulysses={m.ulysses} does not divide --heads {args.heads} (Ulysses splits heads)")
@@ -120,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
         world, name = mesh.world, _mesh_name(mesh)
         for rep in range(args.repeats):
             load = os.getloadavg()[0]
-            res = spawn("scopevid.commands.bench_sp:_rank", world, args=(str(cfg_path), args.policy),
+            res = spawn("scopevid.commands.bench_sp:_rank", world, args=(str(cfg_path), args.policy, mesh.cfg_mode),
                         timeout_s=args.timeout, threads=args.threads, dist_timeout_s=max(60.0, args.timeout / 2),
                         mesh=mesh)
             r0 = res[0]
@@ -172,5 +176,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _mesh_name(mesh) -> str:
     parts = [f"{k}={getattr(mesh, k)}" for k in ("dp", "cfg", "ulysses") if getattr(mesh, k) != 1]
+    if mesh.cfg_mode != "sequential":
+        parts.append(f"cfg_mode={mesh.cfg_mode}")
     return ",".join(parts) or "1 process"
 

@@ -63,7 +63,7 @@ class Timings:
 
 class ForwardRunner:
     def __init__(self, adapter: Adapter, cond: Conditioning, topology: Topology, schedule: NoiseSchedule,
-                 state: RolloutState, device: torch.device, dtype: torch.dtype):
+                 state: RolloutState, device: torch.device, dtype: torch.dtype, *, batched_branches: bool = False):
         self.adapter, self.cond, self.topo, self.schedule, self.state = adapter, cond, topology, schedule, state
         self.device, self.dtype = device, dtype
         self.causal = adapter.capabilities.causal
@@ -71,6 +71,12 @@ class ForwardRunner:
         self.shape = (adapter.latent_channels, h, w)
         self.timings = Timings()
         self._hook_frames: list[int] = []  # frames of the last hooked forward (hook state owners)
+        # both guidance branches of this process as one batched forward (not with in-forward reuse hooks,
+        # whose state is kept per branch call; a run without guidance has nothing to batch)
+        self.batched = batched_branches and topology.branch is None and cond.branches == 2
+        if self.batched and not adapter.capabilities.batched_branches:
+            raise ConfigError(f"parallel.cfg_mode: batched needs a model that batches its guidance branches; "
+                              f"{adapter.name} does not (use sequential)")
         if topology.branch is not None and cond.branches != 2:
             raise ConfigError("parallel.cfg: 2 runs the two classifier-free guidance branches on two rank groups, and "
                               "this run has one branch (guidance 1, or a model without CFG); use cfg=1")
@@ -200,6 +206,8 @@ class ForwardRunner:
         """The guided velocity of this shard: both branches here, or (a cfg mesh) this process's
         branch and its peer's, exchanged and combined in the same order on both (identical results)."""
         a, cond = self.adapter, self.cond
+        if self.batched and hooks is None:
+            return a.guide(*a.branches_velocity(x, s, cond, spec, self.topo.attention), cond).float()
         if self.topo.branch is None:
             return a.velocity(x, s, cond, spec, self.topo.attention, hooks)
         mine = a.branch_velocity(x, s, cond, self.topo.branch, spec, self.topo.attention, hooks)

@@ -118,9 +118,11 @@ class Rollout:
         on_step: Callable[[StepRecord], None] | None = None,
         check_decisions: bool = False,
         noise: NoiseSource | None = None,
+        batched_branches: bool = False,
     ):
         """schedule: what `adapter.prepare(video_facts(plan))` returned, when the caller needed it
-        first (to build the solver on the model's sigmas); prepared here otherwise."""
+        first (to build the solver on the model's sigmas); prepared here otherwise.
+        batched_branches: both guidance branches in one batched forward (parallel.cfg_mode: batched)."""
         self.adapter, self.plan, self.policy, self.cond = adapter, plan, policy, cond
         self.schedule = schedule if schedule is not None else adapter.prepare(video_facts(plan))
         self.sigmas = self.schedule.sigmas
@@ -137,7 +139,8 @@ class Rollout:
         if self.reuse is not None:
             components["reuse"] = self.reuse
         self.state = RolloutState(components)
-        self.runner = ForwardRunner(adapter, cond, self.topo, self.schedule, self.state, self.device, dtype)
+        self.runner = ForwardRunner(adapter, cond, self.topo, self.schedule, self.state, self.device, dtype,
+                                    batched_branches=batched_branches and self.reuse is None)
         self.chunk = (policy.chunk or plan.unit) if policy.chunk_sums else None
         # resume (engine.checkpoint): called before every iteration with (iteration, next frame to emit)
         self.before_iteration: Callable[[Iteration, int], None] | None = None

@@ -70,7 +70,8 @@ def make_rollout(cfg: RunConfig, adapter, plan, policy, cond, *, predictor: str 
     noise levels, the config's stability check, device and dtype. `kw` goes to Rollout."""
     schedule = adapter.prepare(video_facts(plan))
     return Rollout(adapter, plan, policy, cond, seed=cfg.seed, solver=build_solver(cfg, adapter, schedule), schedule=schedule,
-                   predictor=predictor, stability=Stability(**cfg.stability), device=cfg.device, dtype=DTYPES[cfg.dtype], **kw)
+                   predictor=predictor, stability=Stability(**cfg.stability), device=cfg.device, dtype=DTYPES[cfg.dtype],
+                   batched_branches=cfg.parallel.cfg_mode == "batched", **kw)
 
 
 @dataclass

@@ -52,6 +52,7 @@ class TinyAdapter(Adapter):
         causal=True,
         hook_points=frozenset({HookPoint.STACK, HookPoint.BLOCK}),
         features=frozenset({Feature.TEMB, Feature.TEMB_MOD, Feature.EMBED}),
+        batched_branches=True,
     )
 
     def __init__(self, model: TinyDiT, shift: float = 3.0, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -123,6 +124,14 @@ class TinyAdapter(Adapter):
         extra = {} if hooks is None else {"hooks": hooks, "branch": branch}
         text = cond.cond if branch == "cond" else cond.uncond
         return self.model(x.to(self.dtype), sigma, text, _with_branch(spec, spec.kv, branch), attention, **extra)
+
+    def branches_velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, spec: ForwardSpec,
+        attention: Attention = local_attention,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        v_c, v_u = self.model.forward_branches(x.to(self.dtype), sigma, [cond.cond, cond.uncond],
+                                               [_with_branch(spec, spec.kv, b) for b in ("cond", "uncond")], attention)
+        return v_c, v_u
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return ((latents.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)

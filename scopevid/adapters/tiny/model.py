@@ -118,19 +118,27 @@ class Block(nn.Module):
         shift, scale = self.modulation(c)[:2]
         return self.norm1(x) * (1 + scale) + shift
 
-    def forward(self, x, c, rope, layer: int, spec: ForwardSpec, attention: Attention):
+    def forward(self, x, c, rope, layer: int, spec: ForwardSpec, attention: Attention, specs=None):
         # x [F, T, dim] (T tokens per frame), c [F, dim]
-        return self.outputs(x, c, rope, layer, spec, attention)[0]
+        return self.outputs(x, c, rope, layer, spec, attention, specs)[0]
 
-    def outputs(self, x, c, rope, layer: int, spec: ForwardSpec, attention: Attention):
-        """(x_out, {"attn": a, "mlp": m}) with a, m the module outputs before their gates [F, T, dim]."""
+    def outputs(self, x, c, rope, layer: int, spec: ForwardSpec, attention: Attention, specs=None):
+        """(x_out, {"attn": a, "mlp": m}) with a, m the module outputs before their gates [F, T, dim].
+
+        `specs`: B sequences stacked along the frames (x [B F, T, dim], c [B F, dim], e.g. the guidance
+        branches batched): every layer runs on all of them at once, attention on each with its spec."""
+        specs = specs or [spec]
+        b = len(specs)
         nf, tpf, dim = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.modulation(c)
         h = self.norm1(x) * (1 + sc1) + sh1
-        q, k, v = self.qkv(h).reshape(1, nf * tpf, 3, self.cfg.heads, self.cfg.head_dim).unbind(2)
+        q, k, v = self.qkv(h).reshape(b, nf // b * tpf, 3, self.cfg.heads, self.cfg.head_dim).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = attention(q, k, v, layer, spec)  # [1, S, heads, head_dim]
+        if b == 1:
+            o = attention(q, k, v, layer, spec)  # [1, S, heads, head_dim]
+        else:
+            o = torch.cat([attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], layer, sp) for i, sp in enumerate(specs)])
         a = self.proj(o.reshape(nf, tpf, dim))
         x = x + g1 * a
         m = self.mlp(self.norm2(x) * (1 + sc2) + sh2)
@@ -237,6 +245,21 @@ class TinyDiT(nn.Module):
             h = hooks.stack(hc, h, run_stack)
         shift, scale = (m[:, None, :] for m in self.ada_out(F.silu(c)).chunk(2, dim=-1))
         return self.unpatchify(self.out(self.norm_out(h) * (1 + scale) + shift))
+
+    def forward_branches(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[torch.Tensor],
+                         specs: list[ForwardSpec], attention: Attention = local_attention) -> list[torch.Tensor]:
+        """`forward` for several prompts (the guidance branches) in one pass: the branches are stacked
+        along the frames, so every linear layer runs once on all of them; attention runs per branch
+        (each with its own spec and K/V cache). Velocities [F, C, H, W], one per prompt."""
+        b = len(prompts)
+        c = torch.cat([self.conditioning(sigma, p) for p in prompts])
+        h = self.patch_embed(self.patchify(x)).repeat(b, 1, 1)
+        pos = torch.tensor(specs[0].local_positions(), device=x.device)
+        rope = tuple(t.to(h.dtype) for t in rope_tables(pos, self.cfg.size // self.cfg.patch, self.cfg.head_dim, self.cfg.rope_theta))
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, c, rope, i, specs[0], attention, specs)
+        shift, scale = (m[:, None, :] for m in self.ada_out(F.silu(c)).chunk(2, dim=-1))
+        return list(self.unpatchify(self.out(self.norm_out(h) * (1 + scale) + shift)).chunk(b))
 
     def flops(self, frames: int, context: int = 0, blocks: int | None = None) -> float:
         """Matmul FLOPs of one forward (2 per multiply-add): linear layers plus attention scores.
