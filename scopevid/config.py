@@ -68,8 +68,8 @@ class ParallelConfig:
         _check(self.cfg_mode in CFG_MODES, "parallel.cfg_mode", f"must be one of {', '.join(CFG_MODES)}, got {self.cfg_mode!r}")
         _check(self.ring == 1, "parallel.ring", "ring attention is not built yet: split heads with ulysses, "
                                                 "the guidance branches with cfg")
-        _check(self.dp == 1, "parallel.dp", "several videos at once per job is not built yet: run one job per "
-                                            "video (or `scopevid batch` on one process)")
+        _check(self.dp == 1, "parallel.dp", "rank groups for several videos at once are for batch jobs: "
+                                            "python -m scopevid.cluster.driver --batch FILE --parallel dp=D ...")
         rest = self.dp * self.cfg * self.ring
         u = self.ulysses if self.ulysses is not None else (world // rest if world % rest == 0 else None)
         _check(_int(u) and u >= 1 and rest * u == world, "parallel",

@@ -77,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="model preset YAML, e.g. configs/tiny.yaml (not needed with --resume)")
     p.add_argument("--out", help="output directory (new or empty; on a filesystem every node sees)")
     p.add_argument("--resume", metavar="DIR", help="continue the killed job whose outputs are in DIR")
+    p.add_argument("--batch", metavar="FILE", help="many videos: a prompt file (text, .jsonl, .parquet) as in `scopevid batch`, "
+                                                   "on --parallel dp=D rank groups")
     p.add_argument("--frames", type=int, help="pixel frames to generate")
     p.add_argument("--world-size", type=int, help="ranks (one Ray actor each); default 1")
     p.add_argument("--policy", help="policy preset name, e.g. original, scope-fast")
@@ -107,6 +109,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         raise ConfigError("out: a job resumes in place; --out must be omitted or equal --resume")
     if not args.resume and not args.config:
         raise ConfigError("config: --config is required for a new job")
+    if getattr(args, "batch", None) and args.resume and not args.config:
+        raise ConfigError("config: --batch --resume needs the batch's --config too")
     for name in ("world_size", "frames", "cpus_per_rank", "checkpoint_every"):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "checkpoint_every" else 1):
@@ -127,10 +131,7 @@ def _resolve_config(spec: JobSpec):
     from scopevid import config as config_lib
 
     def overridden(cfg):
-        sched = cfg.schedule if spec.steps is None else replace(cfg.schedule, steps=spec.steps)
-        parallel = config_lib.parse_parallel(spec.parallel) if spec.parallel else None
-        return cfg.with_overrides(frames=spec.frames, policy=spec.policy, seed=spec.seed, prompt=spec.prompt,
-                                  schedule=sched, parallel=parallel)
+        return with_overrides(spec, cfg)
 
     if not spec.resume:
         return overridden(config_lib.load(spec.config))
@@ -147,6 +148,50 @@ def _resolve_config(spec: JobSpec):
             raise ConfigError(f"resume: {', '.join(diff)} differ(s) from the job in {spec.out}; a job resumes with its own "
                               "config (omit --config and overrides)")
     return saved
+
+
+def with_overrides(spec: JobSpec, cfg):
+    """The config with the job's command-line overrides."""
+    from scopevid import config as config_lib
+
+    sched = cfg.schedule if spec.steps is None else replace(cfg.schedule, steps=spec.steps)
+    parallel = config_lib.parse_parallel(spec.parallel) if spec.parallel else None
+    return cfg.with_overrides(frames=spec.frames, policy=spec.policy, seed=spec.seed, prompt=spec.prompt,
+                              schedule=sched, parallel=parallel)
+
+
+def run_batch_job(spec: JobSpec, prompts: str) -> int:
+    """`--batch FILE`: the videos of a prompt file on rank groups (cluster.batch); exit code."""
+    from scopevid import config as config_lib
+    from scopevid.cluster import batch
+    from scopevid.jobs import requests
+    from scopevid.jobs.manifest import Status
+
+    if not spec.config:
+        raise ConfigError("config: --batch needs --config (also with --resume: the batch checks it against batch.json)")
+    cfg = with_overrides(spec, config_lib.load(spec.config))
+    reqs = requests.read(prompts)
+    world = spec.world_size or cfg.parallel.dp
+    try:
+        started = connect(spec.address, cpus=world * spec.cpus_per_rank)
+    except Exception as e:
+        raise DistributedError(f"ray: cannot connect to {spec.address or os.environ.get('RAY_ADDRESS') or 'a local instance'}: "
+                               f"{clip(str(e))}") from None
+    try:
+        import ray
+
+        manifest = batch.run(spec, cfg, reqs, spec.out, world)
+    finally:
+        if started:
+            ray.shutdown()
+    c = manifest.counts()
+    failed = c.get(Status.FAILED.value, 0)
+    say(spec, f"{c.get(Status.OK.value, 0)} of {len(manifest.entries)} videos done, {failed} failed; manifest: {manifest.path}")
+    if failed:
+        print(f"scopevid driver: error: {failed} video(s) failed (see the error column of {manifest.path}); "
+              "retry them with --resume", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def _comparable(d: dict) -> dict:
@@ -241,12 +286,12 @@ class RankWorker:
 
 
 # --- the driver -------------------------------------------------------------------------------------
-def _say(spec: JobSpec, msg: str) -> None:
+def say(spec: JobSpec, msg: str) -> None:
     if not spec.quiet:
         print(f"[scopevid driver] {msg}", flush=True)
 
 
-def _clip(text: str, n: int = 200) -> str:
+def clip(text: str, n: int = 200) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
@@ -262,7 +307,7 @@ def _frames_on_disk(out: Path) -> int:
     return n
 
 
-def _cause(e: BaseException) -> tuple[str, bool]:
+def cause(e: BaseException) -> tuple[str, bool]:
     """(one-line cause, whether the actor process itself died)."""
     import ray.exceptions as rex
 
@@ -331,7 +376,7 @@ def run_job(spec: JobSpec) -> dict:
             raise CheckpointError(f"resume: {job_path} not found: {out} is not the output directory of a driver job")
         job = json.loads(job_path.read_text())
         if job.get("status") == "complete":
-            _say(spec, f"job in {out} is already complete ({job.get('frames')} frames); nothing to do")
+            say(spec, f"job in {out} is already complete ({job.get('frames')} frames); nothing to do")
             return job
         world = spec.world_size or int(job["world_size"])
         if world != int(job["world_size"]):
@@ -343,7 +388,7 @@ def run_job(spec: JobSpec) -> dict:
         if len(seconds) < attempts - 1 and "attempt_started" in job:  # the last driver was SIGKILLed:
             seconds.append(max(0.0, job_path.stat().st_mtime - job["attempt_started"]))  # up to its last write
             _update_job(out, attempt_seconds=seconds)
-        _say(spec, f"resuming {out}: " + (f"checkpoint at iteration {info['serial']}/{info['total_iterations']}, "
+        say(spec, f"resuming {out}: " + (f"checkpoint at iteration {info['serial']}/{info['total_iterations']}, "
                                          f"{info['pixel_frames']} frames done" if info else "no checkpoint yet, starting over"))
     else:
         world = spec.world_size or 1
@@ -362,7 +407,7 @@ def run_job(spec: JobSpec) -> dict:
     try:
         started_ray = connect(spec.address, cpus=world * spec.cpus_per_rank)
     except Exception as e:  # no cluster at the address, auth refused, ...
-        msg = f"ray: cannot connect to {spec.address or os.environ.get('RAY_ADDRESS') or 'a local instance'}: {_clip(str(e))}"
+        msg = f"ray: cannot connect to {spec.address or os.environ.get('RAY_ADDRESS') or 'a local instance'}: {clip(str(e))}"
         _update_job(out, status="failed", error=msg)
         raise DistributedError(msg) from None
     try:
@@ -401,33 +446,23 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
     actors, board, refs = [], None, []
     t_start = time.perf_counter()
 
-    def on_term(signum, frame):  # `ray job stop`, scancel, Ctrl-C: noted here, acted on within a second
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process
-        _STOP.append(signal.Signals(signum).name)
-
-    previous = {}
-    _STOP.clear()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[sig] = signal.signal(sig, on_term)
-        except ValueError:  # not the main thread
-            pass
+    restore = stop_on_signals()
     status = "failed"
     try:
-        _wait_for_placement(spec, pg, world, bundle, out)
-        _no_other_job(out, world)
+        wait_for_placement(spec, pg, world, bundle, out)
+        no_other_job(out, world)
         Worker = ray.remote(RankWorker)
         Board = ray.remote(ProgressBoard)
         board = Board.options(num_cpus=0).remote()
         for r in range(world):
             actors.append(Worker.options(
-                name=_actor_name(out, r), namespace=NAMESPACE,
+                name=actor_name(out, r), namespace=NAMESPACE,
                 num_cpus=spec.cpus_per_rank, num_gpus=1 if device == "cuda" else 0, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
             ).remote(r, world, max(1, int(spec.cpus_per_rank)), device))
         ranks = _gather_named([a.info.remote() for a in actors], "start", timeout=spec.placement_timeout_s + 60)
         _update_job(out, status="running", device=device, ranks=ranks, started=time.time())
-        _say(spec, f"{world} rank(s) on {device}: " + ", ".join(f"rank {i['rank']} pid {i['pid']} @ {i['node']}" for i in ranks))
+        say(spec, f"{world} rank(s) on {device}: " + ", ".join(f"rank {i['rank']} pid {i['pid']} @ {i['node']}" for i in ranks))
         master = _gather_named([actors[0].endpoint.remote()], "report its address", timeout=60)[0]
         refs = [a.run.remote(cfg, str(out), master, resume=spec.resume, checkpoint_every=spec.checkpoint_every,
                              checkpoint_seconds=spec.checkpoint_seconds, dist_timeout_s=spec.dist_timeout_s, board=board)
@@ -451,7 +486,7 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
             sequence_parallel=summary.get("sequence_parallel"),
         )
         attempts = int(job.get("attempts", 1))
-        _say(spec, f"done: {frames} frames, {frames / max(rollout, 1e-9):.2f} frames/s of rollout; "
+        say(spec, f"done: {frames} frames, {frames / max(rollout, 1e-9):.2f} frames/s of rollout; "
                    + (f"{job_seconds:.1f} s end to end over {attempts} attempts (this one {wall:.1f} s)" if attempts > 1
                       else f"{wall:.1f} s end to end")
                    + ", peak RSS per rank " + ", ".join(f"{p['peak_rss_mb']:.0f} MiB" for p in per_rank)
@@ -483,8 +518,7 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
             remove_placement_group(pg)
         except Exception:
             pass
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        restore()
 
 
 # Signals seen by the driver. An exception raised from a signal handler inside Ray's Cython calls
@@ -493,7 +527,24 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
 _STOP: list[str] = []
 
 
-def _stop_point() -> None:
+def stop_on_signals():
+    """SIGTERM (`ray job stop`, scancel) and SIGINT (Ctrl-C) are noted, and acted on at the next
+    stop_point (within a second); a second one ends the process. Returns the undo function."""
+    def on_term(signum, frame):
+        signal.signal(signum, signal.SIG_DFL)
+        _STOP.append(signal.Signals(signum).name)
+
+    previous = {}
+    _STOP.clear()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, on_term)
+        except ValueError:  # not the main thread
+            pass
+    return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+
+
+def stop_point() -> None:
     if _STOP:
         raise Stopped(_STOP[0])
 
@@ -519,7 +570,7 @@ def _attempts_seconds(out: Path) -> float:
     return float(sum(_job(out).get("attempt_seconds", [])))
 
 
-def _wait_for_placement(spec: JobSpec, pg, world: int, bundle: dict, out: Path) -> None:
+def wait_for_placement(spec: JobSpec, pg, world: int, bundle: dict, out: Path) -> None:
     """Wait for the placement group, saying what it waits for (after a few seconds, then every 30 s);
     `--placement-timeout 0` waits as long as it takes (a queue on a full cluster)."""
     import ray
@@ -529,28 +580,28 @@ def _wait_for_placement(spec: JobSpec, pg, world: int, bundle: dict, out: Path) 
     said, first = 0.0, True
     ready = pg.ready()
     while True:
-        _stop_point()
+        stop_point()
         try:
             ray.get(ready, timeout=1.0)
             if not first:
-                _say(spec, f"placed after {time.monotonic() - t0:.0f} s")
+                say(spec, f"placed after {time.monotonic() - t0:.0f} s")
             return
         except ray.exceptions.GetTimeoutError:
             pass
         waited = time.monotonic() - t0
         if limit > 0 and waited >= limit:
             raise DistributedError(f"placement: {world} bundles of {bundle} not available within {limit:g} s "
-                                   f"(strategy {spec.placement}); {_resources_line()}; wait longer with "
+                                   f"(strategy {spec.placement}); {resources_line()}; wait longer with "
                                    "--placement-timeout S (0: no limit)")
         if (first and waited >= 3.0) or (not first and waited - said >= 30.0):
             first, said = False, waited
             until = f"giving up after {limit:g} s" if limit > 0 else "no time limit"
-            _say(spec, f"waiting for {world} bundles of {bundle} (strategy {spec.placement}): {_resources_line()}; "
+            say(spec, f"waiting for {world} bundles of {bundle} (strategy {spec.placement}): {resources_line()}; "
                        f"{until}")
             _update_job(out, status="waiting for placement")
 
 
-def _resources_line() -> str:
+def resources_line() -> str:
     import ray
 
     total, free = ray.cluster_resources(), ray.available_resources()
@@ -559,13 +610,13 @@ def _resources_line() -> str:
     return "free " + ", ".join(f"{k} {fmt(k, free.get(k, 0))} of {fmt(k, total[k])}" for k in keys)
 
 
-def _actor_name(out: Path, rank: int) -> str:
+def actor_name(out: Path, rank: int) -> str:
     import hashlib
 
     return f"scopevid-{hashlib.sha1(str(out).encode()).hexdigest()[:12]}-rank{rank}"
 
 
-def _no_other_job(out: Path, world: int, wait_s: float = 20.0) -> None:
+def no_other_job(out: Path, world: int, wait_s: float = 20.0) -> None:
     """Rank actors are named after the output directory: two jobs can never write one directory at once.
     After a killed driver, Ray ends its actors within seconds; wait for that, then refuse."""
     import ray
@@ -575,7 +626,7 @@ def _no_other_job(out: Path, world: int, wait_s: float = 20.0) -> None:
         alive = []
         for r in range(max(world, 1) + 8):
             try:
-                ray.get_actor(_actor_name(out, r), namespace=NAMESPACE)
+                ray.get_actor(actor_name(out, r), namespace=NAMESPACE)
                 alive.append(r)
             except ValueError:
                 pass
@@ -593,7 +644,7 @@ def _gather_named(refs: list, what: str, timeout: float) -> list:
     for r, ref in enumerate(refs):
         deadline = time.monotonic() + timeout
         while True:
-            _stop_point()
+            stop_point()
             if ray.wait([ref], timeout=1.0)[0]:
                 break
             if time.monotonic() > deadline:
@@ -601,7 +652,7 @@ def _gather_named(refs: list, what: str, timeout: float) -> list:
         try:
             out.append(ray.get(ref))
         except ray.exceptions.RayError as e:
-            why, _ = _cause(e)
+            why, _ = cause(e)
             raise DistributedError(f"rank {r}: actor failed to {what}: {why}") from None
     return out
 
@@ -620,14 +671,14 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
     last_print = time.monotonic()
     deadline = None  # after a failure: how long the others get to end on their own
     while pending:
-        _stop_point()
+        stop_point()
         done, pending = ray.wait(pending, num_returns=1, timeout=min(1.0, spec.progress_every_s))
         for ref in done:
             r = rank_of[ref]
             try:
                 results[r] = ray.get(ref)
             except ray.exceptions.RayError as e:
-                failures[r] = _cause(e)
+                failures[r] = cause(e)
                 if deadline is None:
                     deadline = time.monotonic() + spec.grace_s
         if deadline is not None and time.monotonic() > deadline:
@@ -639,7 +690,7 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
             except ray.exceptions.RayError:
                 pass
             if tracker.latest is not None:
-                _say(spec, tracker.line())
+                say(spec, tracker.line())
                 _update_job(out, progress=tracker.as_dict())
     if not failures:
         return [results[r] for r in range(len(refs))]
@@ -649,7 +700,7 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
     why, died = failures[first]
     info = ranks[first] if first < len(ranks) else {}
     where = f" (pid {info.get('pid')} on {info.get('node')})" if info else ""
-    others = [f"rank {r}: {_clip(w)}" for r, (w, _) in sorted(failures.items()) if r != first]
+    others = [f"rank {r}: {clip(w)}" for r, (w, _) in sorted(failures.items()) if r != first]
     msg = f"rank {first}{where} {'died' if died else 'failed'}: {why}. " + _kept(out)
     if others:
         msg += " [then " + "; ".join(others) + "]"
@@ -665,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         spec = spec_from_args(args)
+        if args.batch:
+            return run_batch_job(spec, args.batch)
         job = run_job(spec)
     except ScopevidError as e:
         print(f"scopevid driver: error: {e}", file=sys.stderr, flush=True)

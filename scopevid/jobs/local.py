@@ -33,18 +33,34 @@ def resolve(cfg: RunConfig, req: VideoRequest) -> RunConfig:
     return row
 
 
+def open_batch(cfg: RunConfig, reqs: list[VideoRequest], out: Path, *, resume: bool, overwrite: bool) -> Manifest:
+    """The batch directory (checked against batch.json on resume, else new or --overwrite) and its
+    manifest; call under RunLock(out). Shared by the local queue and the Ray driver's."""
+    manifest = _manifest(cfg, reqs, out, resume)
+    atomic_write_text(out / BATCH_FILE, json.dumps(_settings(cfg, reqs), indent=2, default=str))
+    return manifest
+
+
+def _settings(cfg: RunConfig, reqs: list[VideoRequest]) -> dict:
+    """What a resume must match: the config (but the mesh: a video does not depend on it) and the requests."""
+    return {"config": {k: v for k, v in cfg.to_dict().items() if k not in ("source", "prompt", "parallel")},
+            "requests": requests_lib.digest(reqs), "videos": len(reqs)}
+
+
+def check_batch_dir(cfg: RunConfig, reqs: list[VideoRequest], out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Before the lock: a resumable batch with these prompts and settings, or a directory to start in."""
+    if resume:
+        _check_resumable(out, _settings(cfg, reqs))
+    else:
+        prepare_out_dir(out, overwrite)
+
+
 def run_batch(cfg: RunConfig, reqs: list[VideoRequest], out: str | Path, *, resume: bool = False,
               overwrite: bool = False, say: Callable[[str], None] = print) -> Manifest:
     out = Path(out)
-    settings = {"config": {k: v for k, v in cfg.to_dict().items() if k not in ("source", "prompt")},
-                "requests": requests_lib.digest(reqs), "videos": len(reqs)}
-    if resume:
-        _check_resumable(out, settings)
-    else:
-        prepare_out_dir(out, overwrite)
+    check_batch_dir(cfg, reqs, out, resume=resume, overwrite=overwrite)
     with RunLock(out):
-        manifest = _manifest(cfg, reqs, out, resume)
-        atomic_write_text(out / BATCH_FILE, json.dumps(settings, indent=2, default=str))
+        manifest = open_batch(cfg, reqs, out, resume=resume, overwrite=overwrite)
         adapters.preflight(cfg.model, cfg.prompt or reqs[0].prompt, 1)
         adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])  # once for every video
         todo = [e for e in manifest.entries if e.status != Status.OK.value]
@@ -83,6 +99,10 @@ def _run_one(cfg, req, entry: Entry, manifest: Manifest, adapter, out: Path) -> 
     seconds = time.perf_counter() - t0
     manifest.set(entry.index, status=Status.OK, seconds=seconds, frames=int(summary["frames"]),
                  frames_per_second=summary["frames"] / max(summary["wall_seconds"], 1e-9))
+
+
+def done_line(manifest: Manifest) -> str:
+    return _done(manifest)
 
 
 def _done(manifest: Manifest) -> str:

@@ -1,0 +1,231 @@
+"""A batch of videos on a Ray cluster: `python -m scopevid.cluster.driver --batch FILE --out DIR`.
+
+`--world-size W --parallel dp=D[,cfg=..,ulysses=..]` makes D rank groups of W / D ranks each (one
+bundle per rank in one placement group). Every group loads the model once, keeps its process group
+for the whole batch, and takes the next video from the driver's queue when it is free, so fast and
+slow videos balance themselves. The driver owns DIR/manifest.parquet (the same layout as
+`scopevid batch`): a video that fails is recorded and the batch goes on; a group whose rank dies is
+dropped, and the video it held goes back to the queue once (a video that kills a second group is
+recorded as failed). SIGTERM stops the batch within seconds; `--resume` runs what is not done.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from scopevid.cluster import driver as drv
+from scopevid.errors import ConfigError, DistributedError, ScopevidError, Stopped
+from scopevid.jobs import local
+from scopevid.jobs.manifest import Manifest, Status
+
+REQUEUES = 1  # times a video whose group died goes back to the queue
+
+
+class GroupWorker:
+    """One rank of one rank group (a Ray actor): the process group and the model live for the whole
+    batch; `video` makes one video with them."""
+
+    def __init__(self, group: int, rank: int, world: int, threads: int, device: str):
+        import torch
+
+        self.group_index, self.rank, self.world, self.device = group, rank, world, device
+        torch.set_num_threads(max(1, int(threads)))
+        self.group = self.topo = self.adapter = None
+
+    def info(self) -> dict:
+        import ray
+
+        return {"group": self.group_index, "rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "hostname": socket.gethostname()}
+
+    def endpoint(self) -> tuple[str, int]:
+        import ray
+
+        from scopevid.cluster.groups import free_port
+
+        ip = ray.util.get_node_ip_address()
+        return ip, free_port("0.0.0.0" if ip not in ("127.0.0.1", "localhost") else "127.0.0.1")
+
+    def open(self, cfg, master: tuple[str, int] | None, dist_timeout_s: float) -> None:
+        from scopevid import adapters
+        from scopevid.engine.runner import DTYPES
+
+        if self.world > 1:
+            from scopevid.cluster.groups import DistEnv
+            from scopevid.cluster.worker import start
+
+            env = DistEnv(self.rank, self.world, 0 if self.device == "cuda" else self.rank, master[0], int(master[1]))
+            self.group, self.topo = start(env, cfg, timeout_s=dist_timeout_s)
+        self.adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
+
+    def video(self, cfg, out: str) -> dict:
+        from scopevid.engine.runner import generate
+
+        t0 = time.perf_counter()
+        summary = generate(cfg, out, overwrite=True, progress=False, topology=self.topo, adapter=self.adapter)
+        return {"frames": summary["frames"], "wall_seconds": summary["wall_seconds"], "seconds": time.perf_counter() - t0}
+
+
+def run(spec, cfg, reqs, out: Path, world: int) -> Manifest:
+    """The batch on Ray (connected by the caller); returns the final manifest."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from scopevid.engine.sinks import RunLock
+
+    dp = cfg.parallel.dp
+    if world % dp:
+        raise ConfigError(f"parallel.dp: {dp} rank groups do not divide --world-size {world}")
+    size = world // dp
+    inner = replace(cfg.parallel, dp=1).shape(size)  # each group's own mesh (cfg x ulysses), checked here
+    group_cfg = cfg.with_overrides(parallel=inner)
+    from scopevid import adapters
+
+    adapters.preflight(cfg.model, cfg.prompt or reqs[0].prompt, inner.ulysses, size)
+    local.check_batch_dir(group_cfg, reqs, out, resume=spec.resume, overwrite=spec.overwrite)
+    device = "cuda" if str(cfg.device).startswith("cuda") and ray.cluster_resources().get("GPU", 0) >= world else "cpu"
+    group_cfg = group_cfg.with_overrides(device="cuda" if device == "cuda" else "cpu")
+    bundle = {"CPU": spec.cpus_per_rank, **({"GPU": 1} if device == "cuda" else {})}
+    with RunLock(out):
+        manifest = local.open_batch(group_cfg, reqs, out, resume=spec.resume, overwrite=spec.overwrite)
+        pg = placement_group([dict(bundle) for _ in range(world)], strategy=spec.placement, name=f"scopevid-batch-{out.name}")
+        restore = drv.stop_on_signals()
+        actors: list = []
+        try:
+            drv.wait_for_placement(spec, pg, world, bundle, out)
+            drv.no_other_job(out, world)  # a killed driver's actors (named after DIR) end within seconds
+            Worker = ray.remote(GroupWorker)
+            for r in range(world):
+                g, rank = divmod(r, size)
+                actors.append(Worker.options(
+                    name=drv.actor_name(out, r), namespace=drv.NAMESPACE, num_cpus=spec.cpus_per_rank,
+                    num_gpus=1 if device == "cuda" else 0, max_restarts=0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+                ).remote(g, rank, size, max(1, int(spec.cpus_per_rank)), device))
+            groups = [actors[g * size:(g + 1) * size] for g in range(dp)]
+            infos = ray.get([a.info.remote() for a in actors], timeout=spec.placement_timeout_s + 60)
+            drv.say(spec, f"{dp} group(s) of {size} rank(s) on {device}: "
+                          + ", ".join(f"group {i['group']} rank {i['rank']} pid {i['pid']}" for i in infos))
+            opening = []
+            for members in groups:
+                master = ray.get(members[0].endpoint.remote(), timeout=60) if size > 1 else None
+                opening.append([a.open.remote(group_cfg, master, spec.dist_timeout_s) for a in members])
+            alive = _opened(groups, opening, spec)
+            _queue(spec, group_cfg, reqs, manifest, out, groups, alive, infos)
+        except Stopped as e:
+            running = [x for x in manifest.entries if x.status == Status.RUNNING.value]
+            for x in running:
+                manifest.set(x.index, status=Status.STOPPED, error=f"stopped by {e}")
+            raise Stopped(f"the batch was stopped by {e} ({local.done_line(manifest)}); the finished videos are kept; "
+                          f"continue with: python -m scopevid.cluster.driver --batch FILE --resume {out}") from None
+        finally:
+            for a in actors:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:
+                    pass
+            try:
+                remove_placement_group(pg)
+            except Exception:
+                pass
+            restore()
+    return manifest
+
+
+def _opened(groups, opening, spec) -> list[bool]:
+    """Wait for every group to join its process group and load the model; a group that cannot is dropped."""
+    import ray
+
+    alive = []
+    for g, refs in enumerate(opening):
+        try:
+            ray.get(refs, timeout=spec.dist_timeout_s + 600)
+            alive.append(True)
+        except ray.exceptions.RayTaskError as e:  # e.g. a ConfigError: the same on every group
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, ScopevidError):
+                raise cause from None
+            raise DistributedError(f"group {g}: cannot start: {drv.clip(str(e).strip().splitlines()[-1])}") from None
+        except ray.exceptions.RayError as e:
+            drv.say(spec, f"group {g} lost while starting: {drv.cause(e)[0]}")
+            alive.append(False)
+    if not any(alive):
+        raise DistributedError("no rank group could start")
+    return alive
+
+
+def _queue(spec, cfg, reqs, manifest: Manifest, out: Path, groups, alive: list[bool], infos) -> None:
+    """Hand the videos not done to free groups until none is left (or no group is)."""
+    import ray
+
+    todo = [e.index for e in manifest.entries if e.status != Status.OK.value]
+    requeued: dict[int, int] = {}
+    busy: dict[int, tuple[int, list, float]] = {}  # group -> (video index, refs, start)
+    while todo or busy:
+        drv.stop_point()
+        for g in range(len(groups)):
+            if not todo or not alive[g] or g in busy:
+                continue
+            i = todo.pop(0)
+            try:
+                row = local.resolve(cfg, reqs[i])
+            except ScopevidError as e:  # a bad row fails alone, before any rank sees it
+                manifest.set(i, status=Status.FAILED, error=str(e))
+                drv.say(spec, f"failed {manifest.entries[i].out}: {e}")
+                continue
+            manifest.set(i, status=Status.RUNNING, error=None)
+            busy[g] = (i, [a.video.remote(row, str(out / manifest.entries[i].out)) for a in groups[g]], time.perf_counter())
+        if not busy:
+            if todo:
+                raise DistributedError(f"every rank group was lost; {local.done_line(manifest)}; continue with --resume")
+            break
+        refs = [r for _, rs, _ in busy.values() for r in rs]
+        ray.wait(refs, num_returns=1, timeout=1.0)
+        for g in list(busy):
+            i, rs, t0 = busy[g]
+            done, _ = ray.wait(rs, num_returns=len(rs), timeout=0)
+            failed = _failure(rs)
+            if len(done) < len(rs) and failed is None:
+                continue
+            del busy[g]
+            e = manifest.entries[i]
+            if failed is None:
+                res = ray.get(rs[0])
+                manifest.set(i, status=Status.OK, seconds=time.perf_counter() - t0, frames=int(res["frames"]),
+                             frames_per_second=res["frames"] / max(res["wall_seconds"], 1e-9))
+                drv.say(spec, f"ok {e.out} on group {g}: {e.frames} frames in {e.seconds:.1f} s")
+                continue
+            why, died = failed
+            if died:  # the group is gone; its video goes back to the queue (once)
+                alive[g] = False
+                pids = [x["pid"] for x in infos if x["group"] == g]
+                drv.say(spec, f"group {g} lost (pids {pids}): {why}; {e.out} goes back to the queue"
+                        if requeued.get(i, 0) < REQUEUES else f"group {g} lost (pids {pids}): {why}")
+                if requeued.get(i, 0) < REQUEUES:
+                    requeued[i] = requeued.get(i, 0) + 1
+                    manifest.set(i, status=Status.PENDING, error=f"requeued: group {g} lost ({why})")
+                    todo.insert(0, i)
+                    continue
+            manifest.set(i, status=Status.FAILED, error=why, seconds=time.perf_counter() - t0)
+            drv.say(spec, f"failed {e.out} on group {g}: {why}")
+
+
+def _failure(refs) -> tuple[str, bool] | None:
+    """(why, the actor died) of the first finished ref that failed, None if none has."""
+    import ray
+
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    for r in done:
+        try:
+            ray.get(r)
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            return (str(cause) if isinstance(cause, ScopevidError) else drv.cause(e)[0]), False
+        except ray.exceptions.RayError as e:
+            return drv.cause(e)
+    return None

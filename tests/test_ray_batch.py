@@ -1,0 +1,131 @@
+"""A batch on a real local Ray cluster: `python -m scopevid.cluster.driver --batch FILE --world-size 2
+--parallel dp=2` runs 6 prompts on 2 rank groups that each load the model once and pull videos from
+the driver's queue. One group's rank is SIGKILLed mid-batch: the other group finishes every video
+(the lost one goes back to the queue), and each video equals `scopevid batch`'s on one process byte
+for byte. A SIGKILLed driver's batch finishes with --resume, skipping what was done."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, write_tiny_config
+from test_ray_job import ray_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+PROMPTS = ["red square moving right", "blue square moving left", "green square moving right",
+           "red square moving left", "blue square moving right", "green square moving left"]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    from scopevid.cluster.raycluster import LocalHead
+
+    tmp = tempfile.mkdtemp(prefix="svbatch", dir="/tmp")
+    head = LocalHead(tmp, num_cpus=2, env=ray_env())
+    try:
+        head.start()
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("raybatch")
+    cfg = write_tiny_config(tmp, frames=17, policy="scope-fast")
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    ref = tmp / "local"
+    r = subprocess.run([sys.executable, "-m", "scopevid", "batch", "--config", str(cfg), "--prompts", str(prompts),
+                        "--out", str(ref)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return cfg, prompts, ref
+
+
+def _driver(head, cfg, prompts, out, *extra):
+    return [sys.executable, "-m", "scopevid.cluster.driver", "--address", head.address, "--batch", str(prompts),
+            "--config", str(cfg), "--world-size", "2", "--parallel", "dp=2", "--progress-every", "0.5", *extra,
+            *(["--out", str(out)] if "--resume" not in extra else [])]
+
+
+def _same_videos(out, ref) -> None:
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [x["prompt"] for x in rows] == PROMPTS and [x["status"] for x in rows] == ["ok"] * len(PROMPTS), rows
+    for x in rows:
+        assert (out / x["out"] / "video.mp4").read_bytes() == (ref / x["out"] / "video.mp4").read_bytes(), x["out"]
+
+
+def test_two_groups_one_killed_the_other_finishes_every_video(ray_head, setup, tmp_path):
+    cfg, prompts, ref = setup
+    out = tmp_path / "batch"
+    p = subprocess.Popen(_driver(ray_head, cfg, prompts, out), env=ray_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    lines, pid = [], None
+    try:
+        deadline = time.monotonic() + 240
+        for line in p.stdout:  # the driver names each group's pids, then reports videos as they finish
+            lines.append(line)
+            m = re.search(r"group 1 rank 0 pid (\d+)", line)
+            if m:
+                pid = int(m.group(1))
+            if pid and "] ok " in line:
+                os.kill(pid, signal.SIGKILL)  # mid-batch: group 1 holds a video or is about to take one
+                break
+            assert time.monotonic() < deadline, "".join(lines)
+        rest, _ = p.communicate(timeout=240)
+        lines.append(rest)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    log = "".join(lines)
+    assert p.returncode == 0, log[-4000:]
+    assert "2 group(s) of 1 rank(s)" in log
+    assert f"group 1 lost (pids [{pid}])" in log, log[-3000:]
+    assert "6 of 6 videos done, 0 failed" in log
+    _same_videos(out, ref)
+    oks = re.findall(r"ok \S+ on group (\d)", log)
+    assert oks.count("0") >= 4 and len(oks) == 6  # the survivor did the rest
+
+
+def test_a_killed_driver_resumes_the_batch(ray_head, setup, tmp_path):
+    cfg, prompts, ref = setup
+    out = tmp_path / "batch"
+    p = subprocess.Popen(_driver(ray_head, cfg, prompts, out), env=ray_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        for line in p.stdout:
+            if "] ok " in line:
+                p.send_signal(signal.SIGKILL)
+                break
+            assert time.monotonic() < deadline
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    done = [x["out"] for x in pq.read_table(out / "manifest.parquet").to_pylist() if x["status"] == "ok"]
+    assert 0 < len(done) < len(PROMPTS)
+    stamps = {d: (out / d / "video.mp4").stat().st_mtime_ns for d in done}
+    deadline = time.monotonic() + 60
+    while True:  # Ray ends a dead driver's actors within seconds; the resumed job waits for their names
+        r = subprocess.run(_driver(ray_head, cfg, prompts, out, "--resume", str(out)), env=ray_env(), cwd=ROOT,
+                           capture_output=True, text=True, timeout=240)
+        if r.returncode == 0 or time.monotonic() > deadline or "in use by another scopevid run" not in r.stderr:
+            break
+        time.sleep(1)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    _same_videos(out, ref)
+    assert {d: (out / d / "video.mp4").stat().st_mtime_ns for d in done} == stamps, "a finished video was run again"
