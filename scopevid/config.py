@@ -52,9 +52,10 @@ class ParallelConfig:
     cfg: 2 puts the two classifier-free guidance branches on two rank groups that exchange one
     velocity per forward (the branches run in parallel instead of one after the other). ulysses:
     ranks splitting each forward's attention heads (must divide the head counts); None takes what
-    the world size leaves. cfg_mode: with both branches on one rank group, run them one after the
+    the world size leaves. ring: ranks passing K/V blocks round a ring over the sequence (any head
+    count; combined with ulysses as USP: the sequence is split over ring x ulysses ranks). cfg_mode: with both branches on one rank group, run them one after the
     other (sequential) or as one batched forward (batched; the tiny model). Rank order, outermost
-    first: rank = (d * cfg + c) * ulysses + u."""
+    first: rank = ((d * cfg + c) * ring + r) * ulysses + u."""
 
     dp: int = 1
     cfg: int = 1
@@ -66,8 +67,7 @@ class ParallelConfig:
         """This mesh for a job of `world` ranks, `ulysses` filled in; a ConfigError if it cannot be."""
         _check(self.cfg in (1, 2), "parallel.cfg", f"must be 1 or 2 (the guidance branches), got {self.cfg!r}")
         _check(self.cfg_mode in CFG_MODES, "parallel.cfg_mode", f"must be one of {', '.join(CFG_MODES)}, got {self.cfg_mode!r}")
-        _check(self.ring == 1, "parallel.ring", "ring attention is not built yet: split heads with ulysses, "
-                                                "the guidance branches with cfg")
+        _check(_int(self.ring) and self.ring >= 1, "parallel.ring", f"must be a positive integer, got {self.ring!r}")
         _check(self.dp == 1, "parallel.dp", "rank groups for several videos at once are for batch jobs: "
                                             "python -m scopevid.cluster.driver --batch FILE --parallel dp=D ...")
         rest = self.dp * self.cfg * self.ring
@@ -81,13 +81,15 @@ class ParallelConfig:
     def world(self) -> int:
         return self.dp * self.cfg * (self.ulysses or 1) * self.ring
 
-    def coords(self, rank: int) -> tuple[int, int, int]:
-        d, rest = divmod(rank, self.cfg * self.ulysses)
-        c, u = divmod(rest, self.ulysses)
-        return d, c, u
+    def coords(self, rank: int) -> tuple[int, int, int, int]:
+        """(d, c, r, u) of a rank: rank = ((d * cfg + c) * ring + r) * ulysses + u."""
+        d, rest = divmod(rank, self.cfg * self.ring * self.ulysses)
+        c, rest = divmod(rest, self.ring * self.ulysses)
+        r, u = divmod(rest, self.ulysses)
+        return d, c, r, u
 
-    def rank_of(self, d: int, c: int, u: int) -> int:
-        return (d * self.cfg + c) * self.ulysses + u
+    def rank_of(self, d: int, c: int, r: int, u: int) -> int:
+        return ((d * self.cfg + c) * self.ring + r) * self.ulysses + u
 
 
 def meshes(world: int, heads: tuple[int, ...] = ()) -> list[str]:
@@ -99,6 +101,8 @@ def meshes(world: int, heads: tuple[int, ...] = ()) -> list[str]:
             u, r = divmod(w, c)
             if r == 0 and all(h % u == 0 for h in heads):
                 out.append(f"cfg={c},ulysses={u}" if c > 1 else f"ulysses={u}")
+            elif r == 0:  # ring splits the sequence whatever the heads
+                out.append(f"cfg={c},ring={u}" if c > 1 else f"ring={u}")
         return out
 
     return fits(world) or [f"another number of ranks: {', '.join(str(w) for w in range(1, 17) if fits(w))}"]

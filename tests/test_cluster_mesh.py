@@ -38,11 +38,11 @@ def _assert_same(ref: dict, ranks: list[dict]) -> None:
         assert diff <= TOL, f"mesh video differs from 1 process by {diff}"
         assert r["records"] == ranks[0]["records"]  # identical on every rank of the video
         # the same decisions as one process (serial, mode, reason, compute interval); d and r within
-        # float rounding (Ulysses sums its shards' terms in another order than one process)
+        # float rounding (shards sum their terms in another order; ring attention runs in float32 math)
         assert [x[:3] + x[5:] for x in r["records"]] == [x[:3] + x[5:] for x in ref["records"]]
         for a, b in zip(r["records"], ref["records"]):
             for x, y in zip(a[3:5], b[3:5]):
-                assert (x is None and y is None) or abs(x - y) <= 1e-6 * max(abs(y), 1e-12), (a, b)
+                assert (x is None and y is None) or abs(x - y) <= 1e-5 * max(abs(y), 1e-12), (a, b)
         assert r["modes"] == ref["modes"] and r["digest"] == ref["digest"]
 
 
@@ -114,5 +114,60 @@ def test_skyreels_cfg2_on_two_processes_equals_one(skyreels_cases):
     """Bidirectional and block-causal (per-branch K/V caches, each on its own branch's ranks)."""
     cases, one = skyreels_cases
     runs = _mesh_runs(cases, 2, ParallelConfig(cfg=2))
+    for i in range(len(cases)):
+        _assert_same(one[i], [runs[r][i] for r in range(2)])
+
+
+# --- ring attention ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def odd_heads_cases(tmp_path_factory):
+    """A tiny model with 3 attention heads: no Ulysses degree above 1 splits it; ring does."""
+    d = tmp_path_factory.mktemp("ring")
+    arch = {"size": 16, "patch": 4, "dim": 48, "depth": 2, "heads": 3,
+            "vocab": ["<null>", "red", "green", "blue", "square", "moving", "left", "right"]}
+    cfg = str(write_tiny_config(d, frames=20, guidance=2.5, schedule={"selective": "causal"},
+                                model={"kind": "tiny", "weights": "random", "init_seed": 0, "shift": 3.0, "arch": arch}))
+    cases = [(cfg, "original"), (cfg, "scope-fast")]
+    one = [collect_rollout(LocalTopology(), p, policy, check_decisions=True) for p, policy in cases]
+    return cases, one
+
+
+def test_ring2_splits_a_model_with_three_heads(odd_heads_cases):
+    cases, one = odd_heads_cases
+    runs = _mesh_runs(cases, 2, ParallelConfig(ring=2))
+    for i in range(len(cases)):
+        _assert_same(one[i], [runs[r][i] for r in range(2)])
+
+
+def test_ulysses2_times_ring2_on_four_processes_equals_one(tiny_cases):
+    cases, one = tiny_cases
+    runs = _mesh_runs(cases, 4, ParallelConfig(ulysses=2, ring=2))
+    for i in range(len(cases)):
+        _assert_same(one[i], [runs[r][i] for r in range(4)])
+
+
+def test_ring_merge_is_the_softmax_over_all_keys():
+    """Two partials over disjoint key sets merge into full attention (hand-checked against SDPA),
+    including rows that see no key in one part (-inf log-sum-exp)."""
+    from scopevid.cluster.ring import merge, partial
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2, 4, generator=g) for _ in range(3))  # 4 frames of 2 tokens
+    allowed = torch.tensor([[True, False, False, False], [True, True, False, False],
+                            [True, True, True, False], [True, True, True, True]])  # causal over frames
+    o1, l1 = partial(q, k[:, :4], v[:, :4], allowed[:, :2], 2)
+    o2, l2 = partial(q, k[:, 4:], v[:, 4:], allowed[:, 2:], 2)
+    out, _ = merge(o1, l1, o2, l2)
+    mask = allowed.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           attn_mask=mask[None, None]).transpose(1, 2)
+    assert float((out - ref).abs().max()) < 1e-6
+    assert torch.isinf(l2[0, 0, 0]) and l2[0, 0, 0] < 0  # frame 0 sees nothing of the second part
+
+
+def test_skyreels_ring2_on_two_processes_equals_one(skyreels_cases):
+    """Ring over a bidirectional window and a block-causal one (key ranges, cached K/V context)."""
+    cases, one = skyreels_cases
+    runs = _mesh_runs(cases, 2, ParallelConfig(ring=2))
     for i in range(len(cases)):
         _assert_same(one[i], [runs[r][i] for r in range(2)])

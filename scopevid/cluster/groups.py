@@ -280,14 +280,17 @@ def _host(addr: str) -> str:
 @dataclass
 class Mesh:
     """One rank's groups: `video` (every rank working on its video: decisions, control flags, the
-    writer), `sp` (the ranks sharing one forward: Ulysses), `cfg` (the ranks holding the other guidance
-    branch of the same shard). Built once, here, for every topology that needs them."""
+    writer), `sp` (the ranks sharing one forward: ring x Ulysses), `cfg` (the ranks holding the other
+    guidance branch of the same shard), and within `sp` the `ulysses` and `ring` groups. Built once,
+    here, for every topology that needs them."""
 
     shape: ParallelConfig  # resolved (ulysses set)
     world: Group
     video: Group
     sp: Group
     cfg: Group
+    ulysses: Group  # within sp: the ranks one all-to-all spans
+    ring: Group  # within sp: the ranks the K/V blocks pass round
     replica: int  # which video this rank works on (0..dp-1)
     branch: int  # which guidance branch (0 cond, 1 uncond) when shape.cfg == 2
 
@@ -307,12 +310,23 @@ def build_mesh(world: Group, shape: ParallelConfig) -> Mesh:
         if world.rank in members:
             mine[kind] = replace(world.sub(members), pg=pg)
 
+    C, Q, U = range(R.cfg), range(R.ring), range(R.ulysses)
     for d in range(R.dp):
-        make("video", [R.rank_of(d, c, u) for c in range(R.cfg) for u in range(R.ulysses)])
+        make("video", [R.rank_of(d, c, r, u) for c in C for r in Q for u in U])
     for d in range(R.dp):
-        for c in range(R.cfg):
-            make("sp", [R.rank_of(d, c, u) for u in range(R.ulysses)])
+        for c in C:
+            make("sp", [R.rank_of(d, c, r, u) for r in Q for u in U])
     for d in range(R.dp):
-        for u in range(R.ulysses):
-            make("cfg", [R.rank_of(d, c, u) for c in range(R.cfg)])
-    return Mesh(shape, world, mine["video"], mine["sp"], mine["cfg"], replica=me[0], branch=me[1])
+        for r in Q:
+            for u in U:
+                make("cfg", [R.rank_of(d, c, r, u) for c in C])
+    for d in range(R.dp):
+        for c in C:
+            for r in Q:
+                make("ulysses", [R.rank_of(d, c, r, u) for u in U])
+    for d in range(R.dp):
+        for c in C:
+            for u in U:
+                make("ring", [R.rank_of(d, c, r, u) for r in Q])
+    return Mesh(shape, world, mine["video"], mine["sp"], mine["cfg"], mine["ulysses"], mine["ring"],
+                replica=me[0], branch=me[1])

@@ -87,23 +87,26 @@ class UlyssesTopology:
     and the discrepancy sums stay on the sequence group, and `branch` / `exchange` let the engine
     run one guidance branch here and combine it with the other."""
 
-    def __init__(self, group: Group, *, video: Group | None = None, cfg: Group | None = None):
+    def __init__(self, group: Group, *, video: Group | None = None, cfg: Group | None = None,
+                 ulysses: Group | None = None, ring: Group | None = None):
         self.group = group
         self.video = video or group
         self.cfg = cfg if cfg is not None and cfg.world > 1 else None
+        self.ring = ring if ring is not None and ring.world > 1 else None
+        self.uly = ulysses if self.ring is not None else group  # the all-to-all's ranks
         self.rank, self.world = self.video.rank, self.video.world
         self.sp_rank, self.sp_world = group.rank, group.world
-        self.heads_split = group.world
+        self.heads_split = self.uly.world
         self.branch = None if self.cfg is None else ("cond", "uncond")[self.cfg.rank]
         self.migrated_frames = 0  # per-frame states handed to another rank (stats)
         self.handovers = 0  # hand-over rounds that issued collectives
         self.local_attention_seconds = 0.0  # attention compute inside the Ulysses all-to-alls (stats)
         self._ds = None
-        if self.sp_world > 1:
+        if self.uly.world > 1:
             init_deepspeed(group)
             from deepspeed.sequence.layer import DistributedAttention
 
-            self._ds = DistributedAttention(self._local, group.pg, scatter_idx=2, gather_idx=1)
+            self._ds = DistributedAttention(self._local, self.uly.pg, scatter_idx=2, gather_idx=1)
 
     # --- Topology protocol --------------------------------------------------------------------
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
@@ -111,12 +114,12 @@ class UlyssesTopology:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spec: ForwardSpec) -> torch.Tensor:
         if self._ds is None:
-            return local_attention(q, k, v, layer, spec)
-        heads = q.shape[2]
-        if heads % self.sp_world or k.shape[2] % self.sp_world:
+            return self._local(q, k, v, layer, spec, direct=True)
+        heads, uw = q.shape[2], self.uly.world
+        if heads % uw or k.shape[2] % uw:
             raise ConfigError(
                 f"parallel.ulysses: Ulysses sequence parallelism splits attention heads over ranks, and this model has "
-                f"{heads} query / {k.shape[2]} key heads, not divisible by {self.sp_world} ranks; use a degree that divides {heads}"
+                f"{heads} query / {k.shape[2]} key heads, not divisible by {uw} ranks; use a degree that divides {heads}"
             )
         try:
             with self.group.collective(f"Ulysses all-to-all of attention layer {layer}"):
@@ -124,21 +127,34 @@ class UlyssesTopology:
         except _LocalFailure as f:
             raise f.original
 
-    def _local(self, q, k, v, layer, spec):
-        t0 = time.monotonic()
-        try:
-            return local_attention(q, k, v, layer, spec)
-        except Exception as e:  # not a communication error: re-raised as is by attention()
-            raise _LocalFailure(e) from e
-        finally:
-            self.local_attention_seconds += time.monotonic() - t0
+    def _local(self, q, k, v, layer, spec, direct: bool = False):
+        """Attention between the all-to-alls: the whole sequence here (Ulysses), or this ring part's
+        queries over every part's keys (ring)."""
+        if self.ring is None:
+            if direct:
+                return local_attention(q, k, v, layer, spec)
+            t0 = time.monotonic()
+            try:
+                return local_attention(q, k, v, layer, spec)
+            except Exception as e:  # not a communication error: re-raised as is by attention()
+                raise _LocalFailure(e) from e
+            finally:
+                self.local_attention_seconds += time.monotonic() - t0
+        from scopevid.cluster.ring import ring_attention
+
+        lo, hi = spec.shard  # this rank's frames; its ring part spans its Ulysses group's frames
+        per = hi - lo
+        r = self.sp_rank // self.uly.world
+        part = (r * self.uly.world * per, (r + 1) * self.uly.world * per)
+        return ring_attention(q, k, v, layer, spec, self.ring, part)
 
     @property
     def comm_seconds(self) -> float:
         """Wall time in collectives, attention compute excluded (includes waiting for slower ranks):
         the sequence group's, the guidance-branch exchange and the video's control flags."""
         extra = (self.cfg.comm_seconds if self.cfg is not None else 0.0) + \
-            (self.video.comm_seconds if self.video is not self.group else 0.0)
+            (self.video.comm_seconds if self.video is not self.group else 0.0) + \
+            (self.ring.comm_seconds + self.uly.comm_seconds if self.ring is not None else 0.0)
         return self.group.comm_seconds - self.local_attention_seconds + extra
 
     def allreduce(self, values: list[float]) -> list[float]:

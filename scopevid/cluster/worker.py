@@ -65,11 +65,11 @@ def start(env: DistEnv, cfg=None, *, backend: str | None = None, timeout_s: floa
     group = init(env, device=device, backend=backend, timeout_s=timeout_s, threads=threads)
     try:
         shape = (mesh or (cfg.parallel if cfg is not None else ParallelConfig())).shape(group.world)
-        if shape.dp == 1 and shape.cfg == 1:
+        if shape.dp == 1 and shape.cfg == 1 and shape.ring == 1:
             topo = UlyssesTopology(group)
         else:
             m = build_mesh(group, shape)
-            topo = UlyssesTopology(m.sp, video=m.video, cfg=m.cfg)
+            topo = UlyssesTopology(m.sp, video=m.video, cfg=m.cfg, ulysses=m.ulysses, ring=m.ring)
         if cfg is not None:
             settings = {k: v for k, v in cfg.to_dict().items() if k != "source"}  # the YAML's path may differ per node
             consensus.check_same(group, settings, "run config (every rank must load the same config, seed and overrides)")
