@@ -79,9 +79,8 @@ def test_a_mesh_that_does_not_make_the_world_is_one_line():
         ParallelConfig(cfg=2, ulysses=3).shape(4)
     with pytest.raises(ConfigError, match="parallel.cfg: must be 1 or 2"):
         ParallelConfig(cfg=3).shape(3)
-    with pytest.raises(ConfigError, match="parallel.ring: ring attention is not built yet"):
-        ParallelConfig(ring=2).shape(2)
     assert ParallelConfig(cfg=2).shape(6).ulysses == 3
+    assert ParallelConfig(ring=2).shape(4).ulysses == 2  # USP: ulysses takes what the ring leaves
 
 
 @pytest.fixture(scope="module")

@@ -162,9 +162,9 @@ def test_preflight_names_bad_prompts_and_world_sizes_before_any_load(tiny_config
     cfg = config_lib.load(tiny_config())  # TINY_ARCH: 2 heads
     adapters.preflight(cfg.model, cfg.prompt, 2)
     adapters.preflight(cfg.model, cfg.prompt, 2, 4)  # cfg=2 x ulysses=2
-    with pytest.raises(ConfigError, match=r"for 8 ranks use cfg=2,ulysses=4"):
+    with pytest.raises(ConfigError, match=r"for 8 ranks use ring=8 or cfg=2,ulysses=4"):
         adapters.preflight({**cfg.model, "arch": {**cfg.model["arch"], "heads": 4}}, cfg.prompt, 8, 8)
-    with pytest.raises(ConfigError, match=r"parallel.ulysses: 3 ranks cannot split this model's 2 attention heads.*for 3 ranks use another number of ranks: 1, 2, 4"):
+    with pytest.raises(ConfigError, match=r"parallel.ulysses: 3 ranks cannot split this model's 2 attention heads.*for 3 ranks use ring=3"):
         adapters.preflight(cfg.model, cfg.prompt, 3)
     with pytest.raises(ConfigError, match=r"prompt: unknown word\(s\) \['purple'\]"):
         adapters.preflight(cfg.model, "purple square", 1)
