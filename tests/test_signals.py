@@ -102,7 +102,7 @@ def test_resume_refuses_changed_settings(reference, tmp_path):
     cfg_path, _, _ = reference
     out = tmp_path / "run"
     p = _generate(cfg_path, out)
-    while not (out / "checkpoint").exists():
+    while not (out / "checkpoint" / "settings.json").exists():  # what a resume compares against
         assert p.poll() is None
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)

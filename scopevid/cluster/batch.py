@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from scopevid.cluster import driver as drv
+from scopevid.cluster import rayjob
 from scopevid.errors import ConfigError, DistributedError, ScopevidError, Stopped
 from scopevid.jobs import local
 from scopevid.jobs.manifest import Manifest, Status
@@ -94,22 +94,22 @@ def run(spec, cfg, reqs, out: Path, world: int) -> Manifest:
     with RunLock(out):
         manifest = local.open_batch(group_cfg, reqs, out, resume=spec.resume, overwrite=spec.overwrite)
         pg = placement_group([dict(bundle) for _ in range(world)], strategy=spec.placement, name=f"scopevid-batch-{out.name}")
-        restore = drv.stop_on_signals()
+        restore = rayjob.stop_on_signals()
         actors: list = []
         try:
-            drv.wait_for_placement(spec, pg, world, bundle, out)
-            drv.no_other_job(out, world)  # a killed driver's actors (named after DIR) end within seconds
+            rayjob.wait_for_placement(spec, pg, world, bundle, out)
+            rayjob.no_other_job(out, world)  # a killed driver's actors (named after DIR) end within seconds
             Worker = ray.remote(GroupWorker)
             for r in range(world):
                 g, rank = divmod(r, size)
                 actors.append(Worker.options(
-                    name=drv.actor_name(out, r), namespace=drv.NAMESPACE, num_cpus=spec.cpus_per_rank,
+                    name=rayjob.actor_name(out, r), namespace=rayjob.NAMESPACE, num_cpus=spec.cpus_per_rank,
                     num_gpus=1 if device == "cuda" else 0, max_restarts=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
                 ).remote(g, rank, size, max(1, int(spec.cpus_per_rank)), device))
             groups = [actors[g * size:(g + 1) * size] for g in range(dp)]
             infos = ray.get([a.info.remote() for a in actors], timeout=spec.placement_timeout_s + 60)
-            drv.say(spec, f"{dp} group(s) of {size} rank(s) on {device}: "
+            rayjob.say(spec, f"{dp} group(s) of {size} rank(s) on {device}: "
                           + ", ".join(f"group {i['group']} rank {i['rank']} pid {i['pid']}" for i in infos))
             opening = []
             for members in groups:
@@ -150,9 +150,9 @@ def _opened(groups, opening, spec) -> list[bool]:
             cause = getattr(e, "cause", None)
             if isinstance(cause, ScopevidError):
                 raise cause from None
-            raise DistributedError(f"group {g}: cannot start: {drv.clip(str(e).strip().splitlines()[-1])}") from None
+            raise DistributedError(f"group {g}: cannot start: {rayjob.clip(str(e).strip().splitlines()[-1])}") from None
         except ray.exceptions.RayError as e:
-            drv.say(spec, f"group {g} lost while starting: {drv.cause(e)[0]}")
+            rayjob.say(spec, f"group {g} lost while starting: {rayjob.cause(e)[0]}")
             alive.append(False)
     if not any(alive):
         raise DistributedError("no rank group could start")
@@ -167,7 +167,7 @@ def _queue(spec, cfg, reqs, manifest: Manifest, out: Path, groups, alive: list[b
     requeued: dict[int, int] = {}
     busy: dict[int, tuple[int, list, float]] = {}  # group -> (video index, refs, start)
     while todo or busy:
-        drv.stop_point()
+        rayjob.stop_point()
         for g in range(len(groups)):
             if not todo or not alive[g] or g in busy:
                 continue
@@ -176,7 +176,7 @@ def _queue(spec, cfg, reqs, manifest: Manifest, out: Path, groups, alive: list[b
                 row = local.resolve(cfg, reqs[i])
             except ScopevidError as e:  # a bad row fails alone, before any rank sees it
                 manifest.set(i, status=Status.FAILED, error=str(e))
-                drv.say(spec, f"failed {manifest.entries[i].out}: {e}")
+                rayjob.say(spec, f"failed {manifest.entries[i].out}: {e}")
                 continue
             manifest.set(i, status=Status.RUNNING, error=None)
             busy[g] = (i, [a.video.remote(row, str(out / manifest.entries[i].out)) for a in groups[g]], time.perf_counter())
@@ -198,13 +198,13 @@ def _queue(spec, cfg, reqs, manifest: Manifest, out: Path, groups, alive: list[b
                 res = ray.get(rs[0])
                 manifest.set(i, status=Status.OK, seconds=time.perf_counter() - t0, frames=int(res["frames"]),
                              frames_per_second=res["frames"] / max(res["wall_seconds"], 1e-9))
-                drv.say(spec, f"ok {e.out} on group {g}: {e.frames} frames in {e.seconds:.1f} s")
+                rayjob.say(spec, f"ok {e.out} on group {g}: {e.frames} frames in {e.seconds:.1f} s")
                 continue
             why, died = failed
             if died:  # the group is gone; its video goes back to the queue (once)
                 alive[g] = False
                 pids = [x["pid"] for x in infos if x["group"] == g]
-                drv.say(spec, f"group {g} lost (pids {pids}): {why}; {e.out} goes back to the queue"
+                rayjob.say(spec, f"group {g} lost (pids {pids}): {why}; {e.out} goes back to the queue"
                         if requeued.get(i, 0) < REQUEUES else f"group {g} lost (pids {pids}): {why}")
                 if requeued.get(i, 0) < REQUEUES:
                     requeued[i] = requeued.get(i, 0) + 1
@@ -212,7 +212,7 @@ def _queue(spec, cfg, reqs, manifest: Manifest, out: Path, groups, alive: list[b
                     todo.insert(0, i)
                     continue
             manifest.set(i, status=Status.FAILED, error=why, seconds=time.perf_counter() - t0)
-            drv.say(spec, f"failed {e.out} on group {g}: {why}")
+            rayjob.say(spec, f"failed {e.out} on group {g}: {why}")
 
 
 def _failure(refs) -> tuple[str, bool] | None:
@@ -225,7 +225,7 @@ def _failure(refs) -> tuple[str, bool] | None:
             ray.get(r)
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
-            return (str(cause) if isinstance(cause, ScopevidError) else drv.cause(e)[0]), False
+            return (str(cause) if isinstance(cause, ScopevidError) else rayjob.cause(e)[0]), False
         except ray.exceptions.RayError as e:
-            return drv.cause(e)
+            return rayjob.cause(e)
     return None

@@ -30,17 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from scopevid.cluster.rayjob import (JOB_FILE, NAMESPACE, actor_name, cause, clip, connect, no_other_job,
+                                     say, stop_on_signals, stop_point, wait_for_placement)
+from scopevid.cluster.rayjob import update_job as _update_job
 from scopevid.errors import CheckpointError, ConfigError, DistributedError, ScopevidError, Stopped
 
-JOB_FILE = "job.json"
-NAMESPACE = "scopevid"
 CONFIG_FILE = "config.yaml"
 
 
@@ -208,16 +208,6 @@ def _write_config(cfg, path: Path) -> None:
     tmp.replace(path)
 
 
-def _update_job(out: Path, **kw) -> dict:
-    from scopevid.engine.sinks import write_json
-
-    path = out / JOB_FILE
-    job = json.loads(path.read_text()) if path.is_file() else {}
-    job.update(kw)
-    write_json(path, job)
-    return job
-
-
 # --- one rank ---------------------------------------------------------------------------------------
 class RankWorker:
     """One rank: a Ray actor (the driver wraps this class with ray.remote)."""
@@ -286,13 +276,6 @@ class RankWorker:
 
 
 # --- the driver -------------------------------------------------------------------------------------
-def say(spec: JobSpec, msg: str) -> None:
-    if not spec.quiet:
-        print(f"[scopevid driver] {msg}", flush=True)
-
-
-def clip(text: str, n: int = 200) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _frames_on_disk(out: Path) -> int:
@@ -305,60 +288,6 @@ def _frames_on_disk(out: Path) -> int:
         except Exception:  # a part being written when the job died
             pass
     return n
-
-
-def cause(e: BaseException) -> tuple[str, bool]:
-    """(one-line cause, whether the actor process itself died)."""
-    import ray.exceptions as rex
-
-    if isinstance(e, rex.ActorDiedError) or (isinstance(e, rex.RayActorError) and not isinstance(e, rex.RayTaskError)):
-        text = str(e)
-        low = text.lower()
-        if "sigkill" in low or "killed" in low or "signal" in low:
-            why = "its process was killed (SIGKILL, OOM killer or a lost node)"
-        elif "node" in low and ("dead" in low or "died" in low or "failed" in low):
-            why = "its node died"
-        else:
-            why = "its process exited unexpectedly"
-        return why, True
-    cause = getattr(e, "cause", None) or e
-    if isinstance(e, rex.RayTaskError) and cause is e:
-        first = str(e).strip().splitlines()
-        return (first[-1] if first else type(e).__name__), False
-    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}", False
-
-
-def _private_token() -> None:
-    """A local Ray instance started by the driver gets token auth with a token of its own, held in the
-    environment only (Ray would otherwise generate and keep one in ~/.ray/auth_token)."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    import secrets
-
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    try:  # ray reads the mode once at import; refresh it as ray's own _enable_token_auth does
-        from ray._raylet import Config
-
-        Config.initialize("")
-    except Exception:
-        pass
-
-
-def connect(address: str | None = None, cpus: float = 1.0) -> bool:
-    """Join the Ray cluster at address (or RAY_ADDRESS); without one, start a local instance with at
-    least `cpus` CPUs. Returns whether this call started Ray (the caller then shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    _private_token()
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus + 0.999)), include_dashboard=False, log_to_driver=True)
-    return True
 
 
 def run_job(spec: JobSpec) -> dict:
@@ -521,34 +450,6 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
         restore()
 
 
-# Signals seen by the driver. An exception raised from a signal handler inside Ray's Cython calls
-# becomes a SystemError, so the handler only records the signal and every wait of the driver is a
-# loop of waits of at most a second that calls _stop_point between them.
-_STOP: list[str] = []
-
-
-def stop_on_signals():
-    """SIGTERM (`ray job stop`, scancel) and SIGINT (Ctrl-C) are noted, and acted on at the next
-    stop_point (within a second); a second one ends the process. Returns the undo function."""
-    def on_term(signum, frame):
-        signal.signal(signum, signal.SIG_DFL)
-        _STOP.append(signal.Signals(signum).name)
-
-    previous = {}
-    _STOP.clear()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[sig] = signal.signal(sig, on_term)
-        except ValueError:  # not the main thread
-            pass
-    return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
-
-
-def stop_point() -> None:
-    if _STOP:
-        raise Stopped(_STOP[0])
-
-
 def _kept(out: Path) -> str:
     """What a job that ended early leaves, and the command that continues it."""
     from scopevid.engine.checkpoint import checkpoint_info
@@ -568,73 +469,6 @@ def _job(out: Path) -> dict:
 def _attempts_seconds(out: Path) -> float:
     """Seconds of the job's earlier attempts (a resumed job reports the whole job)."""
     return float(sum(_job(out).get("attempt_seconds", [])))
-
-
-def wait_for_placement(spec: JobSpec, pg, world: int, bundle: dict, out: Path) -> None:
-    """Wait for the placement group, saying what it waits for (after a few seconds, then every 30 s);
-    `--placement-timeout 0` waits as long as it takes (a queue on a full cluster)."""
-    import ray
-
-    t0 = time.monotonic()
-    limit = spec.placement_timeout_s
-    said, first = 0.0, True
-    ready = pg.ready()
-    while True:
-        stop_point()
-        try:
-            ray.get(ready, timeout=1.0)
-            if not first:
-                say(spec, f"placed after {time.monotonic() - t0:.0f} s")
-            return
-        except ray.exceptions.GetTimeoutError:
-            pass
-        waited = time.monotonic() - t0
-        if limit > 0 and waited >= limit:
-            raise DistributedError(f"placement: {world} bundles of {bundle} not available within {limit:g} s "
-                                   f"(strategy {spec.placement}); {resources_line()}; wait longer with "
-                                   "--placement-timeout S (0: no limit)")
-        if (first and waited >= 3.0) or (not first and waited - said >= 30.0):
-            first, said = False, waited
-            until = f"giving up after {limit:g} s" if limit > 0 else "no time limit"
-            say(spec, f"waiting for {world} bundles of {bundle} (strategy {spec.placement}): {resources_line()}; "
-                       f"{until}")
-            _update_job(out, status="waiting for placement")
-
-
-def resources_line() -> str:
-    import ray
-
-    total, free = ray.cluster_resources(), ray.available_resources()
-    keys = [k for k in ("CPU", "GPU", "memory") if k in total]
-    fmt = (lambda k, v: f"{v / 2**30:.1f} GiB" if k == "memory" else f"{v:g}")
-    return "free " + ", ".join(f"{k} {fmt(k, free.get(k, 0))} of {fmt(k, total[k])}" for k in keys)
-
-
-def actor_name(out: Path, rank: int) -> str:
-    import hashlib
-
-    return f"scopevid-{hashlib.sha1(str(out).encode()).hexdigest()[:12]}-rank{rank}"
-
-
-def no_other_job(out: Path, world: int, wait_s: float = 20.0) -> None:
-    """Rank actors are named after the output directory: two jobs can never write one directory at once.
-    After a killed driver, Ray ends its actors within seconds; wait for that, then refuse."""
-    import ray
-
-    deadline = time.monotonic() + wait_s
-    while True:
-        alive = []
-        for r in range(max(world, 1) + 8):
-            try:
-                ray.get_actor(actor_name(out, r), namespace=NAMESPACE)
-                alive.append(r)
-            except ValueError:
-                pass
-        if not alive:
-            return
-        if time.monotonic() > deadline:
-            raise DistributedError(f"another job is still running on {out} (rank actor(s) {alive} alive); stop it first")
-        time.sleep(0.5)
 
 
 def _gather_named(refs: list, what: str, timeout: float) -> list:
