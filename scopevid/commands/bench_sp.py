@@ -175,7 +175,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _mesh_name(mesh) -> str:
-    parts = [f"{k}={getattr(mesh, k)}" for k in ("dp", "cfg", "ulysses") if getattr(mesh, k) != 1]
+    parts = [f"{k}={getattr(mesh, k)}" for k in ("dp", "cfg", "ring", "ulysses") if getattr(mesh, k) != 1]
     if mesh.cfg_mode != "sequential":
         parts.append(f"cfg_mode={mesh.cfg_mode}")
     return ",".join(parts) or "1 process"
