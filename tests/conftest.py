@@ -4,6 +4,7 @@ the shipped checkpoint's quality) and a single-thread torch for reproducible CPU
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,39 @@ def assert_two_ranks_match_one(ref: dict, r0: dict, r1: dict, tol: float = 1e-4)
     assert diff <= tol, f"2-rank video differs from 1-rank by {diff}"
     assert r0["records"] == r1["records"]  # also checked in-run at every iteration
     assert r0["modes"] == ref["modes"] and r0["digest"] == ref["digest"]
+
+
+# --- a real local Ray cluster -----------------------------------------------------------------------
+def ray_env() -> dict:
+    """The environment of Ray test clusters and the processes that use them: everything on 127.0.0.1
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray's node address on loopback on a single machine),
+    token auth disabled as `ray job submit` needs, this venv's `python` first on PATH."""
+    import os
+    import sys
+
+    env = dict(os.environ)
+    env.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", SCOPEVID_DIST_TIMEOUT="60")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)
+    return env
+
+
+@contextmanager
+def local_ray_head(prefix: str, num_cpus: int = 2):
+    """A `ray start --head` of this machine, stopped on exit by its own session and temp dir (never
+    `ray stop`, which would stop every Ray cluster on the machine)."""
+    import shutil
+    import tempfile
+
+    from scopevid.cluster.raycluster import LocalHead
+
+    tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's unix sockets live under it
+    head = LocalHead(tmp, num_cpus=num_cpus, env=ray_env())
+    try:
+        head.start()
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+

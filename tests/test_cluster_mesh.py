@@ -85,25 +85,13 @@ def test_a_mesh_that_does_not_make_the_world_is_one_line():
 
 @pytest.fixture(scope="module")
 def skyreels_cases(tmp_path_factory):
-    import yaml
-
     sky = pytest.importorskip("test_skyreels_v2")  # its tiny-checkpoint builder (diffusers + transformers)
+    from test_cluster_skyreels import case_config
+
     tmp = tmp_path_factory.mktemp("mesh_skyreels")
     ckpt = sky.build_tiny_checkpoint(tmp / "SkyReels-V2-DF-tiny")
-    cases = []
-    for i, (policy, block) in enumerate([("original", 0), ("scope-fast", 0), ("scope-fast", 2)]):
-        raw = {
-            "model": {"kind": "skyreels_v2", "path": str(ckpt), "height": sky.H, "width": sky.W,
-                      "max_sequence_length": sky.TEXT_LEN, "addnoise_condition": 20, "causal_attention": block},
-            "prompt": sky.PROMPT, "negative_prompt": sky.NEGATIVE, "guidance": 5.0, "frames": 29, "seed": 0,
-            "solver": "unipc",
-            "schedule": {"kind": "diffusion_forcing", "steps": 6, "base_num_frames": 13, "overlap_history": 5,
-                         "ar_step": 1, "causal_block_size": max(block, 1), "selective": "paper"},
-            "policy": policy, "policy_presets": str(ROOT / "configs" / "policies" / "skyreels_v2.yaml"),
-        }
-        path = tmp / f"case{i}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        cases.append((str(path), policy))
+    cases = [(case_config(sky, ckpt, tmp / f"case{i}.yaml", policy, block, "paper"), policy)
+             for i, (policy, block) in enumerate([("original", 0), ("scope-fast", 0), ("scope-fast", 2)])]
     torch.set_num_threads(1)
     one = [collect_rollout(LocalTopology(), p, policy, check_decisions=True) for p, policy in cases]
     return cases, one

@@ -32,6 +32,24 @@ CASES = [("paper", "original", 0), ("paper", "scope-fast", 0), ("off", "scope-fa
 IDS = [f"selective-{s}-{p}" + ("-block-causal" if b else "") for s, p, b in CASES]
 
 
+def case_config(sky, ckpt, path, policy: str, block: int, selective: str, **extra) -> str:
+    """A run config of the tiny SkyReels-V2 checkpoint as the paper preset sets it up (UniPC, CFG 5,
+    addnoise_condition 20), written to `path`: bidirectional (block 0) or block-causal."""
+    raw = {
+        "model": {"kind": "skyreels_v2", "path": str(ckpt), "height": sky.H, "width": sky.W,
+                  "max_sequence_length": sky.TEXT_LEN, "addnoise_condition": 20, "causal_attention": block},
+        "prompt": sky.PROMPT, "negative_prompt": sky.NEGATIVE, "guidance": 5.0, "frames": 29, "seed": 0,
+        "solver": "unipc",
+        "schedule": {"kind": "diffusion_forcing", "steps": 6, "base_num_frames": 13, "overlap_history": 5,
+                     "ar_step": 1, "causal_block_size": max(block, 1), "selective": selective},
+        "policy": policy,
+        "policy_presets": str(ROOT / "configs" / "policies" / "skyreels_v2.yaml"),
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
 def _suite(topo, cases):
     return [collect_rollout(topo, path, policy, check_decisions=True) for path, policy in cases]
 
@@ -41,22 +59,8 @@ def runs(tmp_path_factory):
     sky = pytest.importorskip("test_skyreels_v2")  # its tiny-checkpoint builder (diffusers + transformers)
     tmp = tmp_path_factory.mktemp("sp_skyreels")
     ckpt = sky.build_tiny_checkpoint(tmp / "SkyReels-V2-DF-tiny")
-    cases = []
-    for i, (selective, policy, block) in enumerate(CASES):
-        raw = {
-            "model": {"kind": "skyreels_v2", "path": str(ckpt), "height": sky.H, "width": sky.W,
-                      "max_sequence_length": sky.TEXT_LEN, "addnoise_condition": 20, "causal_attention": block},
-            "prompt": sky.PROMPT, "negative_prompt": sky.NEGATIVE, "guidance": 5.0, "frames": 29, "seed": 0,
-            "solver": "unipc",
-            "schedule": {"kind": "diffusion_forcing", "steps": 6, "base_num_frames": 13, "overlap_history": 5,
-                         "ar_step": 1, "causal_block_size": max(block, 1), "selective": selective},
-            "policy": policy,
-            "policy_presets": str(ROOT / "configs" / "policies" / "skyreels_v2.yaml"),
-            "policies": BASELINES,
-        }
-        path = tmp / f"case{i}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        cases.append((str(path), policy))
+    cases = [(case_config(sky, ckpt, tmp / f"case{i}.yaml", policy, block, selective, policies=BASELINES), policy)
+             for i, (selective, policy, block) in enumerate(CASES)]
     torch.set_num_threads(1)
     return one_and_two_ranks("test_cluster_skyreels:_suite", cases)
 

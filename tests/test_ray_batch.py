@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, write_tiny_config
-from test_ray_job import ray_env
+from conftest import ROOT, local_ray_head, ray_env, write_tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 PROMPTS = ["red square moving right", "blue square moving left", "green square moving right",
@@ -28,16 +25,8 @@ PROMPTS = ["red square moving right", "blue square moving left", "green square m
 
 @pytest.fixture(scope="module")
 def ray_head():
-    from scopevid.cluster.raycluster import LocalHead
-
-    tmp = tempfile.mkdtemp(prefix="svbatch", dir="/tmp")
-    head = LocalHead(tmp, num_cpus=2, env=ray_env())
-    try:
-        head.start()
+    with local_ray_head("svbatch") as head:
         yield head
-    finally:
-        head.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,36 +9,21 @@ cluster on the machine).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, write_tiny_config
+from conftest import ROOT, local_ray_head, ray_env, write_tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 BIN = Path(sys.executable).parent
 
 
-def ray_env() -> dict:
-    env = dict(os.environ)
-    env.update(
-        RAY_AUTH_MODE="disabled",  # stack.md: `ray job submit` fails with "Authentication required" otherwise
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # single machine: node address 127.0.0.1, not eth0
-        RAY_USAGE_STATS_ENABLED="0",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # the job's `python` is this venv's
-        SCOPEVID_DIST_TIMEOUT="60",
-    )
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_API_SERVER_ADDRESS", None)
-    return env
 
 
 def count_video_frames(path: Path) -> int:
@@ -50,16 +35,8 @@ def count_video_frames(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    from scopevid.cluster.raycluster import LocalHead
-
-    tmp = tempfile.mkdtemp(prefix="svray", dir="/tmp")  # short: Ray's unix sockets live under it
-    head = LocalHead(tmp, num_cpus=2, env=ray_env())
-    try:
-        head.start()
+    with local_ray_head("svray") as head:
         yield head
-    finally:
-        head.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_ray_job_submit_two_ranks_as_a_cfg_mesh(ray_head, tmp_path):

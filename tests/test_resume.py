@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT, write_tiny_config
+from conftest import ROOT, local_ray_head, ray_env, write_tiny_config
 
-BIN = Path(sys.executable).parent
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -149,26 +146,12 @@ def test_checkpoint_refuses_other_world_size(tmp_path):
 
 
 # --- real kills of a Ray job ------------------------------------------------------------------------
-def ray_env() -> dict:
-    env = dict(os.environ)
-    env.update(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", SCOPEVID_DIST_TIMEOUT="60")
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    from scopevid.cluster.raycluster import LocalHead
-
-    tmp = tempfile.mkdtemp(prefix="svres", dir="/tmp")
-    head = LocalHead(tmp, num_cpus=2, env=ray_env())
-    try:
-        head.start()
+    with local_ray_head("svres") as head:
         yield head
-    finally:
-        head.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

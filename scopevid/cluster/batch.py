@@ -73,7 +73,7 @@ class GroupWorker:
 def run(spec, cfg, reqs, out: Path, world: int) -> Manifest:
     """The batch on Ray (connected by the caller); returns the final manifest."""
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from scopevid.engine.sinks import RunLock
@@ -124,15 +124,7 @@ def run(spec, cfg, reqs, out: Path, world: int) -> Manifest:
             raise Stopped(f"the batch was stopped by {e} ({local.done_line(manifest)}); the finished videos are kept; "
                           f"continue with: python -m scopevid.cluster.driver --batch FILE --resume {out}") from None
         finally:
-            for a in actors:
-                try:
-                    ray.kill(a, no_restart=True)
-                except Exception:
-                    pass
-            try:
-                remove_placement_group(pg)
-            except Exception:
-                pass
+            rayjob.release(actors, pg)
             restore()
     return manifest
 

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from scopevid.cluster.rayjob import (JOB_FILE, NAMESPACE, actor_name, cause, clip, connect, no_other_job,
+from scopevid.cluster.rayjob import (JOB_FILE, NAMESPACE, actor_name, cause, clip, connect, no_other_job, release,
                                      say, stop_on_signals, stop_point, wait_for_placement)
 from scopevid.cluster.rayjob import update_job as _update_job
 from scopevid.errors import CheckpointError, ConfigError, DistributedError, ScopevidError, Stopped
@@ -348,7 +348,7 @@ def run_job(spec: JobSpec) -> dict:
 
 def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from scopevid.cluster.progress import ProgressBoard
@@ -433,20 +433,7 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
         if status != "complete":
             _update_job(out, status=status, finished=time.time(),
                         attempt_seconds=[*_job(out).get("attempt_seconds", []), time.perf_counter() - t_start])
-        for a in actors:
-            try:
-                ray.kill(a, no_restart=True)
-            except Exception:
-                pass
-        if board is not None:
-            try:
-                ray.kill(board)
-            except Exception:
-                pass
-        try:
-            remove_placement_group(pg)
-        except Exception:
-            pass
+        release(actors + ([board] if board is not None else []), pg)
         restore()
 
 

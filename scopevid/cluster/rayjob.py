@@ -183,3 +183,21 @@ def no_other_job(out: Path, world: int, wait_s: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise DistributedError(f"another job is still running on {out} (rank actor(s) {alive} alive); stop it first")
         time.sleep(0.5)
+
+
+def release(actors: list, pg) -> None:
+    """End a job's actors and free its placement group. Each step is tried whatever happened before
+    it (an actor already dead, a group already gone): this runs on the way out of a failed job too."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for a in actors:
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:
+            pass
+    try:
+        remove_placement_group(pg)
+    except Exception:
+        pass
+
