@@ -113,8 +113,13 @@ def _child(tmp: Path) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(_child(Path(sys.argv[1])))
+        code = _child(Path(sys.argv[1]))
     except Exception:
         traceback.print_exc()
-        sys.stdout.flush()
-        sys.exit(1)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the result file is written and the group torn down: leave without the interpreter's exit, which a
+    # torn-down gloo group's C++ threads can abort (SIGABRT, "terminate called without an active
+    # exception"; see cluster.groups.TORN_DOWN), as the CLI's ranks do
+    os._exit(code)
