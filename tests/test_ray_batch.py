@@ -6,6 +6,7 @@ for byte. A SIGKILLed driver's batch finishes with --resume, skipping what was d
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -118,3 +119,57 @@ def test_a_killed_driver_resumes_the_batch(ray_head, setup, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     _same_videos(out, ref)
     assert {d: (out / d / "video.mp4").stat().st_mtime_ns for d in done} == stamps, "a finished video was run again"
+
+
+DECISIONS = ["window", "iteration", "serial", "mode", "reason", "valid_lo", "valid_hi", "compute_lo", "compute_hi"]
+
+
+def _dp2_case(model: str, tmp):
+    """A config and 4 rows (two prompts x Original, scope-fast; the prompts also differ in seed)."""
+    if model == "tiny":
+        cfg = write_tiny_config(tmp, frames=17, policy="scope-fast", guidance=2.5)
+        prompts = ["red square moving right", "blue square moving left"]
+    else:
+        sky = pytest.importorskip("test_skyreels_v2")  # its tiny-checkpoint builder (diffusers + transformers)
+        from test_cluster_skyreels import case_config
+
+        ckpt = sky.build_tiny_checkpoint(tmp / "SkyReels-V2-DF-tiny")
+        cfg = case_config(sky, ckpt, tmp / "sky.yaml", "scope-fast", 0, "paper")
+        prompts = [sky.PROMPT, "a blue fox runs in the sky"]
+    rows = [{"prompt": p, "seed": 3 + i, "policy": policy, "name": f"{policy}-{i}"}
+            for policy in ("original", "scope-fast") for i, p in enumerate(prompts)]
+    path = tmp / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return cfg, path
+
+
+@pytest.mark.parametrize("model", ["tiny", "skyreels_v2"])
+def test_dp2_makes_two_prompts_at_once_each_equal_to_one_process(ray_head, tmp_path, model):
+    """dp=2: two rank groups, two different prompts at once (rows alternate between the groups); each
+    video is the 1-process video of its row byte for byte, with the same decisions, under Original and
+    scope-fast (the SCOPE sums never cross videos)."""
+    cfg, rows = _dp2_case(model, tmp_path)
+    ref = tmp_path / "one"
+    r = subprocess.run([sys.executable, "-m", "scopevid", "batch", "--config", str(cfg), "--prompts", str(rows),
+                        "--out", str(ref)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**ray_env(), "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "dp2"
+    r = subprocess.run([sys.executable, "-m", "scopevid.cluster.driver", "--address", ray_head.address, "--batch", str(rows),
+                        "--config", str(cfg), "--world-size", "2", "--parallel", "dp=2", "--out", str(out)],
+                       env=ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    entries = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [e["status"] for e in entries] == ["ok"] * 4
+    assert sorted({e["group"] for e in entries}) == [0, 1]
+    for e in entries:
+        assert (out / e["out"] / "video.mp4").read_bytes() == (ref / e["out"] / "video.mp4").read_bytes(), e["out"]
+        mine = pq.read_table(out / e["out"] / "steps.parquet", columns=DECISIONS).to_pylist()
+        assert mine == pq.read_table(ref / e["out"] / "steps.parquet", columns=DECISIONS).to_pylist(), e["out"]
+    fast = pq.read_table(out / entries[2]["out"] / "steps.parquet", columns=["mode"]).column("mode").to_pylist()
+    assert set(fast) - {"recompute"}, "scope-fast skipped nothing: the test would not see a sum that crossed videos"
+    d = {k: [pq.read_table(top / e["out"] / "steps.parquet", columns=["d"]).column("d").to_pylist() for e in entries[2:]]
+         for k, top in (("dp2", out), ("one", ref))}
+    assert d["one"][0] != d["one"][1], "the two prompts measure the same d: a sum shared by the videos would go unseen"
+    for mine, theirs in zip(d["dp2"], d["one"]):  # each video's own Eq. 4 sums, not the two videos' together
+        assert all((x is None and y is None) or abs(x - y) <= 1e-5 * max(abs(y), 1e-12) for x, y in zip(mine, theirs))

@@ -93,18 +93,31 @@ def test_ray_job_submit_two_ranks_as_a_cfg_mesh(ray_head, tmp_path):
 
 
 def test_bench_scaling_table_and_plot(ray_head, tmp_path):
-    """`scopevid bench scaling`: one driver job per world size on the cluster, Parquet + PNG."""
+    """`scopevid bench scaling`: one batch job per mesh on the cluster (the same 2 videos each), Parquet,
+    JSON and PNG; dp=2 makes the two videos at once on two groups, and every mesh's videos are the
+    1-process videos byte for byte (the bench measures the same work on every mesh)."""
     cfg = write_tiny_config(tmp_path, frames=12)
     out = tmp_path / "scaling"
     r = subprocess.run([sys.executable, "-m", "scopevid", "bench", "scaling", "--config", str(cfg), "--frames", "12",
-                        "--world-sizes", "1,2", "--address", ray_head.address, "--out", str(out)],
-                       env=ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+                        "--meshes", "dp=2;cfg=2", "--videos", "2", "--address", ray_head.address, "--out", str(out)],
+                       env=ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     rows = pq.read_table(out / "scaling.parquet").to_pylist()
-    assert [(x["world_size"], x["frames"], x["policy"]) for x in rows] == [(1, 12, "original"), (2, 12, "original")]
+    assert [(x["mesh"], x["processes"], x["videos"], x["frames"], x["policy"]) for x in rows] == [
+        ("1 process", 1, 2, 24, "original"), ("dp=2", 2, 2, 24, "original"), ("cfg=2", 2, 2, 24, "original")]
     for x in rows:
-        assert x["wall_seconds"] > 0 and x["frames_per_second"] > 0
-        assert len(x["peak_rss_mb_per_rank"]) == x["world_size"] and min(x["peak_rss_mb_per_rank"]) > 10
-    assert rows[0]["parallel_efficiency"] == pytest.approx(1.0)
-    assert rows[1]["parallel_efficiency"] == pytest.approx(rows[1]["frames_per_second"] / rows[0]["frames_per_second"] / 2)
+        assert x["wall_seconds"] > 0 and x["peak_rss_mb_max"] > 10
+        assert x["frames_per_second"] == pytest.approx(24 / x["wall_seconds"])
+        assert x["videos_per_hour"] == pytest.approx(3600 * 2 / x["wall_seconds"])
+        assert x["parallel_efficiency"] == pytest.approx(x["frames_per_second"] / rows[0]["frames_per_second"] / x["processes"])
+    assert rows[0]["speedup"] == pytest.approx(1.0)
+    best = json.loads((out / "scaling.json").read_text())["best"]["original"]["2"]
+    assert best["best_mesh"] == max(rows[1:], key=lambda x: x["frames_per_second"])["mesh"]
+    runs = {x["mesh"]: Path(x["run_dir"]) for x in rows}
+    manifests = {m: pq.read_table(d / "manifest.parquet").to_pylist() for m, d in runs.items()}
+    assert [e["group"] for e in manifests["dp=2"]] == [0, 1]  # two videos at once, one per group
+    for m, entries in manifests.items():
+        for e in entries:
+            assert (runs[m] / e["out"] / "video.mp4").read_bytes() == \
+                (runs["1 process"] / e["out"] / "video.mp4").read_bytes(), (m, e["out"])
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

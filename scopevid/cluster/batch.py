@@ -67,7 +67,8 @@ class GroupWorker:
 
         t0 = time.perf_counter()
         summary = generate(cfg, out, overwrite=True, progress=False, topology=self.topo, adapter=self.adapter)
-        return {"frames": summary["frames"], "wall_seconds": summary["wall_seconds"], "seconds": time.perf_counter() - t0}
+        return {"frames": summary["frames"], "wall_seconds": summary["wall_seconds"], "seconds": time.perf_counter() - t0,
+                "peak_rss_mb": local.peak_rss_mb()}
 
 
 def run(spec, cfg, reqs, out: Path, world: int) -> Manifest:
@@ -187,9 +188,10 @@ def _queue(spec, cfg, reqs, manifest: Manifest, out: Path, groups, alive: list[b
             del busy[g]
             e = manifest.entries[i]
             if failed is None:
-                res = ray.get(rs[0])
-                manifest.set(i, status=Status.OK, seconds=time.perf_counter() - t0, frames=int(res["frames"]),
-                             frames_per_second=res["frames"] / max(res["wall_seconds"], 1e-9))
+                res = ray.get(rs)
+                manifest.set(i, status=Status.OK, seconds=time.perf_counter() - t0, frames=int(res[0]["frames"]),
+                             frames_per_second=res[0]["frames"] / max(res[0]["wall_seconds"], 1e-9), group=g,
+                             peak_rss_mb=max(r["peak_rss_mb"] for r in res))
                 rayjob.say(spec, f"ok {e.out} on group {g}: {e.frames} frames in {e.seconds:.1f} s")
                 continue
             why, died = failed

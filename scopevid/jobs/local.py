@@ -98,7 +98,15 @@ def _run_one(cfg, req, entry: Entry, manifest: Manifest, adapter, out: Path) -> 
         return
     seconds = time.perf_counter() - t0
     manifest.set(entry.index, status=Status.OK, seconds=seconds, frames=int(summary["frames"]),
-                 frames_per_second=summary["frames"] / max(summary["wall_seconds"], 1e-9))
+                 frames_per_second=summary["frames"] / max(summary["wall_seconds"], 1e-9), group=0,
+                 peak_rss_mb=peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def done_line(manifest: Manifest) -> str:

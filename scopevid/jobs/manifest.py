@@ -35,12 +35,14 @@ class Entry:
     seconds: float | None = None  # wall time of the video (generate, decode and writes)
     frames_per_second: float | None = None
     error: str | None = None
+    group: int | None = None  # the rank group that made it (0 for a local batch)
+    peak_rss_mb: float | None = None  # the largest peak resident memory of that group's ranks so far
 
 
 SCHEMA = pa.schema([
     ("index", pa.int64()), ("prompt", pa.string()), ("seed", pa.int64()), ("frames", pa.int64()),
     ("policy", pa.string()), ("out", pa.string()), ("status", pa.string()), ("seconds", pa.float64()),
-    ("frames_per_second", pa.float64()), ("error", pa.string()),
+    ("frames_per_second", pa.float64()), ("error", pa.string()), ("group", pa.int64()), ("peak_rss_mb", pa.float64()),
 ])
 
 
