@@ -191,6 +191,21 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class AttentionShape:
+    """What one forward's self-attention moves per token under sequence parallelism (the comm model,
+    cluster.comm, reads only this): q and out carry `heads`, k and v `kv_heads` of `head_dim` each,
+    `element_bytes` wide; `layers` self-attentions per forward. Cross-attention keys (text) are
+    replicated on every rank and never travel."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tokens_per_frame: int
+    element_bytes: int
+
+
+@dataclass(frozen=True)
 class VideoFacts:
     """Everything an adapter may need to know about one video, given once before its first forward."""
 
@@ -310,6 +325,10 @@ class Adapter(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latent frames [F, C, H, W] -> pixels [F', H', W', 3] float in [0, 1]."""
+
+    @abstractmethod
+    def attention_shape(self) -> AttentionShape:
+        """The self-attention's sizes (for the communication model and the planner)."""
 
     @abstractmethod
     def flops(self, frames: int, context: int, blocks: int | None = None, branches: int = 1) -> float:

@@ -144,15 +144,19 @@ class Group:
     ranks: tuple[int, ...] = ()  # global ranks of the members in group order (empty: WORLD, 0..world-1)
     failed: bool = field(default=False)
     comm_seconds: float = 0.0  # wall time inside collectives (stats; Ulysses' includes local attention)
+    sent_bytes: dict = field(default_factory=dict)  # kind -> bytes this rank sent (stats; cluster.comm models them)
     _closed: bool = field(default=False, repr=False)
 
     @contextmanager
-    def collective(self, what: str):
-        """Run a collective; a backend error (peer gone, timeout) becomes one clear DistributedError."""
+    def collective(self, what: str, kind: str | None = None, sent: int = 0):
+        """Run a collective; a backend error (peer gone, timeout) becomes one clear DistributedError.
+        `sent`: the bytes this rank puts on the wire, counted under `kind` (cluster.comm.KINDS)."""
         t0 = time.monotonic()
         try:
             yield
             self.comm_seconds += time.monotonic() - t0
+            if kind is not None:
+                self.sent_bytes[kind] = self.sent_bytes.get(kind, 0) + int(sent)
         except DistributedError:
             self.failed = True
             raise
@@ -182,7 +186,7 @@ class Group:
     def sub(self, ranks: list[int]) -> "Group":
         """This process's view of the sub-group `ranks` (global ranks), already created with new_group."""
         return replace(self, rank=ranks.index(self.global_rank(self.rank)), world=len(ranks), ranks=tuple(ranks),
-                       comm_seconds=0.0, failed=False)
+                       comm_seconds=0.0, sent_bytes={}, failed=False)
 
     def barrier(self, what: str = "barrier") -> None:
         import torch.distributed as dist

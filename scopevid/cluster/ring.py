@@ -78,7 +78,8 @@ def ring_attention(q, k, v, layer: int, spec: ForwardSpec, ring: Group, part: tu
     ranges = list(spec.key_ranges[lo:hi]) if spec.key_ranges is not None else None
     if spec.kv is not None and spec.store:  # the stored frames' K/V on every ring rank (context later)
         kv_all = [torch.empty_like(k) for _ in range(ring.world)], [torch.empty_like(v) for _ in range(ring.world)]
-        with ring.collective("all-gather of stored K/V over the ring"):
+        sent = (ring.world - 1) * (k.numel() * k.element_size() + v.numel() * v.element_size())
+        with ring.collective("all-gather of stored K/V over the ring", "ring_store", sent):
             dist.all_gather(kv_all[0], k.contiguous(), group=ring.pg)
             dist.all_gather(kv_all[1], v.contiguous(), group=ring.pg)
         for src in range(ring.world):
@@ -103,7 +104,8 @@ def ring_attention(q, k, v, layer: int, spec: ForwardSpec, ring: Group, part: tu
             to, frm = ring.global_rank((ring.rank + 1) % ring.world), ring.global_rank((ring.rank - 1) % ring.world)
             ops = [dist.P2POp(dist.isend, blk_k, to, ring.pg), dist.P2POp(dist.isend, blk_v, to, ring.pg),
                    dist.P2POp(dist.irecv, nxt_k, frm, ring.pg), dist.P2POp(dist.irecv, nxt_v, frm, ring.pg)]
-            with ring.collective("ring exchange of a K/V block"):
+            with ring.collective("ring exchange of a K/V block", "ring", blk_k.numel() * blk_k.element_size()
+                                 + blk_v.numel() * blk_v.element_size()):
                 works = dist.batch_isend_irecv(ops)
         o, s = partial(q, blk_k, blk_v, _allowed(my_frames, key_frames, spec, ranges, q.device), tpf)
         out, lse = (o, s) if out is None else merge(out, lse, o, s)

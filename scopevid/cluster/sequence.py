@@ -121,8 +121,10 @@ class UlyssesTopology:
                 f"parallel.ulysses: Ulysses sequence parallelism splits attention heads over ranks, and this model has "
                 f"{heads} query / {k.shape[2]} key heads, not divisible by {uw} ranks; use a degree that divides {heads}"
             )
+        # four all-to-alls (q, k, v in, out back): each rank keeps 1/U of every tensor and sends the rest
+        sent = (uw - 1) * (2 * q.numel() + k.numel() + v.numel()) * q.element_size() // uw
         try:
-            with self.group.collective(f"Ulysses all-to-all of attention layer {layer}"):
+            with self.group.collective(f"Ulysses all-to-all of attention layer {layer}", "ulysses", sent):
                 return self._ds(q, k, v, 0, None, layer, spec)
         except _LocalFailure as f:
             raise f.original
@@ -157,6 +159,18 @@ class UlyssesTopology:
             (self.ring.comm_seconds + self.uly.comm_seconds if self.ring is not None else 0.0)
         return self.group.comm_seconds - self.local_attention_seconds + extra
 
+    def comm_bytes(self) -> dict[str, int]:
+        """Bytes this rank sent, by kind (cluster.comm.KINDS), over every group it belongs to."""
+        out: dict[str, int] = {}
+        seen = set()
+        for g in (self.group, self.video, self.cfg, self.uly, self.ring):
+            if g is None or id(g) in seen:
+                continue
+            seen.add(id(g))
+            for k, v in g.sent_bytes.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
     def allreduce(self, values: list[float]) -> list[float]:
         return consensus.reduce_sums(self.video, values, "all-reduce of a control flag")
 
@@ -170,7 +184,7 @@ class UlyssesTopology:
 
         local = local.contiguous()
         parts = [torch.empty_like(local) for _ in range(self.sp_world)]
-        with self.group.collective("all-gather of velocities"):
+        with self.group.collective("all-gather of velocities", "gather", (self.sp_world - 1) * local.numel() * local.element_size()):
             dist.all_gather(parts, local, group=self.group.pg)
         return torch.cat(parts)[:n]
 
@@ -180,7 +194,7 @@ class UlyssesTopology:
 
         mine = mine.contiguous()
         parts = [torch.empty_like(mine) for _ in range(2)]
-        with self.cfg.collective("all-gather of the guidance branches"):
+        with self.cfg.collective("all-gather of the guidance branches", "cfg", mine.numel() * mine.element_size()):
             dist.all_gather(parts, mine, group=self.cfg.pg)
         return parts[0], parts[1]
 
@@ -237,7 +251,8 @@ class UlyssesTopology:
                     ops.append(dist.P2POp(dist.irecv, buf, self.group.global_rank(src), self.group.pg))
                     received.append((si, f, buf))
         if ops:
-            with self.group.collective("point-to-point hand-over of per-frame state"):
+            sent = sum(t.numel() * t.element_size() for t in tensors)
+            with self.group.collective("point-to-point hand-over of per-frame state", "handover", sent):
                 for work in dist.batch_isend_irecv(ops):
                     work.wait()
         for si, f, dst, *_ in plan:

@@ -177,6 +177,7 @@ def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions
     records = []
     ro = runner.make_rollout(cfg, adapter, plan, policy_lib.build(spec, name), cond, predictor=spec.get("predictor", "taylor2"),
                              topology=topology, on_step=records.append, check_decisions=check_decisions)
+    sent0 = topology.comm_bytes()  # the groups' counters run on over several rollouts
     t0, c0 = time.perf_counter(), time.process_time()
     out = list(ro.run())
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -193,6 +194,10 @@ def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions
         "latent_frames": plan.latent_frames,
         "handovers": topology.state_dict().get("handovers", 0),
         "migrated_frames": topology.state_dict().get("migrated_frames", 0),
+        "comm_bytes": {k: v - sent0.get(k, 0) for k, v in topology.comm_bytes().items() if v - sent0.get(k, 0)},
+        "attention_shape": adapter.attention_shape(),
+        "frame_elems": adapter.latent_channels * adapter.latent_hw[0] * adapter.latent_hw[1],
+        "forwards": dict(ro.runner.forwards),
     }
 
 

@@ -10,6 +10,7 @@ baselines' executors (engine.reuse) call it; neither touches the adapter or the 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import torch
@@ -70,6 +71,7 @@ class ForwardRunner:
         h, w = adapter.latent_hw
         self.shape = (adapter.latent_channels, h, w)
         self.timings = Timings()
+        self.forwards: Counter[tuple[int, bool]] = Counter()  # (padded frames, stores K/V) -> forwards run (cluster.comm)
         self._hook_frames: list[int] = []  # frames of the last hooked forward (hook state owners)
         # both guidance branches of this process as one batched forward (not with in-forward reuse hooks,
         # whose state is kept per branch call; a run without guidance has nothing to batch)
@@ -185,6 +187,7 @@ class ForwardRunner:
             spec = hooks.adjust(spec)
             if hooks.partial:
                 spec = replace(spec, store=frozenset())
+        self.forwards[(n_pad, bool(spec.store))] += 1
         t0 = time.perf_counter()
         with torch.no_grad():
             out = self._guided(x, s, spec, hooks)

@@ -54,6 +54,9 @@ class Topology(Protocol):
     def check(self, digest: str) -> None:
         """Debug: fail loudly if processes disagree on a decision digest."""
 
+    def comm_bytes(self) -> dict[str, int]:
+        """Bytes this process sent so far, by kind (stats; cluster.comm models them)."""
+
     def state_dict(self) -> dict:
         """Counters worth keeping across a resume (none on one process)."""
 
@@ -87,6 +90,9 @@ class LocalTopology:
 
     def check(self, digest: str) -> None:
         pass
+
+    def comm_bytes(self) -> dict[str, int]:
+        return {}
 
     def state_dict(self) -> dict:
         return {}

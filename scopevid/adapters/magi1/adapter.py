@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from scopevid.adapters.base import (Adapter, Attention, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
+from scopevid.adapters.base import (Adapter, Attention, AttentionShape, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
                                     GroupDecoder, NoiseSchedule, VideoFacts, local_attention)
 from scopevid.adapters.magi1 import checkpoint as ckpt
 from scopevid.adapters.magi1.config import PRESETS, Magi1Arch, Magi1Recipe, read_official_config, recipe_from_official
@@ -357,6 +357,12 @@ class Magi1Adapter(Adapter):
         before the rollout: a run without a VAE fails here, not after its first chunk's work."""
         self.vae()
         return GroupDecoder(self.decode, self.chunk)
+
+    def attention_shape(self) -> AttentionShape:
+        a = self.arch
+        hp, wp = self.latent_hw[0] // a.patch_size, self.latent_hw[1] // a.patch_size
+        return AttentionShape(a.num_layers, a.num_attention_heads, a.num_query_groups, a.kv_channels, hp * wp,
+                              self.dtype.itemsize)
 
     def flops(self, frames: int, context: int, blocks: int | None = None, branches: int = 1) -> float:
         hp, wp = self.latent_hw[0] // self.arch.patch_size, self.latent_hw[1] // self.arch.patch_size

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from scopevid.adapters.base import (Adapter, Attention, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
+from scopevid.adapters.base import (Adapter, Attention, AttentionShape, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
                                     NoiseSchedule, VideoFacts, local_attention)
 from scopevid.adapters.skyreels_v2.loader import Components, load_checkpoint
 from scopevid.adapters.skyreels_v2.model import DFTransformer
@@ -350,3 +350,7 @@ class SkyReelsV2Adapter(Adapter):
 
     def flops(self, frames: int, context: int = 0, blocks: int | None = None, branches: int = 1) -> float:
         return branches * self.net.flops(frames, self.tokens_per_frame, self.max_sequence_length, blocks, context)
+
+    def attention_shape(self) -> AttentionShape:
+        n = self.net
+        return AttentionShape(n.layers, n.heads, n.heads, n.dim // n.heads, self.tokens_per_frame, self.dtype.itemsize)

@@ -15,7 +15,7 @@ from pydantic import Field
 import torch
 from safetensors.torch import load_file
 
-from scopevid.adapters.base import (Adapter, Attention, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
+from scopevid.adapters.base import (Adapter, Attention, AttentionShape, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
                                     NoiseSchedule, VideoFacts, local_attention)
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
 from scopevid.errors import CheckpointError, ConfigError
@@ -138,6 +138,10 @@ class TinyAdapter(Adapter):
 
     def flops(self, frames: int, context: int, blocks: int | None = None, branches: int = 1) -> float:
         return branches * self.model.flops(frames, context, blocks)
+
+    def attention_shape(self) -> AttentionShape:
+        c = self.cfg
+        return AttentionShape(c.depth, c.heads, c.heads, c.head_dim, (c.size // c.patch) ** 2, self.dtype.itemsize)
 
 
 def _with_branch(spec: ForwardSpec, kv, name: str) -> ForwardSpec:

@@ -1,0 +1,83 @@
+"""The communication model: bytes each rank sends per forward on every mesh axis, and what that
+costs on a given link.
+
+The byte counts are exact, not estimates: they are what `cluster.sequence` and `cluster.ring` put
+on the wire for a forward of `n_pad` frames (the padded sequence), and the gloo tests check them
+against the counters of real runs (tests/test_comm_model.py). Evaluated at a published model's
+sizes (its `AttentionShape`), they give the per-iteration volumes of docs/COMM_MODEL.md; the times
+there are volume / bandwidth + messages x latency on a stated link, a projection, not a measurement.
+
+Kinds (Group.sent_bytes keys):
+- ulysses: the four all-to-alls of every self-attention (q, k, v scattered over heads, out back);
+  a rank keeps 1/U of each tensor and sends the rest.
+- ring: K/V blocks passed one hop per ring step (R - 1 steps per self-attention).
+- ring_store: the all-gather of a forward's K/V over the ring when it stores K/V (causal models).
+- gather: the all-gather of the guided velocities over the sequence ranks (float32), once a forward.
+- cfg: one branch's velocity rows to the other guidance branch's rank, once a forward.
+- handover: per-frame state moved when the shard layout changes (data-dependent; measured, not modelled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scopevid.adapters.base import AttentionShape
+from scopevid.config import ParallelConfig
+
+KINDS = ("ulysses", "ring", "ring_store", "gather", "cfg", "handover")
+VELOCITY_BYTES = 4  # the engine gathers guided velocities in float32
+
+
+def forward_bytes(shape: AttentionShape, mesh: ParallelConfig, n_pad: int, *, stores: bool, guided: bool,
+                  frame_elems: int, branch_bytes: int | None = None) -> dict[str, int]:
+    """Bytes one rank sends in one forward of `n_pad` frames (divisible by ring x ulysses) under
+    `mesh`; `stores`: the forward writes K/V (ring_store); `guided`: two guidance branches;
+    `frame_elems`: velocity elements per latent frame; `branch_bytes`: the element size of one
+    branch's velocity (default the attention's)."""
+    U, R = mesh.ulysses or 1, mesh.ring
+    S = U * R
+    if n_pad % S:
+        raise ValueError(f"n_pad {n_pad} is not divisible by the {S} sequence ranks")
+    per = n_pad // S  # frames a rank holds
+    tokens = per * shape.tokens_per_frame
+    b = shape.element_bytes
+    passes = (2 if guided else 1) if mesh.cfg == 1 else 1  # self-attention calls per layer on this rank
+    q = tokens * shape.heads * shape.head_dim  # elements of q (and out) on this rank
+    kv = tokens * shape.kv_heads * shape.head_dim  # of k (and v)
+    out = dict.fromkeys(KINDS[:-1], 0)
+    if U > 1:
+        out["ulysses"] = passes * shape.layers * ((U - 1) * (2 * q + 2 * kv) * b // U)
+    if R > 1:
+        out["ring"] = passes * shape.layers * (R - 1) * 2 * kv * b
+        if stores:
+            out["ring_store"] = passes * shape.layers * (R - 1) * 2 * kv * b
+    if S > 1:
+        out["gather"] = (S - 1) * per * frame_elems * VELOCITY_BYTES
+    if mesh.cfg == 2:
+        out["cfg"] = per * frame_elems * (branch_bytes or b)
+    return out
+
+
+def messages(shape: AttentionShape, mesh: ParallelConfig, *, stores: bool, guided: bool) -> dict[str, int]:
+    """Collective calls (each pays the link latency at least once) per forward, by kind."""
+    U, R = mesh.ulysses or 1, mesh.ring
+    passes = (2 if guided else 1) if mesh.cfg == 1 else 1
+    return {
+        "ulysses": passes * shape.layers * 4 * (U > 1),
+        "ring": passes * shape.layers * (R - 1) if R > 1 else 0,
+        "ring_store": passes * shape.layers * 2 * (R > 1 and stores),
+        "gather": int(U * R > 1),
+        "cfg": int(mesh.cfg == 2),
+    }
+
+
+@dataclass(frozen=True)
+class Link:
+    """One GPU's share of an interconnect: bandwidth each way and per-message latency."""
+
+    name: str
+    bandwidth_gb_s: float
+    latency_us: float
+
+    def seconds(self, nbytes: float, calls: int) -> float:
+        return nbytes / (self.bandwidth_gb_s * 1e9) + calls * self.latency_us * 1e-6
