@@ -25,23 +25,29 @@ def _runs(cases, world: int, mesh: ParallelConfig) -> list[list[dict]]:
                  timeout_s=500, threads=1, dist_timeout_s=60, env=ENV, mesh=mesh)
 
 
-def _predicted(run: dict, mesh: ParallelConfig, guided: bool) -> dict[str, int]:
+def _predicted(run: dict, mesh: ParallelConfig) -> dict[str, int]:
     total = dict.fromkeys(comm.KINDS[:-1], 0)
-    for (n_pad, stores), count in run["forwards"].items():
-        one = comm.forward_bytes(run["attention_shape"], mesh, n_pad, stores=stores, guided=guided,
-                                 frame_elems=run["frame_elems"], branch_bytes=4)
+    extra = run.setdefault("extra_pass_forwards", [0, 0])
+    shape = run["attention_shape"]
+    for (n_pad, stores, rows), count in run["forwards"].items():
+        one = comm.forward_bytes(shape, mesh, n_pad, stores=stores, frame_elems=run["frame_elems"], rows=rows, branch_bytes=4)
+        plain = shape.layers * comm.passes(mesh, run["guided"]) * n_pad // (mesh.ulysses * mesh.ring) * shape.tokens_per_frame
+        assert rows >= plain, (n_pad, rows, plain)
+        extra[rows > plain] += count  # forwards with more passes than the branches (MAGI-1 distill's copy)
         for k, v in one.items():
             total[k] += count * v
     return total
 
 
-def _assert_model(runs: list[list[dict]], mesh: ParallelConfig, kinds: set[str], guided: bool = True) -> None:
+def _assert_model(runs: list[list[dict]], mesh: ParallelConfig, kinds: set[str], extra_passes: bool = False) -> None:
     for rank_runs in runs:
         for run in rank_runs:
             measured = {k: v for k, v in run["comm_bytes"].items() if k != "handover"}
-            predicted = {k: v for k, v in _predicted(run, mesh, guided).items() if v}
+            predicted = {k: v for k, v in _predicted(run, mesh).items() if v}
             assert measured == predicted, (mesh, measured, predicted)
             assert set(measured) == kinds, measured  # every kind of this mesh really ran
+            # every forward ran the branches' passes and no more, unless the adapter adds some
+            assert bool(run["extra_pass_forwards"][1]) == extra_passes, run["forwards"]
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +96,20 @@ def test_skyreels_ulysses2_bytes_match_the_model(tmp_path):
     cases = [(case_config(sky, ckpt, tmp_path / f"c{i}.yaml", p, 0, "paper"), p) for i, p in enumerate(("original", "scope-fast"))]
     mesh = ParallelConfig(ulysses=2)
     _assert_model(_runs(cases, 2, mesh), mesh, {"ulysses", "gather"})
+
+
+def test_magi1_ulysses2_bytes_match_the_model(tmp_path):
+    """Grouped-query attention (4 query heads, 2 K/V groups), chunk-causal with a K/V cache, unguided."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs" / "bench" / "magi1_tiny_fixture.yaml").read_text())
+    for key in ("arch", "weights", "special_tokens", "vae"):
+        raw["model"][key] = str(ROOT / raw["model"][key])
+    raw["policy_presets"] = str(ROOT / "configs" / "policies" / "magi1.yaml")
+    raw["frames"] = 24
+    path = tmp_path / "magi.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    mesh = ParallelConfig(ulysses=2)
+    runs = _runs([(str(path), "original"), (str(path), "scope-chunk-fast")], 2, mesh)
+    assert runs[0][0]["attention_shape"].kv_heads == 2 and not runs[0][0]["guided"]
+    _assert_model(runs, mesh, {"ulysses", "gather"}, extra_passes=True)  # the distill recipe's copy of a chunk

@@ -28,29 +28,33 @@ KINDS = ("ulysses", "ring", "ring_store", "gather", "cfg", "handover")
 VELOCITY_BYTES = 4  # the engine gathers guided velocities in float32
 
 
-def forward_bytes(shape: AttentionShape, mesh: ParallelConfig, n_pad: int, *, stores: bool, guided: bool,
-                  frame_elems: int, branch_bytes: int | None = None) -> dict[str, int]:
+def passes(mesh: ParallelConfig, guided: bool) -> int:
+    """Passes of the block stack per forward on one rank: both guidance branches, or (cfg=2) its own."""
+    return (2 if guided else 1) if mesh.cfg == 1 else 1
+
+
+def forward_bytes(shape: AttentionShape, mesh: ParallelConfig, n_pad: int, *, stores: bool, frame_elems: int,
+                  guided: bool = True, rows: int | None = None, branch_bytes: int | None = None) -> dict[str, int]:
     """Bytes one rank sends in one forward of `n_pad` frames (divisible by ring x ulysses) under
-    `mesh`; `stores`: the forward writes K/V (ring_store); `guided`: two guidance branches;
-    `frame_elems`: velocity elements per latent frame; `branch_bytes`: the element size of one
-    branch's velocity (default the attention's)."""
+    `mesh`. `stores`: the forward writes K/V (ring_store); `frame_elems`: velocity elements per
+    latent frame; `rows`: query rows (tokens) through self-attention on this rank over the forward,
+    by default layers x passes x its tokens (an adapter may run more, e.g. MAGI-1 distill's copy of
+    a chunk); `branch_bytes`: the element size of one branch's velocity (default the attention's)."""
     U, R = mesh.ulysses or 1, mesh.ring
     S = U * R
     if n_pad % S:
         raise ValueError(f"n_pad {n_pad} is not divisible by the {S} sequence ranks")
     per = n_pad // S  # frames a rank holds
-    tokens = per * shape.tokens_per_frame
-    b = shape.element_bytes
-    passes = (2 if guided else 1) if mesh.cfg == 1 else 1  # self-attention calls per layer on this rank
-    q = tokens * shape.heads * shape.head_dim  # elements of q (and out) on this rank
-    kv = tokens * shape.kv_heads * shape.head_dim  # of k (and v)
+    if rows is None:
+        rows = shape.layers * passes(mesh, guided) * per * shape.tokens_per_frame
+    b, hd = shape.element_bytes, shape.head_dim
     out = dict.fromkeys(KINDS[:-1], 0)
-    if U > 1:
-        out["ulysses"] = passes * shape.layers * ((U - 1) * (2 * q + 2 * kv) * b // U)
-    if R > 1:
-        out["ring"] = passes * shape.layers * (R - 1) * 2 * kv * b
+    if U > 1:  # per call q and out (heads) and k, v (kv_heads), each rank keeping 1/U: linear in rows
+        out["ulysses"] = (U - 1) * rows * hd * (2 * shape.heads + 2 * shape.kv_heads) * b // U
+    if R > 1:  # after Ulysses a ring rank holds U x its rows at kv_heads / U heads: rows x kv_heads again
+        out["ring"] = (R - 1) * 2 * rows * shape.kv_heads * hd * b
         if stores:
-            out["ring_store"] = passes * shape.layers * (R - 1) * 2 * kv * b
+            out["ring_store"] = (R - 1) * 2 * rows * shape.kv_heads * hd * b
     if S > 1:
         out["gather"] = (S - 1) * per * frame_elems * VELOCITY_BYTES
     if mesh.cfg == 2:
@@ -61,11 +65,11 @@ def forward_bytes(shape: AttentionShape, mesh: ParallelConfig, n_pad: int, *, st
 def messages(shape: AttentionShape, mesh: ParallelConfig, *, stores: bool, guided: bool) -> dict[str, int]:
     """Collective calls (each pays the link latency at least once) per forward, by kind."""
     U, R = mesh.ulysses or 1, mesh.ring
-    passes = (2 if guided else 1) if mesh.cfg == 1 else 1
+    calls = passes(mesh, guided) * shape.layers
     return {
-        "ulysses": passes * shape.layers * 4 * (U > 1),
-        "ring": passes * shape.layers * (R - 1) if R > 1 else 0,
-        "ring_store": passes * shape.layers * 2 * (R > 1 and stores),
+        "ulysses": calls * 4 * (U > 1),
+        "ring": calls * (R - 1) if R > 1 else 0,
+        "ring_store": calls * 2 * (R > 1 and stores),
         "gather": int(U * R > 1),
         "cfg": int(mesh.cfg == 2),
     }

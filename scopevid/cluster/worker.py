@@ -196,6 +196,7 @@ def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions
         "migrated_frames": topology.state_dict().get("migrated_frames", 0),
         "comm_bytes": {k: v - sent0.get(k, 0) for k, v in topology.comm_bytes().items() if v - sent0.get(k, 0)},
         "attention_shape": adapter.attention_shape(),
+        "guided": cond.branches == 2,
         "frame_elems": adapter.latent_channels * adapter.latent_hw[0] * adapter.latent_hw[1],
         "forwards": dict(ro.runner.forwards),
     }

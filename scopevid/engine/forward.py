@@ -71,7 +71,9 @@ class ForwardRunner:
         h, w = adapter.latent_hw
         self.shape = (adapter.latent_channels, h, w)
         self.timings = Timings()
-        self.forwards: Counter[tuple[int, bool]] = Counter()  # (padded frames, stores K/V) -> forwards run (cluster.comm)
+        # (padded frames, stores K/V, query rows through self-attention on this rank) -> forwards run: what
+        # cluster.comm needs to account for every byte (an adapter may run extra passes, e.g. MAGI-1's copy)
+        self.forwards: Counter[tuple[int, bool, int]] = Counter()
         self._hook_frames: list[int] = []  # frames of the last hooked forward (hook state owners)
         # both guidance branches of this process as one batched forward (not with in-forward reuse hooks,
         # whose state is kept per branch call; a run without guidance has nothing to batch)
@@ -187,10 +189,16 @@ class ForwardRunner:
             spec = hooks.adjust(spec)
             if hooks.partial:
                 spec = replace(spec, store=frozenset())
-        self.forwards[(n_pad, bool(spec.store))] += 1
+        rows = [0]
+
+        def attention(q, k, v, layer, spec):
+            rows[0] += q.shape[0] * q.shape[1]
+            return self.topo.attention(q, k, v, layer, spec)
+
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = self._guided(x, s, spec, hooks)
+            out = self._guided(x, s, spec, hooks, attention)
+        self.forwards[(n_pad, bool(spec.store), rows[0])] += 1
         vel = self.topo.gather(out, len(seq))
         self.timings.forward += time.perf_counter() - t0
         if not bool(torch.isfinite(vel).all()):  # gathered: every rank takes this branch together
@@ -205,15 +213,15 @@ class ForwardRunner:
             return ForwardResult(v, seq, ran, self.adapter.flops(len(seq), len(spec.context), hooks.blocks_run, branches))
         return ForwardResult(v, seq, len(seq), self.adapter.flops(len(seq), len(spec.context), None, branches))
 
-    def _guided(self, x: torch.Tensor, s: torch.Tensor, spec: ForwardSpec, hooks) -> torch.Tensor:
+    def _guided(self, x: torch.Tensor, s: torch.Tensor, spec: ForwardSpec, hooks, attention) -> torch.Tensor:
         """The guided velocity of this shard: both branches here, or (a cfg mesh) this process's
         branch and its peer's, exchanged and combined in the same order on both (identical results)."""
         a, cond = self.adapter, self.cond
         if self.batched and hooks is None:
-            return a.guide(*a.branches_velocity(x, s, cond, spec, self.topo.attention), cond).float()
+            return a.guide(*a.branches_velocity(x, s, cond, spec, attention), cond).float()
         if self.topo.branch is None:
-            return a.velocity(x, s, cond, spec, self.topo.attention, hooks)
-        mine = a.branch_velocity(x, s, cond, self.topo.branch, spec, self.topo.attention, hooks)
+            return a.velocity(x, s, cond, spec, attention, hooks)
+        mine = a.branch_velocity(x, s, cond, self.topo.branch, spec, attention, hooks)
         v_cond, v_uncond = self.topo.exchange(mine)
         return a.guide(v_cond, v_uncond, cond).float()
 
