@@ -86,7 +86,7 @@ def _metadata(spec: dict) -> tuple[tuple[int, ...] | None, tuple[str, ...] | Non
 def _check_device(device: str) -> None:
     """Refuse a device this torch cannot use before any weights load (one line, not a traceback)."""
     kind = device.split(":")[0]
-    if kind == "cpu":
+    if kind in ("cpu", "meta"):  # meta: the real modules without weights (the planner and the dry run)
         return
     if kind == "cuda":
         if not torch.cuda.is_available():

@@ -132,6 +132,11 @@ class Magi1Adapter(Adapter):
         recipe = recipe_from_official(flat, **(sp.recipe or {})) if flat else Magi1Recipe.from_dict(sp.recipe or {})
         if not recipe.distill:
             raise ConfigError("model.recipe.distill: only the distill pipeline (1 CFG pass) is implemented; base models need 3-pass CFG")
+        if str(device) == "meta":  # the real module tree without weights (planner, dry run): nothing read
+            with torch.device("meta"):
+                model = Magi1DiT(arch).to(dtype)
+            return cls(model, recipe, special_tokens=SpecialTokens.on_meta(arch.caption_channels) if recipe.special_tokens else None,
+                       latent_hw=(sp.height // 8, sp.width // 8), host_feature=sp.host_feature, device="meta", dtype=dtype)
         vae = load_decoder(sp.vae, dtype=dtype, device=str(device)) if sp.vae else None  # problems show at load, not at the first decode
         model = build_model(arch, sp.weights, dtype, arch_name=arch_name, init_seed=sp.init_seed, distill=recipe.distill)
         special = None

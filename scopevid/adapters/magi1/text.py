@@ -69,6 +69,11 @@ class SpecialTokens:
             raise CheckpointError(f"{path}: other_tokens has shape {other.shape}, expected (>= 15, {channels})")
         return cls(torch.from_numpy(other.astype(np.float16)).float())
 
+    @classmethod
+    def on_meta(cls, channels: int) -> "SpecialTokens":
+        """The official table's shape (100 rows) without its values: the planner and the dry run."""
+        return cls(torch.zeros(100, channels, device="meta"))
+
     def prefix(self, keys: tuple[str, ...], remaining: int) -> torch.Tensor:
         """Tokens prepended to a chunk's caption, first token first. `remaining`: chunks after this one."""
         rows = []

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from scopevid.adapters.base import (Adapter, Attention, AttentionShape, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
                                     NoiseSchedule, VideoFacts, local_attention)
-from scopevid.adapters.skyreels_v2.loader import Components, load_checkpoint
+from scopevid.adapters.skyreels_v2.loader import Components, build_on_meta, load_checkpoint
 from scopevid.adapters.skyreels_v2.model import DFTransformer
 from scopevid.adapters.skyreels_v2.vae import LatentNorm, StreamDecoder
 from scopevid.errors import ConfigError
@@ -149,7 +149,9 @@ class SkyReelsV2Adapter(Adapter):
     def from_config(cls, spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "SkyReelsV2Adapter":
         sp = parse(SkyReelsV2Spec, spec, "model.", "skyreels_v2")
         text_default = torch.float32 if dtype == torch.float16 else dtype
-        parts = load_checkpoint(
+        load = load_checkpoint if str(device) != "meta" else lambda path, **kw: build_on_meta(
+            path, dtype=kw["dtype"], vae_dtype=kw["vae_dtype"], text_dtype=kw["text_dtype"])
+        parts = load(
             Path(sp.path),
             device=device,
             dtype=dtype,

@@ -81,6 +81,42 @@ def load_checkpoint(
     return Components(transformer, vae, text_encoder, tokenizer, sched, root)
 
 
+def build_on_meta(path: str | Path, dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype = torch.float32,
+                  text_dtype: torch.dtype | None = None) -> Components:
+    """The components a checkpoint's configs describe, on torch's meta device: the real module tree,
+    shapes and dtypes, with no weight read and nothing allocated (the planner and the dry run).
+    `path` is a checkpoint or a configuration-only copy of its layout (configs/arch/); no tokenizer."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"SkyReels-V2 configs: {root} is not a directory (a checkpoint or configs/arch/<model>)")
+    from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel
+    import transformers
+
+    def diffusers_model(cls, folder: Path, want: str, dt: torch.dtype):
+        cfg = _json(folder / "config.json")
+        if cfg.get("_class_name") != want:
+            raise CheckpointError(f"{folder / 'config.json'}: class {cfg.get('_class_name')!r}, expected {want}")
+        with torch.device("meta"):
+            model = cls.from_config(cfg)
+        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())  # as from_pretrained(torch_dtype=) keeps them
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not any(k in name.split(".") for k in keep):
+                t.data = t.data.to(dt)
+        return model.eval().requires_grad_(False)
+
+    transformer = diffusers_model(SkyReelsV2Transformer3DModel, root / "transformer", TRANSFORMER_CLASS, dtype)
+    vae = diffusers_model(AutoencoderKLWan, root / "vae", VAE_CLASS, vae_dtype)
+    text_cfg = _json(root / "text_encoder" / "config.json")
+    umt5 = text_cfg.get("model_type") == "umt5"
+    config = (transformers.UMT5Config if umt5 else transformers.T5Config).from_dict(
+        {k: v for k, v in text_cfg.items() if not k.startswith("_")})
+    with torch.device("meta"):
+        text_encoder = (transformers.UMT5EncoderModel if umt5 else transformers.T5EncoderModel)(config)
+    text_encoder = text_encoder.to(text_dtype or dtype).eval().requires_grad_(False)
+    sched = _json(root / "scheduler" / "scheduler_config.json")
+    return Components(transformer, vae, text_encoder, None, sched, root)
+
+
 def check_checkpoint(root: Path) -> None:
     """Raise CheckpointError naming the first thing that is missing or unreadable."""
     if not root.exists():
