@@ -85,3 +85,66 @@ class Link:
 
     def seconds(self, nbytes: float, calls: int) -> float:
         return nbytes / (self.bandwidth_gb_s * 1e9) + calls * self.latency_us * 1e-6
+
+
+# --- projection -----------------------------------------------------------------------------------
+def meshes_for(gpus: int, shape: AttentionShape, guided: bool) -> list[ParallelConfig]:
+    """Every mesh of `gpus` ranks this engine runs for the model: ulysses dividing the query and
+    K/V heads, cfg=2 only with two guidance branches."""
+    out = []
+    for cfg in ((1, 2) if guided else (1,)):
+        for dp in range(1, gpus + 1):
+            if gpus % (dp * cfg):
+                continue
+            sp = gpus // (dp * cfg)
+            for u in range(1, sp + 1):
+                if sp % u == 0 and shape.heads % u == 0 and shape.kv_heads % u == 0:
+                    out.append(ParallelConfig(dp=dp, cfg=cfg, ulysses=u, ring=sp // u))
+    return out
+
+
+def _off_node(size: int, stride: int, gpus_per_node: int) -> float:
+    """Share of a rank's peers in a group of `size` ranks `stride` apart that sit on other nodes
+    (ranks fill nodes in order, groups aligned)."""
+    if size == 1:
+        return 0.0
+    per_node = max(1, min(size, gpus_per_node // stride)) if stride < gpus_per_node else 1
+    return (size - per_node) / (size - 1)
+
+
+def project(shape: AttentionShape, flops, mesh: ParallelConfig, *, window: int, context: int, guided: bool,
+            stores: bool, frame_elems: int, links: dict[str, Link], gpus_per_node: int, tflops: float) -> dict:
+    """One denoising iteration of one video under `mesh`: bytes and seconds per kind (no overlap of
+    communication with compute), compute seconds, and throughput relative to one GPU per video.
+    `flops(frames, context, branches)` is the adapter's count."""
+    U, R, C = mesh.ulysses, mesh.ring, mesh.cfg
+    S = U * R
+    n_pad = -(-window // S) * S
+    nbytes = forward_bytes(shape, mesh, n_pad, stores=stores, frame_elems=frame_elems, guided=guided)
+    calls = messages(shape, mesh, stores=stores, guided=guided)
+    nv, ib = links["nvlink"], links["infiniband"]
+    off = {"ulysses": _off_node(U, 1, gpus_per_node),
+           "ring": 1.0 if U * R > gpus_per_node and R > 1 else 0.0,  # lock-step hops: one crossing sets the pace
+           "gather": _off_node(S, 1, gpus_per_node),
+           "cfg": 1.0 if C == 2 and 2 * S > gpus_per_node else 0.0}
+    off["ring_store"] = off["ring"]
+    seconds = {}
+    for kind, b in nbytes.items():
+        f = off[kind]
+        lat = (ib if f > 0 else nv).latency_us * 1e-6
+        seconds[kind] = calls[kind] * lat + max(b * (1 - f) / (nv.bandwidth_gb_s * 1e9), b * f / (ib.bandwidth_gb_s * 1e9))
+    branches = 2 if guided else 1
+    compute = flops(n_pad, context, branches // C) / S / (tflops * 1e12)
+    one_gpu = flops(window, context, branches) / (tflops * 1e12)
+    comm_s = sum(seconds.values())
+    iteration = compute + comm_s
+    return {
+        "mesh": ",".join(f"{k}={getattr(mesh, k)}" for k in ("dp", "cfg", "ulysses", "ring")),
+        "gpus": mesh.world, "gpus_per_video": C * S, "padded_frames": n_pad,
+        "bytes_per_rank": sum(nbytes.values()), **{f"bytes_{k}": v for k, v in nbytes.items()},
+        **{f"seconds_{k}": v for k, v in seconds.items()},
+        "comm_seconds": comm_s, "compute_seconds": compute, "iteration_seconds": iteration,
+        "latency_speedup": one_gpu / iteration,  # one video, against the same iteration on one GPU
+        "throughput_efficiency": (mesh.dp / iteration) / (mesh.world / one_gpu),  # videos per GPU-hour vs 1 GPU each
+        "crosses_nodes": any(off[k] > 0 for k in nbytes if nbytes[k]),
+    }
