@@ -1,4 +1,4 @@
-"""`scopevid generate | batch | train | bench | calibrate`: thin argument parsing over the engine.
+"""`scopevid generate | batch | train | bench | calibrate | plan`: thin argument parsing over the engine.
 
 Errors (ScopevidError, and writes the disk refuses) print as one line on stderr: exit code 2 for bad
 input, 1 for a failed run; `scopevid --debug COMMAND` adds the traceback.
@@ -22,6 +22,7 @@ COMMANDS = {
     "train": ("scopevid.train.command", "train the bundled tiny model"),
     "bench": ("scopevid.commands.bench", "side-by-side policy benchmarks to Parquet and PNG"),
     "calibrate": ("scopevid.commands.calibrate", "search SCOPE thresholds for a speed or quality target"),
+    "plan": ("scopevid.commands.plan", "will a job fit: per-rank memory, FLOPs and traffic from a full-size dry run"),
 }
 
 

@@ -19,6 +19,8 @@ from scopevid.errors import ConfigError
 SCHEDULES = ("diffusion_forcing", "chunk_causal")
 SELECTIVE = ("off", "paper", "causal")
 SOLVERS = ("euler", "unipc")
+NOISE = ("per_frame", "diffusers")
+ATTENTION = ("sdpa", "math", "flash", "xformers")  # adapters.attention.BACKENDS  # initial noise: our per-frame generators, or diffusers' DF pipeline's draws
 DTYPES = ("float32", "bfloat16", "float16")
 CFG_MODES = ("sequential", "batched")
 
@@ -139,6 +141,11 @@ class RunConfig:
     device: str = "cpu"
     stability: dict = field(default_factory=lambda: {"clip": 1.0, "explode": 4.0})
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # per_frame: each frame its own seeded generator (the same video for any windowing or mesh);
+    # diffusers: one generator seeded with `seed`, one draw of the whole window per window, exactly as
+    # SkyReelsV2DiffusionForcingPipeline(generator=torch.Generator().manual_seed(seed)) draws (parity)
+    noise: str = "per_frame"
+    attention: str = "sdpa"  # the self-attention backend: sdpa | math | flash | xformers (adapters.attention)
     source: str = ""  # the YAML it came from
 
     def policy_spec(self, name: str | None = None) -> dict:
@@ -251,6 +258,10 @@ def validate(cfg: RunConfig) -> None:
     _check(_int(cfg.fps) and cfg.fps >= 1, "fps", f"must be a positive integer, got {cfg.fps!r}")
     _check(isinstance(cfg.guidance, (int, float)) and cfg.guidance >= 0, "guidance", f"must be a number >= 0, got {cfg.guidance!r}")
     _check(cfg.solver in SOLVERS, "solver", f"must be one of {', '.join(SOLVERS)}, got {cfg.solver!r}")
+    _check(cfg.attention in ATTENTION, "attention", f"must be one of {', '.join(ATTENTION)}, got {cfg.attention!r}")
+    _check(cfg.noise in NOISE, "noise", f"must be one of {', '.join(NOISE)}, got {cfg.noise!r}")
+    _check(cfg.noise != "diffusers" or cfg.schedule.kind == "diffusion_forcing", "noise",
+           "diffusers draws the diffusion forcing pipeline's noise; a chunk_causal schedule uses per_frame")
     _check(cfg.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     _check(cfg.device == "cpu" or str(cfg.device).startswith("cuda"), "device", f"must be cpu or cuda[:N], got {cfg.device!r}")
     _check(s.kind in SCHEDULES, "schedule.kind", f"must be one of {', '.join(SCHEDULES)}, got {s.kind!r}")

@@ -39,3 +39,65 @@ def test_unavailable_device_is_refused_at_load(tiny_config):
     cfg = config_lib.load(tiny_config())
     with pytest.raises(ConfigError, match="device: cuda.*not available"):
         adapters.load(cfg.model, "cuda")
+
+
+# --- every adapter in low precision ---------------------------------------------------------------
+# Relative RMS error of the final latents against float32 (rms(x - ref) / rms(ref)) on the tiny
+# checkpoints of the real layouts, Original, whole rollouts. The ceilings sit about 2x above what
+# was measured (in the comments): a cast that drops a module to the wrong dtype,
+# or a float32-only path left in low precision, lands far above them.
+REL_RMS_CEILING = {
+    "skyreels_v2": {"bfloat16": 0.025, "float16": 0.003},  # measured 0.0118 / 0.0015
+    "magi1": {"bfloat16": 0.015, "float16": 0.002},  # measured 0.0069 / 0.0008
+}
+
+
+def _rel_rms(x, ref) -> float:
+    x, ref = x.double(), ref.double()
+    return float((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+
+
+def _low_precision(cfg_path: str) -> dict[str, float]:
+    import torch
+
+    from scopevid.cluster.worker import collect_rollout
+    from scopevid.engine.topology import LocalTopology
+
+    torch.set_num_threads(1)
+    base = config_lib.load(cfg_path)
+    ref = collect_rollout(LocalTopology(), base.with_overrides(dtype="float32"), "original", check_decisions=False)
+    out = {}
+    for dtype in ("bfloat16", "float16"):
+        run = collect_rollout(LocalTopology(), base.with_overrides(dtype=dtype), "original", check_decisions=False)
+        assert run["frames"] == ref["frames"] and bool(torch.isfinite(run["latents"]).all())
+        out[dtype] = _rel_rms(run["latents"], ref["latents"])
+    return out
+
+
+def test_skyreels_v2_in_bf16_and_fp16_stays_close_to_float32(tmp_path):
+    sky = pytest.importorskip("test_skyreels_v2")
+    from test_cluster_skyreels import case_config
+
+    ckpt = sky.build_tiny_checkpoint(tmp_path / "SkyReels-V2-DF-tiny")
+    errs = _low_precision(case_config(sky, ckpt, tmp_path / "c.yaml", "original", 0, "paper"))
+    print("skyreels_v2 relative RMS vs float32:", errs)
+    for dtype, e in errs.items():
+        assert 0 < e < REL_RMS_CEILING["skyreels_v2"][dtype], (dtype, e)  # > 0: really computed in low precision
+
+
+def test_magi1_in_bf16_and_fp16_stays_close_to_float32(tmp_path):
+    import yaml
+
+    from conftest import ROOT
+
+    raw = yaml.safe_load((ROOT / "configs" / "bench" / "magi1_tiny_fixture.yaml").read_text())
+    for key in ("arch", "weights", "special_tokens", "vae"):
+        raw["model"][key] = str(ROOT / raw["model"][key])
+    raw["policy_presets"] = str(ROOT / "configs" / "policies" / "magi1.yaml")
+    raw["frames"] = 24
+    path = tmp_path / "magi.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    errs = _low_precision(str(path))
+    print("magi1 relative RMS vs float32:", errs)
+    for dtype, e in errs.items():
+        assert 0 < e < REL_RMS_CEILING["magi1"][dtype], (dtype, e)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 
 from scopevid.adapters.base import ForwardSpec, NoiseSchedule, VideoFacts, local_attention
 from scopevid.errors import CheckpointError, ConfigError
@@ -84,19 +85,6 @@ def make_adapter(ckpt, **spec):
 
     return SkyReelsV2Adapter.from_config({"kind": "skyreels_v2", "path": str(ckpt), "height": H, "width": W,
                                           "max_sequence_length": TEXT_LEN, **spec})
-
-
-class PipelineNoise:
-    """The pipeline's generator draws, replayed: one randn of the whole window per window (its clean
-    prefix part is then overwritten by the pipeline, so it is drawn and dropped here too)."""
-
-    def __init__(self, seed: int, prefix: int):
-        self.g, self.prefix = torch.Generator().manual_seed(seed), prefix
-
-    def __call__(self, window: int, frames: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-        p = self.prefix if window > 0 else 0
-        z = torch.randn((1, shape[0], p + len(frames), *shape[1:]), generator=self.g)
-        return z[0, :, p:].transpose(0, 1)
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -175,7 +163,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_original_rollout_equals_diffusers_pipeline(case, ckpt, pipe):
-    from scopevid.engine.rollout import Rollout, video_facts
+    from scopevid.engine.rollout import DiffusersNoise, Rollout, video_facts
     from scopevid.engine.runner import latent_count
     from scopevid.engine.unipc import UniPC
     from scopevid.scheduler.policies import Original
@@ -189,7 +177,7 @@ def test_original_rollout_equals_diffusers_pipeline(case, ckpt, pipe):
     ref = pipe(generator=torch.Generator().manual_seed(seed), output_type="latent", **call).frames[0].permute(1, 0, 2, 3)
 
     ad = make_adapter(ckpt, causal_attention=cbs if cbs > 1 else 0, addnoise_condition=kw.get("addnoise_condition", 0),
-                      addnoise_rng="global")
+                      addnoise_rng="global", addnoise_seed=11)
     overlap = latent_count(kw["overlap_history"], 4) if "overlap_history" in kw else 0
     plan = DiffusionForcingPlan(latent_frames=latent_count(kw["num_frames"], 4), window=latent_count(kw["base_num_frames"], 4),
                                 num_steps=steps, ar_step=kw["ar_step"], block=cbs, overlap=overlap)
@@ -198,7 +186,7 @@ def test_original_rollout_equals_diffusers_pipeline(case, ckpt, pipe):
     torch.manual_seed(11)
     sched = ad.prepare(video_facts(plan))
     rollout = Rollout(ad, plan, Original(), cond, seed=seed, solver=UniPC.for_adapter(ad, sched), schedule=sched,
-                      noise=PipelineNoise(seed, overlap))
+                      noise=DiffusersNoise(seed, overlap))
     decoder = ad.stream_decoder()
     latents, pixels = [], []
     for i, (frame, z) in enumerate(rollout.run()):
@@ -213,6 +201,45 @@ def test_original_rollout_equals_diffusers_pipeline(case, ckpt, pipe):
         torch.manual_seed(11)
         ref_px = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **call).frames[0]
         torch.testing.assert_close(torch.cat(pixels), torch.from_numpy(ref_px).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["async", "long"])
+def test_generate_with_diffusers_noise_equals_the_pipeline_through_the_cli(case, ckpt, pipe, tmp_path):
+    """The parity route for users: `noise: diffusers` (+ `addnoise_rng: global` with the seed the
+    pipeline's caller gave torch) makes `scopevid generate` reproduce the pipeline; its lossless
+    latents.safetensors equal the pipeline's latents."""
+    from safetensors.torch import load_file
+
+    from scopevid import cli
+
+    kw, steps, guidance, seed = dict(CASES[case]), 6, 5.0, 3
+    cbs = kw["causal_block_size"]
+    torch.manual_seed(11)
+    ref = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=H, width=W, num_inference_steps=steps, guidance_scale=guidance,
+               max_sequence_length=TEXT_LEN, generator=torch.Generator().manual_seed(seed), output_type="latent",
+               **kw).frames[0].permute(1, 0, 2, 3)
+    raw = {
+        "model": {"kind": "skyreels_v2", "path": str(ckpt), "height": H, "width": W, "max_sequence_length": TEXT_LEN,
+                  "causal_attention": cbs if cbs > 1 else 0, "addnoise_condition": kw.get("addnoise_condition", 0),
+                  "addnoise_rng": "global", "addnoise_seed": 11},
+        "prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance": guidance, "frames": kw["num_frames"], "seed": seed,
+        "solver": "unipc", "noise": "diffusers",
+        "schedule": {"kind": "diffusion_forcing", "steps": steps, "base_num_frames": kw["base_num_frames"],
+                     "overlap_history": kw.get("overlap_history", 1), "ar_step": kw["ar_step"], "causal_block_size": cbs,
+                     "selective": "off"},
+        "policy": "original", "policy_presets": str(ROOT / "configs" / "policies" / "skyreels_v2.yaml"),
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    assert cli.main(["generate", "--config", str(tmp_path / "run.yaml"), "--out", str(out), "--no-progress"]) == 0
+    ours = load_file(str(out / "latents.safetensors"))["latents"]
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # the default per-frame noise is another video (the difference the parity route removes)
+    raw["noise"] = "per_frame"
+    (tmp_path / "pf.yaml").write_text(yaml.safe_dump(raw))
+    assert cli.main(["generate", "--config", str(tmp_path / "pf.yaml"), "--out", str(tmp_path / "pf"), "--no-progress"]) == 0
+    assert float((load_file(str(tmp_path / "pf" / "latents.safetensors"))["latents"] - ref).abs().max()) > 0.05
 
 
 # ----------------------------------------------------------------------------- SCOPE through the runner

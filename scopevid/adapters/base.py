@@ -22,8 +22,8 @@ from enum import Enum
 from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
-import torch.nn.functional as F
 
+from scopevid.adapters.attention import kernel as attention_kernel
 from scopevid.errors import ConfigError
 from scopevid.scheduler.signals import Feature
 
@@ -59,6 +59,7 @@ class ForwardSpec:
     # (an adapter derives per-frame attention ranges or conditioning from it identically on all ranks)
     key_ranges: tuple[tuple[int, int], ...] | None = None  # absolute [lo, hi) of key frames (cached context
     # or forwarded) each frame may attend; replaces the `causal` rule when set (MAGI-1's per-chunk kv_range)
+    kernel: str = "sdpa"  # the self-attention backend of the run (adapters.attention)
 
     def local_frames(self) -> list[int]:
         lo, hi = self.shard if self.shard is not None else (0, len(self.frames))
@@ -118,9 +119,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         allowed = allowed & (kf[None, :] <= qf[:, None])
     # padded queries see every real key: their outputs are discarded, but a row of -inf would give NaN
     allowed = allowed | ((qf < 0)[:, None] & (kf >= 0)[None, :])
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[None, None]
-    )
+    out = attention_kernel(spec.kernel)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed)
     return out.transpose(1, 2)
 
 
@@ -148,7 +147,7 @@ def _ranged_attention(q, k, v, spec: ForwardSpec, key_frames: list[int], tpf: in
                 tok = (sel[:, None] * tpf + torch.arange(tpf, device=q.device)[None]).reshape(-1)
                 ks, vs = k[:, tok], v[:, tok]
             qs = q[:, i * tpf : j * tpf].transpose(1, 2)
-            o = F.scaled_dot_product_attention(qs, ks.transpose(1, 2), vs.transpose(1, 2))
+            o = attention_kernel(spec.kernel)(qs, ks.transpose(1, 2), vs.transpose(1, 2), None)
             out[:, i * tpf : j * tpf] = o.transpose(1, 2)
         i = j
     return out
@@ -325,6 +324,11 @@ class Adapter(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latent frames [F, C, H, W] -> pixels [F', H', W', 3] float in [0, 1]."""
+
+    @abstractmethod
+    def modules(self) -> dict[str, "torch.nn.Module"]:
+        """The networks that live on the run's device, by role ("dit", "text_encoder", "vae"): what
+        the planner sizes. A network kept elsewhere (MAGI-1's T5 runs on the CPU) is not listed."""
 
     @abstractmethod
     def attention_shape(self) -> AttentionShape:

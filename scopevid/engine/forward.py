@@ -64,13 +64,15 @@ class Timings:
 
 class ForwardRunner:
     def __init__(self, adapter: Adapter, cond: Conditioning, topology: Topology, schedule: NoiseSchedule,
-                 state: RolloutState, device: torch.device, dtype: torch.dtype, *, batched_branches: bool = False):
+                 state: RolloutState, device: torch.device, dtype: torch.dtype, *, batched_branches: bool = False,
+                 kernel: str = "sdpa"):
         self.adapter, self.cond, self.topo, self.schedule, self.state = adapter, cond, topology, schedule, state
         self.device, self.dtype = device, dtype
         self.causal = adapter.capabilities.causal
         h, w = adapter.latent_hw
         self.shape = (adapter.latent_channels, h, w)
         self.timings = Timings()
+        self.kernel = kernel  # the self-attention backend (adapters.attention)
         # (padded frames, stores K/V, query rows through self-attention on this rank) -> forwards run: what
         # cluster.comm needs to account for every byte (an adapter may run extra passes, e.g. MAGI-1's copy)
         self.forwards: Counter[tuple[int, bool, int]] = Counter()
@@ -103,7 +105,8 @@ class ForwardRunner:
         if mine:
             x = torch.stack([st.latents[f] for f in mine])
             s = torch.tensor([levels[f][0] for f in mine], device=self.device, dtype=torch.float32)
-            spec = ForwardSpec(frames=frames, origin=it.start, step=it.index, shard=(lo, min(hi, len(frames))))
+            spec = ForwardSpec(frames=frames, origin=it.start, step=it.index, shard=(lo, min(hi, len(frames))),
+                               kernel=self.kernel)
             t0 = time.perf_counter()
             with torch.no_grad():
                 if feature == Feature.HOST:
@@ -184,6 +187,7 @@ class ForwardRunner:
             causal=self.causal,
             shard=(lo, hi),
             sigmas=sigmas,
+            kernel=self.kernel,
         )
         if hooks is not None:
             spec = hooks.adjust(spec)

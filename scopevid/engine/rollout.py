@@ -93,6 +93,29 @@ class PerFrameNoise:
         pass
 
 
+class DiffusersNoise:
+    """The initial noise of diffusers' SkyReelsV2DiffusionForcingPipeline called with
+    `generator=torch.Generator().manual_seed(seed)`: one generator, and per window one randn of the
+    whole window [1, C, frames, h, w] (CPU, float32), whose overlap prefix the pipeline then
+    overwrites with the previous window's clean latents (drawn and dropped here too). Its state is
+    the generator's, checkpointed for resume."""
+
+    def __init__(self, seed: int, prefix: int):
+        self.g = torch.Generator().manual_seed(seed)
+        self.prefix = prefix  # latent frames of overlap history that windows after the first start with
+
+    def __call__(self, window: int, frames: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+        p = self.prefix if window > 0 else 0
+        z = torch.randn((1, shape[0], p + len(frames), *shape[1:]), generator=self.g)
+        return z[0, :, p:].transpose(0, 1)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.g.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.g.set_state(state["generator"])
+
+
 def video_facts(plan) -> VideoFacts:
     """What an adapter is told about one video before its first forward (Adapter.prepare)."""
     return VideoFacts(num_steps=plan.num_steps, latent_frames=plan.latent_frames, unit=plan.unit,
@@ -119,6 +142,7 @@ class Rollout:
         check_decisions: bool = False,
         noise: NoiseSource | None = None,
         batched_branches: bool = False,
+        kernel: str = "sdpa",
     ):
         """schedule: what `adapter.prepare(video_facts(plan))` returned, when the caller needed it
         first (to build the solver on the model's sigmas); prepared here otherwise.
@@ -140,7 +164,7 @@ class Rollout:
             components["reuse"] = self.reuse
         self.state = RolloutState(components)
         self.runner = ForwardRunner(adapter, cond, self.topo, self.schedule, self.state, self.device, dtype,
-                                    batched_branches=batched_branches and self.reuse is None)
+                                    batched_branches=batched_branches and self.reuse is None, kernel=kernel)
         self.chunk = (policy.chunk or plan.unit) if policy.chunk_sums else None
         # resume (engine.checkpoint): called before every iteration with (iteration, next frame to emit)
         self.before_iteration: Callable[[Iteration, int], None] | None = None

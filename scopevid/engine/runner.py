@@ -6,6 +6,8 @@ Used by `scopevid generate`, torchrun workers and the Ray driver alike; only the
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from scopevid.engine.rollout import STEP_SCHEMA, DigestBuilder, Rollout, StepRec
 from scopevid.engine.sinks import FrameStore, Mp4Sink, RunLock, RunLog, prepare_out_dir, write_json
 from scopevid.engine.solvers import SOLVERS
 from scopevid.engine.topology import LocalTopology, Topology
-from scopevid.errors import ConfigError, NonFiniteError
+from scopevid.errors import ConfigError, NonFiniteError, write_error
 from scopevid.scheduler import policies as policy_lib
 from scopevid.scheduler.predictors import Stability
 from scopevid.scheduler.schedules import ChunkCausalPlan, DiffusionForcingPlan
@@ -65,13 +67,23 @@ def build_solver(cfg: RunConfig, adapter, schedule):
     raise ConfigError(f"solver: {cfg.solver!r} is not available for model {adapter.name}; allowed: euler, unipc")
 
 
-def make_rollout(cfg: RunConfig, adapter, plan, policy, cond, *, predictor: str = "taylor2", **kw) -> Rollout:
+def make_rollout(cfg: RunConfig, adapter, plan, policy, cond, *, predictor: str = "taylor2", device: str | None = None,
+                 dtype: torch.dtype | None = None, **kw) -> Rollout:
     """The Rollout a config describes: the model prepared for this video, its solver on the model's
-    noise levels, the config's stability check, device and dtype. `kw` goes to Rollout."""
+    noise levels, the config's stability check, device and dtype (`device`, `dtype`: instead of the
+    config's, e.g. the dry run's meta device). `kw` goes to Rollout."""
+    from scopevid.adapters import attention
+
+    attention.check(cfg.attention, device or cfg.device, dtype or DTYPES[cfg.dtype])
     schedule = adapter.prepare(video_facts(plan))
+    if cfg.noise == "diffusers" and "noise" not in kw:
+        from scopevid.engine.rollout import DiffusersNoise
+
+        kw["noise"] = DiffusersNoise(cfg.seed, plan.overlap)  # validated: a diffusion forcing plan
     return Rollout(adapter, plan, policy, cond, seed=cfg.seed, solver=build_solver(cfg, adapter, schedule), schedule=schedule,
-                   predictor=predictor, stability=Stability(**cfg.stability), device=cfg.device, dtype=DTYPES[cfg.dtype],
-                   batched_branches=cfg.parallel.cfg_mode == "batched", **kw)
+                   predictor=predictor, stability=Stability(**cfg.stability), device=device or cfg.device,
+                   dtype=dtype or DTYPES[cfg.dtype], batched_branches=cfg.parallel.cfg_mode == "batched",
+                   kernel=cfg.attention, **kw)
 
 
 @dataclass
@@ -112,11 +124,14 @@ def run_once(
     check_decisions: bool = False,
     keep_records: bool = False,
     checkpoint=None,
+    latents_to: Path | None = None,
 ) -> RunResult:
     """One rollout under one policy. Writes what it is given paths for, as frames finish.
 
     checkpoint: an engine.checkpoint.Checkpointer makes the rollout resumable (state saved at window
-    boundaries, frame / latent shards; when resuming, restores rollout, decoder, video and run log)."""
+    boundaries, frame / latent shards; when resuming, restores rollout, decoder, video and run log).
+    latents_to: every clean latent, exact (float32, or the run's dtype when wider), as one
+    safetensors tensor "latents" [frames, C, h, w], written atomically at the end (rank 0)."""
     topo = topology or LocalTopology()
     writes = topo.rank == 0
     plan = build_plan(cfg, adapter)
@@ -153,6 +168,11 @@ def run_once(
     pixel_frames, wall_before = 0, 0.0
     if checkpoint is not None:
         pixel_frames, wall_before = checkpoint.attach(rollout, writes=writes, decoder=decoder, sink=sink)
+    kept: list[torch.Tensor] = []  # clean latents for latents_to
+    if latents_to is not None and writes and checkpoint is not None and checkpoint.latent_frames:
+        from scopevid.engine.checkpoint import read_latents
+
+        kept = [x for _, x in read_latents(checkpoint.out / "latents")][: checkpoint.latent_frames]
 
     def emit(pixels: torch.Tensor | None) -> None:
         nonlocal pixel_frames
@@ -183,6 +203,8 @@ def run_once(
             if writes:
                 if checkpoint is not None:
                     checkpoint.latent(idx, latent)
+                if latents_to is not None:
+                    kept.append(latent.detach().to("cpu", torch.float32 if latent.element_size() < 4 else latent.dtype))
                 emit(decoder.push(latent))
         if writes:
             emit(decoder.flush())
@@ -190,6 +212,8 @@ def run_once(
         _close([sink, log, bar, checkpoint], quiet=True)  # the first error is the one to report
         raise
     _close([sink, log, bar, checkpoint])
+    if latents_to is not None and writes and kept:
+        write_latents(latents_to, torch.stack(kept))
     wall = time.perf_counter() - t0 + wall_before
     st, timings = rollout.state.stats, rollout.runner.timings
     summary = {
@@ -213,6 +237,19 @@ def run_once(
     if quality is not None:
         summary.update(quality.result())
     return RunResult(summary, records)
+
+
+def write_latents(path: Path, latents: torch.Tensor) -> None:
+    """latents.safetensors (tensor "latents" [frames, C, h, w]), atomically: a reader never sees half."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({"latents": latents.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(e, path) from None
 
 
 def reference_config(cfg: RunConfig) -> RunConfig:
@@ -241,6 +278,9 @@ def generate(
     if checkpoint is not None and compare:
         raise ConfigError("compare: a resumable (checkpointed) run cannot also run the Original reference")
     topo = topology or LocalTopology()
+    from scopevid.adapters import attention
+
+    attention.check(cfg.attention, cfg.device, DTYPES[cfg.dtype])  # a backend that cannot run here: before anything
     adapters.preflight(cfg.model, cfg.prompt, topo.heads_split, topo.world)  # before any weights load or output
     if topo.rank != 0:  # only rank 0 writes
         return _generate(cfg, Path(out), compare, topo, progress, check_decisions, checkpoint, adapter)
@@ -264,11 +304,12 @@ def _generate(cfg: RunConfig, out: Path, compare: bool, topo: Topology, progress
         ref_cfg = reference_config(cfg)
         reference = FrameStore(out / "original_frames") if writes else None
         ref = run_once(ref_cfg, adapter, "original", video=out / "original.mp4", frames_to=reference,
-                       steps_log=out / "original_steps.parquet", topology=topo, progress=progress)
+                       steps_log=out / "original_steps.parquet", topology=topo, progress=progress,
+                       latents_to=out / "original_latents.safetensors")
         summary["original"] = ref.summary
     res = run_once(cfg, adapter, cfg.policy, video=out / "video.mp4", reference=reference,
                    steps_log=out / "steps.parquet", topology=topo, progress=progress, check_decisions=check_decisions,
-                   checkpoint=checkpoint)
+                   checkpoint=checkpoint, latents_to=out / "latents.safetensors")
     summary.update(res.summary)
     if "original" in summary:
         o = summary["original"]
@@ -277,6 +318,8 @@ def _generate(cfg: RunConfig, out: Path, compare: bool, topo: Topology, progress
         summary["speedup_forwards"] = o["full_forwards"] / max(res.summary["full_forwards"], 1e-9)
     if writes:
         write_json(out / "summary.json", summary)
+        if reference is not None:  # the lossless reference frames were only for the comparison
+            shutil.rmtree(reference.path, ignore_errors=True)
     return summary
 
 

@@ -130,7 +130,8 @@ class Mp4Sink:
 
 
 class FrameStore:
-    """Frames as float16 .npy chunks on disk: a reference video that streams back in order."""
+    """Frames as float32 .npy chunks on disk: a reference video that streams back in order, exactly
+    (an identical run reads as identical: PSNR inf, LPIPS 0)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -140,7 +141,7 @@ class FrameStore:
     def write(self, frames: torch.Tensor) -> None:
         path = self.path / f"{self.chunks:06d}.npy"
         try:
-            np.save(path, frames.to(torch.float16).cpu().numpy())
+            np.save(path, frames.to(torch.float32).cpu().numpy())
         except OSError as e:
             raise write_error(e, path) from None
         self.chunks += 1

@@ -120,7 +120,10 @@ class DiffusionForcingPlan:
         _require(
             self.window % self.block == 0,
             "causal_block_size",
-            f"{self.block} must divide the window of {self.window} latent frames",
+            f"{self.block} must divide the window of {self.window} latent frames (use a window of "
+            f"{max(self.block, self.window - self.window % self.block)} or {self.window - self.window % self.block + self.block} "
+            f"latent frames, or a block size dividing {self.window}; diffusers' pipeline accepts this and drops the "
+            "remainder from its step matrix, see docs/skyreels_v2.md)",
         )
         if self.latent_frames > self.window:
             _require(

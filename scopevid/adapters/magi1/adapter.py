@@ -326,13 +326,14 @@ class Magi1Adapter(Adapter):
         if not sharded:
             sel = torch.tensor(members, dtype=torch.long)
             frames = [spec.frames[j] for j in members]
-            cspec = ForwardSpec(frames=frames, key_ranges=tuple(span for _ in frames))
+            cspec = ForwardSpec(frames=frames, key_ranges=tuple(span for _ in frames), kernel=spec.kernel)
             pos = torch.tensor([copy_pos[f] for f in frames])
             alone = self.model(x[sel], t_loc[sel], caps, cap_idx[sel], cspec, attention, positions=pos, step_size=step)
             out[sel] = self.recipe.prev_chunks_scale * out[sel] + (1 - self.recipe.prev_chunks_scale) * alone
             return out
         frames = [f if j in mem else -1 for j, f in enumerate(spec.frames)]
-        cspec = ForwardSpec(frames=frames, shard=spec.shard, key_ranges=tuple(span if f >= 0 else (0, 0) for f in frames))
+        cspec = ForwardSpec(frames=frames, shard=spec.shard, key_ranges=tuple(span if f >= 0 else (0, 0) for f in frames),
+                            kernel=spec.kernel)
         pos = torch.tensor([copy_pos.get(f, 0.0) for f in frames[lo:hi]])
         alone = self.model(x, t_loc, caps, cap_idx, cspec, attention, positions=pos, step_size=step)
         sel = torch.tensor([i for i in range(hi - lo) if (lo + i) in mem], dtype=torch.long)
@@ -362,6 +363,11 @@ class Magi1Adapter(Adapter):
         before the rollout: a run without a VAE fails here, not after its first chunk's work."""
         self.vae()
         return GroupDecoder(self.decode, self.chunk)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The DiT, and the VAE once loaded (T5 runs in float32 on the CPU, off the device)."""
+        vae = getattr(self._vae, "module", self._vae)
+        return {"dit": self.model, **({"vae": vae} if isinstance(vae, torch.nn.Module) else {})}
 
     def attention_shape(self) -> AttentionShape:
         a = self.arch

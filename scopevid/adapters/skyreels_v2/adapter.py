@@ -55,7 +55,7 @@ class SkyReelsV2Spec(Section):
     # 'frame': seeded per frame and window iteration (deterministic, shard- and call-independent);
     # 'global': torch's global RNG as diffusers (each forward draws, so it depends on their order)
     addnoise_rng: Literal["frame", "global"] = "frame"
-    addnoise_seed: int = 0  # seed of the 'frame' addnoise stream
+    addnoise_seed: int = 0  # seed of the addnoise stream ('global': torch.manual_seed(it) when the video starts)
     causal_attention: int | None = Field(None, ge=0, le=1024)  # 0 bidirectional; N block-causal over N latent frames; default: the checkpoint's num_frame_per_block
     max_sequence_length: int = Field(512, ge=1, le=4096)  # prompt tokens
     vae_dtype: Dtype = "float32"
@@ -185,6 +185,8 @@ class SkyReelsV2Adapter(Adapter):
         """Per video: the sigma table the timesteps are read from, and each window's clean prefix."""
         sig, self._table = self._schedule(video.num_steps)
         self._prefix_len = dict(video.prefixes)
+        if self.addnoise_rng == "global":  # the pipeline's stream: torch's global generator, as after torch.manual_seed
+            torch.manual_seed(self.addnoise_seed)
         return NoiseSchedule(sigmas=tuple(float(x) for x in sig), noise=self.NOISE_SIGMA, clean=self.CLEAN_SIGMA)
 
     def solver_options(self) -> dict:
@@ -210,6 +212,11 @@ class SkyReelsV2Adapter(Adapter):
     # --- prompts ---------------------------------------------------------------------------------
     @torch.no_grad()
     def _encode(self, text: str) -> torch.Tensor:
+        if self.parts.tokenizer is None:  # built from configs only (meta, or random weights): every position a token
+            dev = next(self.parts.text_encoder.parameters()).device
+            ids = torch.zeros((1, self.max_sequence_length), dtype=torch.long, device=dev)
+            states = self.parts.text_encoder(ids, torch.ones_like(ids)).last_hidden_state
+            return states.to(self.device, self.dtype)
         tok = self.parts.tokenizer(
             [clean_prompt(text)], padding="max_length", max_length=self.max_sequence_length, truncation=True,
             add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
@@ -352,6 +359,10 @@ class SkyReelsV2Adapter(Adapter):
 
     def flops(self, frames: int, context: int = 0, blocks: int | None = None, branches: int = 1) -> float:
         return branches * self.net.flops(frames, self.tokens_per_frame, self.max_sequence_length, blocks, context)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        p = self.parts
+        return {"dit": p.transformer, "text_encoder": p.text_encoder, "vae": p.vae}
 
     def attention_shape(self) -> AttentionShape:
         n = self.net

@@ -139,6 +139,9 @@ class TinyAdapter(Adapter):
     def flops(self, frames: int, context: int, blocks: int | None = None, branches: int = 1) -> float:
         return branches * self.model.flops(frames, context, blocks)
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"dit": self.model}
+
     def attention_shape(self) -> AttentionShape:
         c = self.cfg
         return AttentionShape(c.depth, c.heads, c.heads, c.head_dim, (c.size // c.patch) ** 2, self.dtype.itemsize)
