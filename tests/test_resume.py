@@ -47,6 +47,8 @@ def assert_same_outputs(a: Path, b: Path) -> None:
     va, vb = video_frames(a / "video.mp4"), video_frames(b / "video.mp4")
     assert va.shape == vb.shape and (va == vb).all(), "MP4 frames differ"
     assert (a / "video.mp4").read_bytes() == (b / "video.mp4").read_bytes()
+    # the lossless latents of the resumed run: the part before the kill comes back from the shards
+    assert (a / "latents.safetensors").read_bytes() == (b / "latents.safetensors").read_bytes()
     ta, tb = pq.read_table(a / "steps.parquet"), pq.read_table(b / "steps.parquet")
     for col in ("serial", "mode", "compute_lo", "compute_hi", "frames_computed"):
         assert ta.column(col).to_pylist() == tb.column(col).to_pylist(), col
