@@ -116,3 +116,16 @@ def local_ray_head(prefix: str, num_cpus: int = 2):
         head.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+
+def write_magi_fixture_config(tmp: Path, frames: int = 24) -> Path:
+    """configs/bench/magi1_tiny_fixture.yaml (the tiny MAGI-1 checkpoint of tests/fixtures) with
+    absolute paths, so it runs from any working directory; `frames` pixel frames."""
+    raw = yaml.safe_load((ROOT / "configs" / "bench" / "magi1_tiny_fixture.yaml").read_text())
+    for key in ("arch", "weights", "special_tokens", "vae"):
+        raw["model"][key] = str(ROOT / raw["model"][key])
+    raw["policy_presets"] = str(ROOT / "configs" / "policies" / "magi1.yaml")
+    raw["frames"] = frames
+    path = tmp / "magi.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

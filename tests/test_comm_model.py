@@ -100,15 +100,9 @@ def test_skyreels_ulysses2_bytes_match_the_model(tmp_path):
 
 def test_magi1_ulysses2_bytes_match_the_model(tmp_path):
     """Grouped-query attention (4 query heads, 2 K/V groups), chunk-causal with a K/V cache, unguided."""
-    import yaml
+    from conftest import write_magi_fixture_config
 
-    raw = yaml.safe_load((ROOT / "configs" / "bench" / "magi1_tiny_fixture.yaml").read_text())
-    for key in ("arch", "weights", "special_tokens", "vae"):
-        raw["model"][key] = str(ROOT / raw["model"][key])
-    raw["policy_presets"] = str(ROOT / "configs" / "policies" / "magi1.yaml")
-    raw["frames"] = 24
-    path = tmp_path / "magi.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path = write_magi_fixture_config(tmp_path, frames=24)
     mesh = ParallelConfig(ulysses=2)
     runs = _runs([(str(path), "original"), (str(path), "scope-chunk-fast")], 2, mesh)
     assert runs[0][0]["attention_shape"].kv_heads == 2 and not runs[0][0]["guided"]

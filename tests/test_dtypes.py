@@ -86,17 +86,9 @@ def test_skyreels_v2_in_bf16_and_fp16_stays_close_to_float32(tmp_path):
 
 
 def test_magi1_in_bf16_and_fp16_stays_close_to_float32(tmp_path):
-    import yaml
+    from conftest import write_magi_fixture_config
 
-    from conftest import ROOT
-
-    raw = yaml.safe_load((ROOT / "configs" / "bench" / "magi1_tiny_fixture.yaml").read_text())
-    for key in ("arch", "weights", "special_tokens", "vae"):
-        raw["model"][key] = str(ROOT / raw["model"][key])
-    raw["policy_presets"] = str(ROOT / "configs" / "policies" / "magi1.yaml")
-    raw["frames"] = 24
-    path = tmp_path / "magi.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path = write_magi_fixture_config(tmp_path, frames=24)
     errs = _low_precision(str(path))
     print("magi1 relative RMS vs float32:", errs)
     for dtype, e in errs.items():

@@ -17,9 +17,12 @@ import torch
 from scopevid.adapters.base import ForwardSpec, local_attention
 from scopevid.cluster.sequence import shard_layout
 from scopevid.config import ParallelConfig
+from scopevid.engine.topology import LocalTopology
 
 
-class RankView:
+class RankView(LocalTopology):
+    """Sums, checks and state stay those of one process (LocalTopology); shapes are a mesh rank's."""
+
     rank = 0
 
     def __init__(self, mesh: ParallelConfig):
@@ -74,24 +77,3 @@ class RankView:
 
     def exchange(self, mine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return mine, torch.empty_like(mine)
-
-    def allreduce(self, values: list[float]) -> list[float]:
-        return [float(v) for v in values]
-
-    def reduce_shards(self, values: list[float]) -> list[float]:
-        return [float(v) for v in values]
-
-    def migrate(self, old, new, stores) -> None:
-        pass
-
-    def check(self, digest: str) -> None:
-        pass
-
-    def comm_bytes(self) -> dict[str, int]:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
