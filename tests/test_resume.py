@@ -87,6 +87,36 @@ def test_interrupted_rollout_resumes_exactly(tmp_path, kind, stop_at):
     assert not (tmp_path / "job" / "checkpoint").exists()
 
 
+def test_a_stop_after_the_rollout_before_the_summary_still_resumes(tmp_path, monkeypatch):
+    """Found by the random-signal test: a SIGINT after the rollout and before summary.json was
+    written used to find the checkpoint half deleted (removed at close), and --resume refused the
+    run directory. The checkpoint now goes only after the summary."""
+    from scopevid import config as config_lib
+    from scopevid.engine import runner
+    from scopevid.engine.checkpoint import Checkpointer, checkpoint_info
+    from scopevid.errors import Stopped
+
+    cfg = config_lib.load(write_tiny_config(tmp_path, frames=20, policy="scope-fast"))
+    runner.generate(cfg, tmp_path / "ref", progress=False, checkpoint=Checkpointer(tmp_path / "ref"))
+    real = runner.write_json
+
+    def stopped(path, data):
+        if path.name == "summary.json":
+            raise Stopped("SIGINT")
+        return real(path, data)
+
+    monkeypatch.setattr(runner, "write_json", stopped)
+    with pytest.raises(Stopped):
+        runner.generate(cfg, tmp_path / "job", progress=False, checkpoint=Checkpointer(tmp_path / "job"))
+    monkeypatch.setattr(runner, "write_json", real)
+    assert not (tmp_path / "job" / "summary.json").exists() and checkpoint_info(tmp_path / "job") is not None
+    resumed = runner.generate(cfg, tmp_path / "job", progress=False, overwrite=True,
+                              checkpoint=Checkpointer(tmp_path / "job", resume=True))
+    assert resumed["frames"] == 20
+    assert_same_outputs(tmp_path / "ref", tmp_path / "job")
+    assert not (tmp_path / "job" / "checkpoint").exists()
+
+
 BASELINES = {
     "teacache": {"kind": "teacache", "thresh": 0.3, "ret_steps": 2, "feature": "host"},
     "flowcache": {"kind": "flowcache", "thresh": 0.3, "ret_steps": 2, "feature": "host"},

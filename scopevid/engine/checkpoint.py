@@ -24,7 +24,7 @@ Layout under the output directory (which must be shared by all ranks' nodes):
     checkpoint/LATEST            JSON: which checkpoint is complete, output counters
     checkpoint/itNNNNNNNN/rank-RRRRR.pt   rollout state per rank (+ output.pt on rank 0)
     checkpoint/log/part-NNNNN.parquet     run-log rows up to each checkpoint
-The checkpoint directory is deleted when the rollout completes.
+The checkpoint directory is deleted once the run is complete and its summary.json written.
 """
 
 from __future__ import annotations
@@ -459,14 +459,21 @@ class Checkpointer:
         return r is not None and r.state.stats.iterations >= self._total
 
     def close(self) -> None:
-        """Flush the shards (always: a failed run keeps what it finished); on completion remove the
-        checkpoint (rank 0)."""
+        """Flush the shards (always: a failed run keeps what it finished)."""
         if self.frames_w is not None:
             self.frames_w.flush()
         if self.latents_w is not None:
             self.latents_w.flush()
-        if self.writes and self.complete:
-            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove the checkpoint of a completed run (rank 0), once its summary.json is written: a stop
+        before that keeps the checkpoint whole, so --resume still works. LATEST and settings.json go
+        first, so a kill during the removal leaves a directory that no resume mistakes for a run."""
+        if not (self.writes and self.complete):
+            return
+        for name in (LATEST, "settings.json"):
+            (self.dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def checkpoint_info(out: str | Path) -> dict | None:

@@ -320,6 +320,8 @@ def _generate(cfg: RunConfig, out: Path, compare: bool, topo: Topology, progress
         write_json(out / "summary.json", summary)
         if reference is not None:  # the lossless reference frames were only for the comparison
             shutil.rmtree(reference.path, ignore_errors=True)
+        if checkpoint is not None:  # last: until summary.json exists, a stopped run can still resume
+            checkpoint.discard()
     return summary
 
 
