@@ -51,13 +51,13 @@ class ScheduleConfig:
 class ParallelConfig:
     """How a job's ranks share the work (`parallel:`; CLI `--parallel cfg=2,ulysses=2`).
 
-    cfg: 2 puts the two classifier-free guidance branches on two rank groups that exchange one
-    velocity per forward (the branches run in parallel instead of one after the other). ulysses:
-    ranks splitting each forward's attention heads (must divide the head counts); None takes what
-    the world size leaves. ring: ranks passing K/V blocks round a ring over the sequence (any head
-    count; combined with ulysses as USP: the sequence is split over ring x ulysses ranks). cfg_mode: with both branches on one rank group, run them one after the
-    other (sequential) or as one batched forward (batched; the tiny model). Rank order, outermost
-    first: rank = ((d * cfg + c) * ring + r) * ulysses + u."""
+    dp: rank groups making different videos of a batch at once. cfg: 2 puts the two classifier-free
+    guidance branches on two rank groups that exchange one velocity per forward. ulysses: ranks
+    splitting each forward's attention heads (must divide the head counts); None takes what the
+    world size leaves. ring: ranks passing K/V blocks round a ring over the sequence (any head
+    count; with ulysses, USP). cfg_mode: with both branches on one rank group, run them one after the
+    other (sequential) or as one batched forward (batched; the tiny model). The rank layout, and the
+    check of a mesh against a job's ranks and a model's heads, live in scopevid.mesh."""
 
     dp: int = 1
     cfg: int = 1
@@ -65,63 +65,15 @@ class ParallelConfig:
     ring: int = 1
     cfg_mode: str = "sequential"  # the branches on one rank group: one after the other, or batched in one forward
 
-    def shape(self, world: int) -> "ParallelConfig":
-        """This mesh for a job of `world` ranks, `ulysses` filled in; a ConfigError if it cannot be."""
-        _check(self.cfg in (1, 2), "parallel.cfg", f"must be 1 or 2 (the guidance branches), got {self.cfg!r}")
+    def check(self) -> None:
+        """Each field in its range, whatever the world size (scopevid.mesh checks the rest): one line
+        naming the allowed values."""
+        for name in ("dp", "ring") + (("ulysses",) if self.ulysses is not None else ()):
+            v = getattr(self, name)
+            _check(_int(v) and v >= 1, f"parallel.{name}", f"must be a positive integer, got {v!r}")
+        _check(self.cfg in (1, 2) and _int(self.cfg), "parallel.cfg",
+               f"must be 1 or 2 (the guidance branches on one or two rank groups), got {self.cfg!r}")
         _check(self.cfg_mode in CFG_MODES, "parallel.cfg_mode", f"must be one of {', '.join(CFG_MODES)}, got {self.cfg_mode!r}")
-        _check(_int(self.ring) and self.ring >= 1, "parallel.ring", f"must be a positive integer, got {self.ring!r}")
-        _check(self.dp == 1, "parallel.dp", "rank groups for several videos at once are for batch jobs: "
-                                            "python -m scopevid.cluster.driver --batch FILE --parallel dp=D ...")
-        rest = self.dp * self.cfg * self.ring
-        u = self.ulysses if self.ulysses is not None else (world // rest if world % rest == 0 else None)
-        _check(_int(u) and u >= 1 and rest * u == world, "parallel",
-               f"dp*cfg*ulysses*ring = {self.dp}*{self.cfg}*{self.ulysses}*{self.ring} does not make the job's "
-               f"{world} rank(s); e.g. {', '.join(meshes(world))}")
-        return replace(self, ulysses=u)
-
-    @property
-    def world(self) -> int:
-        return self.dp * self.cfg * (self.ulysses or 1) * self.ring
-
-    def coords(self, rank: int) -> tuple[int, int, int, int]:
-        """(d, c, r, u) of a rank: rank = ((d * cfg + c) * ring + r) * ulysses + u."""
-        d, rest = divmod(rank, self.cfg * self.ring * self.ulysses)
-        c, rest = divmod(rest, self.ring * self.ulysses)
-        r, u = divmod(rest, self.ulysses)
-        return d, c, r, u
-
-    def rank_of(self, d: int, c: int, r: int, u: int) -> int:
-        return ((d * self.cfg + c) * self.ring + r) * self.ulysses + u
-
-
-def meshes(world: int, heads: tuple[int, ...] = ()) -> list[str]:
-    """Meshes this build runs for `world` ranks (ulysses dividing every head count of `heads`), or,
-    when there is none, the world sizes up to 16 that have one."""
-    def fits(w: int) -> list[str]:
-        out = []
-        for c in (1, 2):
-            u, r = divmod(w, c)
-            if r == 0 and all(h % u == 0 for h in heads):
-                out.append(f"cfg={c},ulysses={u}" if c > 1 else f"ulysses={u}")
-            elif r == 0:  # ring splits the sequence whatever the heads
-                out.append(f"cfg={c},ring={u}" if c > 1 else f"ring={u}")
-        return out
-
-    return fits(world) or [f"another number of ranks: {', '.join(str(w) for w in range(1, 17) if fits(w))}"]
-
-
-def parse_parallel(text: str) -> "ParallelConfig":
-    """`--parallel dp=1,cfg=2,ulysses=2` as a ParallelConfig (fields checked like the YAML's)."""
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = (x.strip() for x in part.partition("="))
-        if key == "cfg_mode" and value:
-            out[key] = value
-            continue
-        if not eq or not value.lstrip("-").isdigit():
-            raise ConfigError(f"--parallel: {part!r} is not KEY=INTEGER or cfg_mode=MODE (e.g. cfg=2,ulysses=2)")
-        out[key] = int(value)
-    return _build(ParallelConfig, out, "parallel.")
 
 
 @dataclass(frozen=True, config=TYPED)
@@ -148,6 +100,11 @@ class RunConfig:
     attention: str = "sdpa"  # the self-attention backend: sdpa | math | flash | xformers (adapters.attention)
     source: str = ""  # the YAML it came from
 
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance on: two branches per velocity (the pipelines' guidance_scale > 1)."""
+        return guided(self.guidance)
+
     def policy_spec(self, name: str | None = None) -> dict:
         name = name or self.policy
         if name not in self.policies:
@@ -168,6 +125,19 @@ class RunConfig:
         out["schedule"] = {f.name: getattr(self.schedule, f.name) for f in fields(self.schedule)}
         out["parallel"] = {f.name: getattr(self.parallel, f.name) for f in fields(self.parallel)}
         return out
+
+    def to_yaml(self) -> str:
+        """The resolved config as a YAML file that `load` reads back to an equal config (no `source`)."""
+        import json
+
+        d = {k: v for k, v in self.to_dict().items() if k != "source"}
+        return yaml.safe_dump(json.loads(json.dumps(d, default=str)), sort_keys=False)
+
+
+def guided(guidance: float) -> bool:
+    """Whether a guidance scale runs two branches (cond and uncond): the diffusers pipelines'
+    `do_classifier_free_guidance` (guidance_scale > 1), for every adapter."""
+    return float(guidance) > 1.0
 
 
 def _read_mapping(path: Path, field: str) -> dict:
@@ -273,6 +243,7 @@ def validate(cfg: RunConfig) -> None:
     for name in ("overlap_history", "ar_step", "context_chunks"):
         v = getattr(s, name)
         _check(_int(v) and v >= 0, f"schedule.{name}", f"must be an integer >= 0, got {v!r}")
+    cfg.parallel.check()
     _check(cfg.policy in cfg.policies, "policy", f"unknown {cfg.policy!r}; presets for this model: {', '.join(sorted(cfg.policies))}")
     check_presets(cfg.policies)
     check_size(cfg)

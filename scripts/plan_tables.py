@@ -21,6 +21,7 @@ from scopevid import adapters, config as config_lib  # noqa: E402
 from scopevid.config import ParallelConfig  # noqa: E402
 from scopevid.dryrun.planner import plan, video_flops  # noqa: E402
 from scopevid.dryrun.window import quick_steps  # noqa: E402
+from scopevid.mesh import implied_world  # noqa: E402
 
 MESHES = {True: [ParallelConfig(), ParallelConfig(cfg=2), ParallelConfig(cfg=2, ulysses=2), ParallelConfig(cfg=2, ulysses=4)],
           False: [ParallelConfig(), ParallelConfig(ulysses=2), ParallelConfig(ulysses=4), ParallelConfig(ulysses=8)]}
@@ -44,7 +45,7 @@ def main() -> None:
             dec = "n/a" if d["decode_gib"] is None else f"{d['decode_gib']:.1f} GiB"
             v = [d["verdicts"][f"{g} GB"].split(" (")[0].replace("does not fit", "no").replace("fits", "yes")
                  for g in (24, 48, 80, 141)]
-            print(f"| {path.stem} | {mesh.world} | {d['mesh']} | {d['weights_gib']['dit']:.1f} GiB | "
+            print(f"| {path.stem} | {implied_world(mesh)} | {d['mesh']} | {d['weights_gib']['dit']:.1f} GiB | "
                   f"{'-' if te is None else f'{te:.1f} GiB'} | {d['rollout_peak_gib']:.1f} GiB | {d['kv_cache_gib']:.2f} GiB | "
                   f"{dec} | {d['peak_gib']:.1f} GiB | " + " | ".join(v) + " |", flush=True)
             print(f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)

@@ -129,3 +129,27 @@ def write_magi_fixture_config(tmp: Path, frames: int = 24) -> Path:
     path = tmp / "magi.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def write_poisoned_tiny(tmp: Path, word: str = "blue", **over) -> Path:
+    """A tiny-model config whose checkpoint (safetensors + JSON, TINY_ARCH) has the embedding of one
+    vocabulary word set to NaN: any prompt with that word makes the model return NaN inside
+    `generate` (NonFiniteError); every other prompt runs normally."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
+
+    torch.manual_seed(0)
+    mcfg = TinyDiTConfig.from_dict(TINY_ARCH)
+    model = TinyDiT(mcfg)
+    with torch.no_grad():
+        for p in model.parameters():  # adaLN-zero leaves blocks as the identity: give them weights
+            if p.dim() > 0 and float(p.abs().sum()) == 0.0:
+                torch.nn.init.normal_(p, std=0.02)
+        model.word.weight[mcfg.vocab.index(word)] = float("nan")
+    path = tmp / "poisoned.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps({"model": mcfg.to_dict(), "shift": 3.0}))
+    return write_tiny_config(tmp, model={"kind": "tiny", "weights": str(path)}, **over)

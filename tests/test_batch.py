@@ -134,3 +134,18 @@ def test_interrupted_batch_resumes_and_skips_what_is_done(setup, tmp_path, sig):
     prompts.write_text("\n".join(reversed(good)) + "\n")
     r = _batch(cfg, prompts, out, "--resume")
     assert r.returncode == 2 and "the prompts differ" in r.stderr.strip().splitlines()[-1]
+
+
+def test_a_video_that_fails_inside_generate_is_failed_in_the_manifest(tmp_path):
+    """NaN from the model (a word whose embedding is NaN) ends that video inside `generate`; the
+    manifest says failed with the one-line cause, the next video still runs, and the batch exits 1."""
+    from conftest import write_poisoned_tiny
+
+    cfg = write_poisoned_tiny(tmp_path, frames=9)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("blue square moving left\nred square moving right\n")
+    r = _batch(cfg, prompts, tmp_path / "out")
+    assert r.returncode == 1 and "1 video(s) failed" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    rows = _manifest(tmp_path / "out")
+    assert [x["status"] for x in rows] == ["failed", "ok"], rows
+    assert "NaN or inf velocities" in rows[0]["error"] and rows[1]["error"] is None

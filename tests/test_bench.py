@@ -130,3 +130,21 @@ def test_bench_sp_compares_meshes_side_by_side(tmp_path):
     assert rows[0]["comm_seconds"] == 0.0 and rows[1]["comm_seconds"] > 0 and rows[2]["comm_seconds"] > 0
     best = json.loads((out / "bench_sp.json").read_text())["best"]
     assert set(best) == {"1 process", "cfg=2", "ulysses=2"} and best["cfg=2"]["world_size"] == 2
+
+
+def test_selective_on_is_the_exact_mode_for_block_causal_models_only(tiny_config):
+    """`--selective on` without a mode in the config: causal (exact) for block-causal models, the paper's
+    interval approximation for bidirectional ones, read from the adapter's declared capabilities."""
+    import torch
+
+    from scopevid import adapters, config as config_lib
+    from scopevid.bench.runs import selective_mode
+    from conftest import ROOT
+
+    cfg = config_lib.load(tiny_config(schedule={"selective": "off"}))
+    tiny = adapters.load(cfg.model)
+    sky = adapters.load({"kind": "skyreels_v2", "path": str(ROOT / "configs/arch/SkyReels-V2-DF-1.3B"), "height": 64,
+                         "width": 64}, "meta", torch.bfloat16)
+    assert tiny.capabilities.causal and not sky.capabilities.causal
+    assert selective_mode(cfg, tiny, "on") == "causal" and selective_mode(cfg, sky, "on") == "paper"
+    assert selective_mode(cfg, tiny, "off") == "off"

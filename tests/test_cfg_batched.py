@@ -73,4 +73,4 @@ def test_batched_mode_is_refused_where_the_model_cannot_batch():
     with pytest.raises(ConfigError, match="cfg_mode: batched needs a model that batches"):
         Adapter.branches_velocity(NoBatch(), None, None, None, None, None)
     with pytest.raises(ConfigError, match="parallel.cfg_mode: must be one of sequential, batched"):
-        config_lib.ParallelConfig(cfg_mode="parallel").shape(1)
+        config_lib.ParallelConfig(cfg_mode="parallel").check()

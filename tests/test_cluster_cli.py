@@ -107,4 +107,4 @@ def test_cfg_mesh_from_the_command_line_equals_one_process(tiny_config, tmp_path
     procs, errs = _two_ranks(cfg_path, tmp_path / "bad", [["--parallel", "cfg=2,ulysses=2"]] * 2)
     for p, err in zip(procs, errs):
         assert p.returncode == 2 and err.strip().splitlines()[-1].startswith(
-            "scopevid generate: error: parallel: dp*cfg*ulysses*ring = 1*2*2*1 does not make the job's 2 rank(s)"), err
+            "scopevid generate: error: parallel: dp*cfg*ring*ulysses = 1*2*1*2 does not make the job's 2 rank(s)"), err

@@ -8,8 +8,9 @@ import torch
 from scopevid.adapters.base import ForwardSpec
 from scopevid.cluster import groups
 from scopevid.cluster.groups import DistEnv, first_host
-from scopevid.cluster.sequence import UlyssesTopology, shard_layout
+from scopevid.cluster.sequence import MeshTopology
 from scopevid.errors import ConfigError, DistributedError
+from scopevid.mesh import shard_layout
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29400"}
 
@@ -78,8 +79,8 @@ def test_shard_rule(n, world):
 
 
 def test_heads_must_divide_world_size():
-    topo = UlyssesTopology.__new__(UlyssesTopology)  # no group needed: the check comes before any traffic
-    topo.sp_world, topo.sp_rank, topo._ds = 2, 0, object()
+    topo = MeshTopology.__new__(MeshTopology)  # no group needed: the check comes before any traffic
+    topo._ds = object()
     topo.uly = type("G", (), {"world": 2})()  # the Ulysses group: heads split 2 ways
     q = torch.zeros(1, 16, 3, 8)
     with pytest.raises(ConfigError, match="parallel.ulysses: .* 3 query / 3 key heads, not divisible by 2 ranks"):

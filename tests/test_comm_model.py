@@ -14,18 +14,18 @@ from conftest import ROOT, TINY_ARCH, write_tiny_config
 from scopevid.adapters.base import AttentionShape
 from scopevid.cluster import comm
 from scopevid.cluster.launch import spawn
-from scopevid.config import ParallelConfig
+from scopevid.mesh import MeshLayout
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 ENV = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
 
 
-def _runs(cases, world: int, mesh: ParallelConfig) -> list[list[dict]]:
+def _runs(cases, world: int, mesh: MeshLayout) -> list[list[dict]]:
     return spawn("scopevid.cluster.worker:collect_rollout_many", world, args=(cases,), kwargs={"check_decisions": False},
-                 timeout_s=500, threads=1, dist_timeout_s=60, env=ENV, mesh=mesh)
+                 timeout_s=500, threads=1, dist_timeout_s=60, env=ENV, mesh=mesh.parallel)
 
 
-def _predicted(run: dict, mesh: ParallelConfig) -> dict[str, int]:
+def _predicted(run: dict, mesh: MeshLayout) -> dict[str, int]:
     total = dict.fromkeys(comm.KINDS[:-1], 0)
     extra = run.setdefault("extra_pass_forwards", [0, 0])
     shape = run["attention_shape"]
@@ -39,7 +39,7 @@ def _predicted(run: dict, mesh: ParallelConfig) -> dict[str, int]:
     return total
 
 
-def _assert_model(runs: list[list[dict]], mesh: ParallelConfig, kinds: set[str], extra_passes: bool = False) -> None:
+def _assert_model(runs: list[list[dict]], mesh: MeshLayout, kinds: set[str], extra_passes: bool = False) -> None:
     for rank_runs in runs:
         for run in rank_runs:
             measured = {k: v for k, v in run["comm_bytes"].items() if k != "handover"}
@@ -68,23 +68,23 @@ def test_attention_shape_is_the_architecture():
 def test_hand_computed_bytes_of_one_forward():
     """ulysses=2 x ring=2, 8 frames, 2 layers, 4 heads of 8, 16 tokens a frame, fp16, guided, storing."""
     s = AttentionShape(layers=2, heads=4, kv_heads=2, head_dim=8, tokens_per_frame=16, element_bytes=2)
-    got = comm.forward_bytes(s, ParallelConfig(ulysses=2, ring=2), 8, stores=True, guided=True, frame_elems=48)
+    got = comm.forward_bytes(s, MeshLayout(ulysses=2, ring=2), 8, stores=True, guided=True, frame_elems=48)
     tokens = 2 * 16  # 8 frames over 4 sequence ranks
     assert got["ulysses"] == 2 * 2 * (tokens * (4 + 4 + 2 + 2) * 8 * 2 // 2)  # passes x layers x half of q,out,k,v
     assert got["ring"] == got["ring_store"] == 2 * 2 * 1 * 2 * tokens * 2 * 8 * 2  # passes x layers x hops x (k,v)
     assert got["gather"] == 3 * 2 * 48 * 4 and got["cfg"] == 0
-    cfg = comm.forward_bytes(s, ParallelConfig(cfg=2, ulysses=2), 8, stores=False, guided=True, frame_elems=48)
+    cfg = comm.forward_bytes(s, MeshLayout(cfg=2, ulysses=2), 8, stores=False, guided=True, frame_elems=48)
     assert cfg["cfg"] == 4 * 48 * 2 and cfg["ring"] == 0 and cfg["gather"] == 1 * 4 * 48 * 4
     assert cfg["ulysses"] == 1 * 2 * (2 * tokens * (4 + 4 + 2 + 2) * 8 * 2 // 2)  # one branch, twice the tokens
 
 
 def test_ulysses2_times_ring2_bytes_match_the_model(tiny_cases):
-    mesh = ParallelConfig(ulysses=2, ring=2)
+    mesh = MeshLayout(ulysses=2, ring=2)
     _assert_model(_runs(tiny_cases, 4, mesh), mesh, {"ulysses", "ring", "ring_store", "gather"})
 
 
 def test_cfg2_times_ulysses2_bytes_match_the_model(tiny_cases):
-    mesh = ParallelConfig(cfg=2, ulysses=2)
+    mesh = MeshLayout(cfg=2, ulysses=2)
     _assert_model(_runs(tiny_cases, 4, mesh), mesh, {"ulysses", "gather", "cfg"})
 
 
@@ -94,7 +94,7 @@ def test_skyreels_ulysses2_bytes_match_the_model(tmp_path):
 
     ckpt = sky.build_tiny_checkpoint(tmp_path / "SkyReels-V2-DF-tiny")
     cases = [(case_config(sky, ckpt, tmp_path / f"c{i}.yaml", p, 0, "paper"), p) for i, p in enumerate(("original", "scope-fast"))]
-    mesh = ParallelConfig(ulysses=2)
+    mesh = MeshLayout(ulysses=2)
     _assert_model(_runs(cases, 2, mesh), mesh, {"ulysses", "gather"})
 
 
@@ -103,7 +103,7 @@ def test_magi1_ulysses2_bytes_match_the_model(tmp_path):
     from conftest import write_magi_fixture_config
 
     path = write_magi_fixture_config(tmp_path, frames=24)
-    mesh = ParallelConfig(ulysses=2)
+    mesh = MeshLayout(ulysses=2)
     runs = _runs([(str(path), "original"), (str(path), "scope-chunk-fast")], 2, mesh)
     assert runs[0][0]["attention_shape"].kv_heads == 2 and not runs[0][0]["guided"]
     _assert_model(runs, mesh, {"ulysses", "gather"}, extra_passes=True)  # the distill recipe's copy of a chunk

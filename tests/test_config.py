@@ -10,6 +10,7 @@ import yaml
 
 from scopevid import config as config_lib
 from scopevid.cli import main
+from scopevid.config import ParallelConfig
 from scopevid.errors import ConfigError
 
 
@@ -159,13 +160,15 @@ def test_preflight_names_bad_prompts_and_world_sizes_before_any_load(tiny_config
     cluster job fails before placement instead of inside rank 0 after it."""
     from scopevid import adapters
 
-    cfg = config_lib.load(tiny_config())  # TINY_ARCH: 2 heads
-    adapters.preflight(cfg.model, cfg.prompt, 2)
-    adapters.preflight(cfg.model, cfg.prompt, 2, 4)  # cfg=2 x ulysses=2
-    with pytest.raises(ConfigError, match=r"for 8 ranks use ring=8 or cfg=2,ulysses=4"):
-        adapters.preflight({**cfg.model, "arch": {**cfg.model["arch"], "heads": 4}}, cfg.prompt, 8, 8)
-    with pytest.raises(ConfigError, match=r"parallel.ulysses: 3 ranks cannot split this model's 2 attention heads.*for 3 ranks use ring=3"):
-        adapters.preflight(cfg.model, cfg.prompt, 3)
+    cfg = config_lib.load(tiny_config())  # TINY_ARCH: 2 heads, guidance 3 (two branches)
+    assert adapters.preflight(cfg, 2).label == "ulysses=2"
+    assert adapters.preflight(cfg, 4, parallel=ParallelConfig(cfg=2)).label == "cfg=2,ulysses=2"
+    four = cfg.with_overrides(model={**cfg.model, "arch": {**cfg.model["arch"], "heads": 4}})
+    with pytest.raises(ConfigError, match=r"ulysses: 8 ranks cannot split .* 4 attention heads.*: cfg=2,ulysses=4, "
+                                          r"cfg=2,ring=2,ulysses=2, cfg=2,ring=4, ring=2,ulysses=4$"):
+        adapters.preflight(four, 8, parallel=ParallelConfig(ulysses=8))
+    with pytest.raises(ConfigError, match=r"parallel.ulysses: 3 ranks cannot split this model's 2 attention heads.*: ring=3$"):
+        adapters.preflight(cfg, 3)
     with pytest.raises(ConfigError, match=r"prompt: unknown word\(s\) \['purple'\]"):
-        adapters.preflight(cfg.model, "purple square", 1)
+        adapters.preflight(cfg.with_overrides(prompt="purple square"), 1)
     assert adapters._metadata({"kind": "magi1", "arch": "24B"})[0] == (48, 8)  # both query and K/V heads are split

@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT
 from scopevid import config as config_lib
+from scopevid.config import ParallelConfig
 from scopevid.dryrun.meta import MetaRun
 from scopevid.dryrun.window import quick_steps, run_window
 
@@ -101,3 +102,67 @@ def test_flops_per_video_match_the_papers_table_1(monkeypatch):
     magi = config_lib.load(ROOT / "configs" / "bench" / "plan" / "magi1_4.5b_distill_480p.yaml").with_overrides(frames=240)
     f = video_flops(magi, adapters.load(magi.model, "meta", torch.bfloat16))
     assert 0.90 < f / (paper["magi1"] * 1e15) < 1.0, f / 1e15
+
+
+def test_plan_bytes_by_hand(tmp_path):
+    """One small config (the test tiny model: dim 32, 2 layers, 2 heads, 16 tokens a frame, 3x16x16
+    frames, guided): the weights from the architecture's parameter count, the K/V cache as frames x
+    branches x layers x (K, V) x tokens x dim x 4 bytes, with the frame count of a real CPU rollout
+    stopped where the dry run stops, and a peak that is the weights plus the largest phase, holding
+    the K/V cache and the window's latents."""
+    from conftest import TINY_ARCH, write_tiny_config
+    from scopevid import adapters
+    from scopevid.dryrun.planner import plan
+    from scopevid.engine import runner
+    from scopevid.scheduler import policies as policy_lib
+
+    cfg = config_lib.load(write_tiny_config(tmp_path, frames=20, guidance=2.0))
+    p = plan(cfg)
+    D, L, C, P, V = TINY_ARCH["dim"], TINY_ARCH["depth"], 3, TINY_ARCH["patch"], len(TINY_ARCH["vocab"])
+    hd, T = D // TINY_ARCH["heads"], (TINY_ARCH["size"] // P) ** 2
+    block = (D + 1) * 3 * D + 2 * hd + (D + 1) * D + (D + 1) * 4 * D + (4 * D + 1) * D + (D + 1) * 6 * D
+    params = (C * P * P + 1) * D + 4 * (D + 1) * D + V * D + L * block + (D + 1) * 2 * D + (D + 1) * C * P * P
+    assert p.weights == {"dit": 4 * params} and p.weight_bytes == 4 * params
+
+    real = adapters.load(cfg.model, "cpu")  # the same window for real: which frames hold K/V where the dry run stops
+    plan_ = runner.build_plan(cfg, real)
+    ro = runner.make_rollout(cfg, real, plan_, policy_lib.build(cfg.policy_spec(), cfg.policy),
+                             real.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance))
+    for _ in ro.run():
+        if ro.state.window >= 1:
+            break
+    frames = ro.state.kv.frames("cond", 0)
+    assert frames and frames == ro.state.kv.frames("uncond", L - 1)
+    assert p.kv_bytes == len(frames) * 2 * L * 2 * T * D * 4 == ro.state.kv.nbytes()
+
+    # what the real rollout holds there (latents, clean latents, velocity history, features, K/V), each
+    # storage once: the dry run's state counts at least all of it
+    seen, held = set(), 0
+    for t in _tensors([ro.state.latents, ro.state.final, ro.state.history.state_dict(), ro.state.features.state_dict(),
+                       ro.state.kv.state_dict()]):
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            held += t.untyped_storage().nbytes()
+    assert held > p.kv_bytes > 0 and p.window.state_bytes >= held
+    assert p.rollout_peak_bytes >= p.window.state_bytes
+    assert p.peak_bytes == p.weight_bytes + max(p.text_activation_bytes, p.rollout_peak_bytes,
+                                                p.window.state_bytes + (p.decode_bytes or 0))
+
+    # ring=2 on this causal model: the forward's K/V pass round the ring and the stored frames' K/V are
+    # all-gathered: per rank, (ring - 1) x (K, V) x rows x heads x head_dim x 4 bytes each, rows = layers x
+    # branches x the rank's tokens of the longest forward
+    r2 = plan(cfg, mesh=ParallelConfig(ring=2))
+    n_pad = -(-r2.window.peak_frames // 2) * 2
+    rows = L * 2 * (n_pad // 2) * T
+    assert r2.comm_bytes_per_iteration["ring"] == r2.comm_bytes_per_iteration["ring_store"] == 1 * 2 * rows * D * 4
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)

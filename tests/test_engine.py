@@ -13,7 +13,7 @@ import torch
 from scopevid import adapters
 from scopevid import config as config_lib
 from scopevid.engine import runner
-from scopevid.engine.rollout import Rollout
+from scopevid.engine.rollout import Records, Rollout
 from scopevid.scheduler.policies import Original
 
 
@@ -22,11 +22,11 @@ def _latents(cfg) -> tuple[torch.Tensor, list]:
     adapter = adapters.load(cfg.model)
     plan = runner.build_plan(cfg, adapter)
     cond = adapter.encode_prompt(cfg.prompt, None, cfg.guidance)
-    records = []
-    ro = Rollout(adapter, plan, Original(), cond, seed=cfg.seed, on_step=records.append)
+    watch = Records()
+    ro = Rollout(adapter, plan, Original(), cond, seed=cfg.seed, observers=[watch])
     out = list(ro.run())
     assert [i for i, _ in out] == list(range(plan.latent_frames)), "frames must leave in order, each once"
-    return torch.stack([x for _, x in out]), records
+    return torch.stack([x for _, x in out]), watch.records
 
 
 def test_original_twice_is_byte_identical(tiny_config, tmp_path):

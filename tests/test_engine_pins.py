@@ -18,7 +18,7 @@ import torch
 
 from conftest import TINY_ARCH, write_tiny_config
 from scopevid.adapters.tiny.adapter import TinyAdapter
-from scopevid.engine.rollout import Rollout
+from scopevid.engine.rollout import Records, Rollout, RolloutObserver
 from scopevid.scheduler.plan import Iteration
 from scopevid.scheduler.policies import Decision, Mode, Policy, StepContext
 from scopevid.scheduler.predictors import Stability
@@ -68,12 +68,15 @@ class Scripted(Policy):
 def _run(ad, plan, policy, **kw):
     """Run a rollout; return (latents before each serial, the step records, the rollout)."""
     cond = ad.encode_prompt("red square moving right", None, 2.0)
-    ro = Rollout(ad, plan, policy, cond, seed=0, **kw)
-    before, records = {}, []
-    ro.on_step = records.append
-    ro.before_iteration = lambda it, _: before.__setitem__(it.serial, {f: x.clone() for f, x in ro.state.latents.items()})
+    before, watch = {}, Records()
+
+    class Before(RolloutObserver):
+        def before_iteration(self, it, next_emit):
+            before[it.serial] = {f: x.clone() for f, x in ro.state.latents.items()}
+
+    ro = Rollout(ad, plan, policy, cond, seed=0, observers=[watch, Before()], **kw)
     list(ro.run())
-    return before, records, ro
+    return before, watch.records, ro
 
 
 SYNC = DiffusionForcingPlan(latent_frames=4, window=4, num_steps=8, ar_step=0)  # every frame active every step
@@ -177,7 +180,11 @@ def test_per_frame_state_leaves_with_its_frame(plan):
     lo_of: dict[int, int] = {}
     its: dict[int, Iteration] = {}
 
-    def check(it, _):
+    class Check(RolloutObserver):
+        def before_iteration(self, it, next_emit):
+            check(it)
+
+    def check(it):
         its[it.serial] = it
         prev = its.get(it.serial - 1)
         if prev is None:
@@ -192,7 +199,7 @@ def test_per_frame_state_leaves_with_its_frame(plan):
         peak["latents"] = max(peak["latents"], len(st.final) + len(st.latents))
         lo_of[it.serial] = lo
 
-    ro.before_iteration = check
+    ro.observers.append(Check())
     list(ro.run())
     span = plan.window if isinstance(plan, DiffusionForcingPlan) else (plan.window_chunks + plan.context_chunks) * plan.chunk
     assert 0 < peak["history"] <= span and 0 < peak["features"] <= span and peak["latents"] <= 2 * span

@@ -173,3 +173,19 @@ def test_dp2_makes_two_prompts_at_once_each_equal_to_one_process(ray_head, tmp_p
     assert d["one"][0] != d["one"][1], "the two prompts measure the same d: a sum shared by the videos would go unseen"
     for mine, theirs in zip(d["dp2"], d["one"]):  # each video's own Eq. 4 sums, not the two videos' together
         assert all((x is None and y is None) or abs(x - y) <= 1e-5 * max(abs(y), 1e-12) for x, y in zip(mine, theirs))
+
+
+def test_a_video_that_fails_inside_generate_is_failed_in_the_manifest(ray_head, tmp_path):
+    """On rank groups: NaN from the model inside one video's `generate` is that video's failure (the
+    manifest says failed, with the cause), the group stays and makes the next video."""
+    from conftest import write_poisoned_tiny
+
+    cfg = write_poisoned_tiny(tmp_path, frames=9)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("blue square moving left\nred square moving right\ngreen square moving left\n")
+    r = subprocess.run(_driver(ray_head, cfg, prompts, tmp_path / "out"), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=ray_env())
+    assert r.returncode == 1 and "1 video(s) failed" in r.stderr.strip().splitlines()[-1], (r.stdout + r.stderr)[-3000:]
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert [x["status"] for x in rows] == ["failed", "ok", "ok"], rows
+    assert "NaN or inf velocities" in rows[0]["error"]

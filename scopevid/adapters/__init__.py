@@ -27,25 +27,30 @@ def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
     raise ConfigError(f"model.kind: unknown {kind!r}; allowed: {', '.join(KINDS)}")
 
 
-def preflight(spec: dict, prompt: str, ulysses: int, world: int | None = None) -> None:
-    """Checks that need the model's metadata but not its weights, done before any placement or load:
-    the prompt against the vocabulary (tiny), the Ulysses degree against the attention heads
-    (Ulysses gives each rank whole heads). One ConfigError line, proposing meshes for the job's
-    `world` ranks; a cluster job then fails before it starts."""
-    from scopevid.config import meshes
+def preflight(cfg, world: int = 1, *, batch: bool = False, parallel=None):
+    """Checks that need the model's metadata but not its weights, done before any placement or load,
+    and the mesh of the job: the model section, the prompt against the vocabulary (tiny), and
+    `parallel` (default the config's) on `world` ranks against the model's attention heads and its
+    guidance branches (scopevid.mesh.MeshLayout.resolve, the one check every entry point runs).
+    Returns the validated MeshLayout; a ConfigError line otherwise, so a cluster job fails before it
+    starts."""
+    from scopevid.mesh import MeshLayout
 
-    check_spec(spec)
-    heads, words = _metadata(spec)
-    if ulysses > 1 and heads is not None:
-        bad = [n for n in heads if n % ulysses]
-        if bad:
-            raise ConfigError(f"parallel.ulysses: {ulysses} ranks cannot split this model's {'/'.join(map(str, heads))} "
-                              f"attention heads (Ulysses gives each rank whole heads); for {world or ulysses} ranks use "
-                              f"{' or '.join(meshes(world or ulysses, heads))}")
+    check_spec(cfg.model)
+    heads, words = _metadata(cfg.model)
+    layout = MeshLayout.resolve(parallel or cfg.parallel, world, heads=tuple(heads or ()), guided=cfg.guided, batch=batch)
     if words is not None:
-        from scopevid.adapters.tiny.adapter import check_prompt
+        check_prompt(cfg.model, cfg.prompt)
+    return layout
 
-        check_prompt(prompt, words)
+
+def check_prompt(spec: dict, prompt: str) -> None:
+    """The prompt against the model's vocabulary (tiny; other models take any text)."""
+    _, words = _metadata(spec)
+    if words is not None:
+        from scopevid.adapters.tiny.adapter import check_prompt as check_words
+
+        check_words(prompt, words)
 
 
 def check_spec(spec: dict) -> None:

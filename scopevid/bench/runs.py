@@ -51,7 +51,7 @@ def selective_mode(cfg: RunConfig, adapter, flag: str) -> str:
         raise ConfigError(f"--selective: values are on and off, got {flag!r}")
     if cfg.schedule.selective != "off":
         return cfg.schedule.selective
-    return "causal" if getattr(adapter, "causal", False) else "paper"
+    return "causal" if adapter.capabilities.causal else "paper"
 
 
 def plan_variants(

@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from scopevid.cluster import rayjob
-from scopevid.errors import ConfigError, DistributedError, ScopevidError, Stopped
+from scopevid.errors import DistributedError, ScopevidError, Stopped
 from scopevid.jobs import local
 from scopevid.jobs.manifest import Manifest, Status
 
@@ -79,15 +78,11 @@ def run(spec, cfg, reqs, out: Path, world: int) -> Manifest:
 
     from scopevid.engine.sinks import RunLock
 
-    dp = cfg.parallel.dp
-    if world % dp:
-        raise ConfigError(f"parallel.dp: {dp} rank groups do not divide --world-size {world}")
-    size = world // dp
-    inner = replace(cfg.parallel, dp=1).shape(size)  # each group's own mesh (cfg x ulysses), checked here
-    group_cfg = cfg.with_overrides(parallel=inner)
     from scopevid import adapters
 
-    adapters.preflight(cfg.model, cfg.prompt or reqs[0].prompt, inner.ulysses, size)
+    layout = adapters.preflight(cfg.with_overrides(prompt=cfg.prompt or reqs[0].prompt), world, batch=True)
+    dp, size = layout.dp, layout.video_world
+    group_cfg = cfg.with_overrides(parallel=layout.group_mesh().parallel)  # what each rank group runs
     local.check_batch_dir(group_cfg, reqs, out, resume=spec.resume, overwrite=spec.overwrite)
     device = "cuda" if str(cfg.device).startswith("cuda") and ray.cluster_resources().get("GPU", 0) >= world else "cpu"
     group_cfg = group_cfg.with_overrides(device="cuda" if device == "cuda" else "cpu")
@@ -102,13 +97,13 @@ def run(spec, cfg, reqs, out: Path, world: int) -> Manifest:
             rayjob.no_other_job(out, world)  # a killed driver's actors (named after DIR) end within seconds
             Worker = ray.remote(GroupWorker)
             for r in range(world):
-                g, rank = divmod(r, size)
+                g, rank = layout.replica(r), layout.video_rank(r)
                 actors.append(Worker.options(
                     name=rayjob.actor_name(out, r), namespace=rayjob.NAMESPACE, num_cpus=spec.cpus_per_rank,
                     num_gpus=1 if device == "cuda" else 0, max_restarts=0,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
                 ).remote(g, rank, size, max(1, int(spec.cpus_per_rank)), device))
-            groups = [actors[g * size:(g + 1) * size] for g in range(dp)]
+            groups = [[actors[r] for r in layout.group("video", layout.rank_of(d))] for d in range(dp)]
             infos = ray.get([a.info.remote() for a in actors], timeout=spec.placement_timeout_s + 60)
             rayjob.say(spec, f"{dp} group(s) of {size} rank(s) on {device}: "
                           + ", ".join(f"group {i['group']} rank {i['rank']} pid {i['pid']}" for i in infos))

@@ -22,25 +22,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scopevid.adapters.base import AttentionShape
-from scopevid.config import ParallelConfig
+from scopevid.mesh import MeshLayout, valid_meshes
 
 KINDS = ("ulysses", "ring", "ring_store", "gather", "cfg", "handover")
 VELOCITY_BYTES = 4  # the engine gathers guided velocities in float32
 
 
-def passes(mesh: ParallelConfig, guided: bool) -> int:
+def passes(mesh: MeshLayout, guided: bool) -> int:
     """Passes of the block stack per forward on one rank: both guidance branches, or (cfg=2) its own."""
     return (2 if guided else 1) if mesh.cfg == 1 else 1
 
 
-def forward_bytes(shape: AttentionShape, mesh: ParallelConfig, n_pad: int, *, stores: bool, frame_elems: int,
+def forward_bytes(shape: AttentionShape, mesh: MeshLayout, n_pad: int, *, stores: bool, frame_elems: int,
                   guided: bool = True, rows: int | None = None, branch_bytes: int | None = None) -> dict[str, int]:
     """Bytes one rank sends in one forward of `n_pad` frames (divisible by ring x ulysses) under
     `mesh`. `stores`: the forward writes K/V (ring_store); `frame_elems`: velocity elements per
     latent frame; `rows`: query rows (tokens) through self-attention on this rank over the forward,
     by default layers x passes x its tokens (an adapter may run more, e.g. MAGI-1 distill's copy of
     a chunk); `branch_bytes`: the element size of one branch's velocity (default the attention's)."""
-    U, R = mesh.ulysses or 1, mesh.ring
+    U, R = mesh.ulysses, mesh.ring
     S = U * R
     if n_pad % S:
         raise ValueError(f"n_pad {n_pad} is not divisible by the {S} sequence ranks")
@@ -62,9 +62,9 @@ def forward_bytes(shape: AttentionShape, mesh: ParallelConfig, n_pad: int, *, st
     return out
 
 
-def messages(shape: AttentionShape, mesh: ParallelConfig, *, stores: bool, guided: bool) -> dict[str, int]:
+def messages(shape: AttentionShape, mesh: MeshLayout, *, stores: bool, guided: bool) -> dict[str, int]:
     """Collective calls (each pays the link latency at least once) per forward, by kind."""
-    U, R = mesh.ulysses or 1, mesh.ring
+    U, R = mesh.ulysses, mesh.ring
     calls = passes(mesh, guided) * shape.layers
     return {
         "ulysses": calls * 4 * (U > 1),
@@ -88,19 +88,10 @@ class Link:
 
 
 # --- projection -----------------------------------------------------------------------------------
-def meshes_for(gpus: int, shape: AttentionShape, guided: bool) -> list[ParallelConfig]:
-    """Every mesh of `gpus` ranks this engine runs for the model: ulysses dividing the query and
-    K/V heads, cfg=2 only with two guidance branches."""
-    out = []
-    for cfg in ((1, 2) if guided else (1,)):
-        for dp in range(1, gpus + 1):
-            if gpus % (dp * cfg):
-                continue
-            sp = gpus // (dp * cfg)
-            for u in range(1, sp + 1):
-                if sp % u == 0 and shape.heads % u == 0 and shape.kv_heads % u == 0:
-                    out.append(ParallelConfig(dp=dp, cfg=cfg, ulysses=u, ring=sp // u))
-    return out
+def meshes_for(gpus: int, shape: AttentionShape, guided: bool) -> list[MeshLayout]:
+    """Every mesh of `gpus` ranks this engine runs for the model (scopevid.mesh.valid_meshes: Ulysses
+    dividing the query and K/V heads, cfg=2 only with two guidance branches), dp groups included."""
+    return valid_meshes(gpus, (shape.heads, shape.kv_heads), guided, batch=True)
 
 
 def _off_node(size: int, stride: int, gpus_per_node: int) -> float:
@@ -112,7 +103,7 @@ def _off_node(size: int, stride: int, gpus_per_node: int) -> float:
     return (size - per_node) / (size - 1)
 
 
-def project(shape: AttentionShape, flops, mesh: ParallelConfig, *, window: int, context: int, guided: bool,
+def project(shape: AttentionShape, flops, mesh: MeshLayout, *, window: int, context: int, guided: bool,
             stores: bool, frame_elems: int, links: dict[str, Link], gpus_per_node: int, tflops: float) -> dict:
     """One denoising iteration of one video under `mesh`: bytes and seconds per kind (no overlap of
     communication with compute), compute seconds, and throughput relative to one GPU per video.
@@ -139,7 +130,7 @@ def project(shape: AttentionShape, flops, mesh: ParallelConfig, *, window: int, 
     comm_s = sum(seconds.values())
     iteration = compute + comm_s
     return {
-        "mesh": ",".join(f"{k}={getattr(mesh, k)}" for k in ("dp", "cfg", "ulysses", "ring")),
+        "mesh": mesh.label,
         "gpus": mesh.world, "gpus_per_video": C * S, "padded_frames": n_pad,
         "bytes_per_rank": sum(nbytes.values()), **{f"bytes_{k}": v for k, v in nbytes.items()},
         **{f"seconds_{k}": v for k, v in seconds.items()},

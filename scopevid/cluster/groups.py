@@ -29,8 +29,8 @@ from typing import Mapping
 
 import torch
 
-from scopevid.config import ParallelConfig
-from scopevid.errors import DistributedError
+from scopevid.errors import ConfigError, DistributedError
+from scopevid.mesh import MeshLayout
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "SCOPEVID_DIST_TIMEOUT"
@@ -282,55 +282,77 @@ def _host(addr: str) -> str:
 
 
 @dataclass
-class Mesh:
-    """One rank's groups: `video` (every rank working on its video: decisions, control flags, the
-    writer), `sp` (the ranks sharing one forward: ring x Ulysses), `cfg` (the ranks holding the other
-    guidance branch of the same shard), and within `sp` the `ulysses` and `ring` groups. Built once,
-    here, for every topology that needs them."""
+class ParallelState:
+    """One rank's place in the mesh, built once per job (`build_state`): the layout (scopevid.mesh:
+    every rank's coordinates, groups, shard, ring part and branch) and this rank's process groups.
+    The topology, ring attention and batch groups ask it; none does rank arithmetic of its own.
 
-    shape: ParallelConfig  # resolved (ulysses set)
+    Groups (cluster.groups.Group): `video` every rank of this video (control flags, digests, the
+    writer), `sp` the ranks of one forward (its shards), `cfg` the rank with the other guidance
+    branch of the same shard, `ulysses` the ranks of one all-to-all, `ring` the ranks the K/V blocks
+    pass round. Groups with the same members are one Group; a group of one has no process group."""
+
+    layout: MeshLayout
     world: Group
     video: Group
     sp: Group
     cfg: Group
-    ulysses: Group  # within sp: the ranks one all-to-all spans
-    ring: Group  # within sp: the ranks the K/V blocks pass round
-    replica: int  # which video this rank works on (0..dp-1)
-    branch: int  # which guidance branch (0 cond, 1 uncond) when shape.cfg == 2
+    ulysses: Group
+    ring: Group
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def replica(self) -> int:
+        return self.layout.replica(self.rank)
+
+    @property
+    def branch(self) -> str | None:
+        return self.layout.branch(self.rank)
+
+    def shard(self, n: int) -> tuple[int, tuple[int, int]]:
+        """(padded length, this rank's [lo, hi) slots) of a forward of n frames."""
+        return self.layout.shard(n, self.rank)
+
+    def ring_parts(self, n_pad: int) -> list[tuple[int, int]]:
+        """The [lo, hi) slots of every ring member's queries in a padded forward, in ring order."""
+        return [self.layout.ring_part(n_pad, i) for i in range(self.layout.ring)]
+
+    def groups(self) -> list[Group]:
+        """Every distinct group this rank belongs to (each once)."""
+        out: list[Group] = []
+        for g in (self.world, self.video, self.sp, self.cfg, self.ulysses, self.ring):
+            if all(g is not x for x in out):
+                out.append(g)
+        return out
 
 
-def build_mesh(world: Group, shape: ParallelConfig) -> Mesh:
-    """Create every sub-group of `shape` on `world` (each rank creates all of them, in one order, as
-    torch.distributed.new_group requires) and return this rank's."""
+def build_state(world: Group, layout: MeshLayout) -> ParallelState:
+    """Create every process group of `layout` on `world` and return this rank's ParallelState. Each
+    rank creates all of them, in one order, as torch.distributed.new_group requires; groups of one
+    rank need none, and a member set that recurs (sp = ulysses without a ring) is created once."""
     import torch.distributed as dist
 
-    shape = shape.shape(world.world)  # checked against the job's ranks, ulysses filled in
-    me = shape.coords(world.rank)
-    mine = {}
-    R = shape
+    from scopevid.mesh import GROUPS
 
-    def make(kind: str, members: list[int]) -> None:
-        pg = dist.new_group(members, timeout=timedelta(seconds=world.timeout_s)) if len(members) < world.world else world.pg
-        if world.rank in members:
-            mine[kind] = replace(world.sub(members), pg=pg)
-
-    C, Q, U = range(R.cfg), range(R.ring), range(R.ulysses)
-    for d in range(R.dp):
-        make("video", [R.rank_of(d, c, r, u) for c in C for r in Q for u in U])
-    for d in range(R.dp):
-        for c in C:
-            make("sp", [R.rank_of(d, c, r, u) for r in Q for u in U])
-    for d in range(R.dp):
-        for r in Q:
-            for u in U:
-                make("cfg", [R.rank_of(d, c, r, u) for c in C])
-    for d in range(R.dp):
-        for c in C:
-            for r in Q:
-                make("ulysses", [R.rank_of(d, c, r, u) for u in U])
-    for d in range(R.dp):
-        for c in C:
-            for u in U:
-                make("ring", [R.rank_of(d, c, r, u) for r in Q])
-    return Mesh(shape, world, mine["video"], mine["sp"], mine["cfg"], mine["ulysses"], mine["ring"],
-                replica=me[0], branch=me[1])
+    if layout.world != world.world:
+        raise ConfigError(f"parallel: the mesh {layout.label} has {layout.world} ranks, the job {world.world}")
+    made: dict[tuple[int, ...], Group] = {}  # this rank's groups
+    created: set[tuple[int, ...]] = set()  # every member set seen, on every rank alike
+    for kind in GROUPS:
+        for members in layout.groups(kind):
+            if members in created:
+                continue
+            created.add(members)
+            if len(members) == world.world:
+                pg = world.pg
+            elif len(members) == 1:
+                pg = None
+            else:
+                pg = dist.new_group(list(members), timeout=timedelta(seconds=world.timeout_s))
+            if world.rank in members:
+                made[members] = replace(world.sub(list(members)), pg=pg) if pg is not world.pg else world
+    mine = {kind: made[layout.group(kind, world.rank)] for kind in GROUPS}
+    return ParallelState(layout, world, **mine)

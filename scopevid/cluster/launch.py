@@ -4,7 +4,7 @@ and laptops. Production launches go through torchrun, Slurm or the Ray driver in
     results = spawn("scopevid.cluster.worker:collect_rollout", 2, args=(cfg_dict, "original"))
 
 The target is named "module:function" and called as fn(topology, *args, **kwargs) on every rank,
-with a `UlyssesTopology` over the group (or over the groups of `mesh=`); its return values (anything torch.save can write) come back
+with a `MeshTopology` over the mesh `mesh=` (default: Ulysses over every rank); its return values (anything torch.save can write) come back
 in rank order. Every rank runs with `threads` intra-op threads (OMP/MKL too), the whole launch is
 bounded by `timeout_s` (ranks still alive then are killed), and a failing rank's traceback is raised
 in the caller.

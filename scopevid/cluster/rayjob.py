@@ -1,4 +1,4 @@
-"""Ray job plumbing shared by the driver's two kinds of job (one video: cluster.driver; a batch on
+"""Ray job plumbing shared by the driver's two kinds of job (one video: cluster.video_job; a batch on
 rank groups: cluster.batch): connecting, placement with a visible wait, named rank actors, signals
 that stop a job within a second, one-line causes of actor failures."""
 

@@ -65,16 +65,16 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-def ring_attention(q, k, v, layer: int, spec: ForwardSpec, ring: Group, part: tuple[int, int]) -> torch.Tensor:
-    """Attention of this rank's queries (frames spec.frames[part[0]:part[1]], all tokens of them,
-    [B, S_part, h, d]) over every key of the forward, with k/v [B, S_part, hk, d] this rank's part;
-    the parts of the other ring ranks arrive one hop per step."""
+def ring_attention(q, k, v, layer: int, spec: ForwardSpec, ring: Group, parts: list[tuple[int, int]]) -> torch.Tensor:
+    """Attention of this rank's queries (frames spec.frames[lo:hi] of its ring part, all tokens of
+    them, [B, S_part, h, d]) over every key of the forward, with k/v [B, S_part, hk, d] this rank's
+    part; the parts of the other ring ranks arrive one hop per step. `parts`: the [lo, hi) slots of
+    every ring member's part, in ring order (the mesh layout's)."""
     import torch.distributed as dist
 
-    lo, hi = part
+    lo, hi = parts[ring.rank]
     my_frames = list(spec.frames[lo:hi])
-    nf = hi - lo
-    tpf = q.shape[1] // max(nf, 1)
+    tpf = q.shape[1] // max(hi - lo, 1)
     ranges = list(spec.key_ranges[lo:hi]) if spec.key_ranges is not None else None
     if spec.kv is not None and spec.store:  # the stored frames' K/V on every ring rank (context later)
         kv_all = [torch.empty_like(k) for _ in range(ring.world)], [torch.empty_like(v) for _ in range(ring.world)]
@@ -83,8 +83,8 @@ def ring_attention(q, k, v, layer: int, spec: ForwardSpec, ring: Group, part: tu
             dist.all_gather(kv_all[0], k.contiguous(), group=ring.pg)
             dist.all_gather(kv_all[1], v.contiguous(), group=ring.pg)
         for src in range(ring.world):
-            frames = spec.frames[src * nf:(src + 1) * nf]
-            for i, f in enumerate(frames):
+            a, b = parts[src]
+            for i, f in enumerate(spec.frames[a:b]):
                 if f in spec.store:
                     sl = slice(i * tpf, (i + 1) * tpf)
                     spec.kv.put(layer, f, kv_all[0][src][:, sl].clone(), kv_all[1][src][:, sl].clone())
@@ -97,8 +97,9 @@ def ring_attention(q, k, v, layer: int, spec: ForwardSpec, ring: Group, part: tu
         out, lse = partial(q, kc.to(k.dtype), vc.to(v.dtype), _allowed(my_frames, list(spec.context), spec, ranges, q.device), tpf)
     blk_k, blk_v = k.contiguous(), v.contiguous()
     for step in range(ring.world):
-        src = (ring.rank - step) % ring.world
-        key_frames = list(spec.frames[src * nf:(src + 1) * nf])
+        src = (ring.rank - step) % ring.world  # the block in hand came from `step` hops back
+        a, b = parts[src]
+        key_frames = list(spec.frames[a:b])
         if step < ring.world - 1:  # send this block on while computing on it
             nxt_k, nxt_v = torch.empty_like(blk_k), torch.empty_like(blk_v)
             to, frm = ring.global_rank((ring.rank + 1) % ring.world), ring.global_rank((ring.rank - 1) % ring.world)

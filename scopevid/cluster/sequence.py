@@ -1,14 +1,15 @@
-"""Sequence parallelism over frames: `UlyssesTopology` implements `engine.topology.Topology`.
+"""The engine's Topology for a mesh of ranks: `MeshTopology` implements `engine.topology.Topology`
+over one rank's `ParallelState` (cluster.groups), which owns the layout.
 
-Sharding rule (`shard_layout`). A forward over n frames is padded at the END to
-n_pad = ceil(n / W) * W frames (padding frames have index -1: zero latents, clean sigma, masked as
-keys by `local_attention`, outputs dropped), and rank r holds the contiguous slots
-[r * n_pad / W, (r + 1) * n_pad / W). Every rank thus holds the same number of frames (Ulysses'
+Sharding rule (scopevid.mesh). A forward over n frames is padded at the END to n_pad = ceil(n / W) * W
+frames, W the sequence ranks (padding frames have index -1: zero latents, clean sigma, masked as keys
+by `local_attention`, outputs dropped), and sequence rank s holds the contiguous slots
+[s * n_pad / W, (s + 1) * n_pad / W). Every rank thus holds the same number of frames (Ulysses'
 all-to-all needs equal shards), at most W - 1 padding frames are computed in total, and only the
 last ranks carry padding (a rank may hold padding only, e.g. n = 1). The host feature uses the same
 rule without computing padding (a rank whose slots are all padding contributes zero sums).
 
-Attention (`UlyssesTopology.attention`): DeepSpeed's `DistributedAttention(local_attention, group,
+Attention (`MeshTopology.attention`): DeepSpeed's `DistributedAttention(local_attention, group,
 scatter_idx=2, gather_idx=1)`. Each rank's q/k/v [B, S_local, H, D] are exchanged by all-to-all into
 [B, S_full, H / W, D]; `local_attention` runs on the whole padded sequence for H / W heads (this is
 where the KV cache is written and read, so every rank caches its own heads for every frame and no
@@ -38,16 +39,9 @@ import torch
 
 from scopevid.adapters.base import ForwardSpec, local_attention
 from scopevid.cluster import consensus
-from scopevid.cluster.groups import Group
+from scopevid.cluster.groups import Group, ParallelState
 from scopevid.engine.topology import FrameKeyed
 from scopevid.errors import ConfigError
-
-
-def shard_layout(n: int, world: int, rank: int) -> tuple[int, tuple[int, int]]:
-    """(padded length, [lo, hi) of this rank) for n frames over `world` ranks (see module doc)."""
-    per = -(-n // world) if n > 0 else 0
-    return per * world, (rank * per, (rank + 1) * per)
-
 
 class _LocalFailure(Exception):
     """Carries an error raised inside local attention past `Group.collective` unchanged."""
@@ -77,40 +71,39 @@ def init_deepspeed(group: Group) -> None:
     deepspeed.init_distributed(dist_backend=group.backend, verbose=False, timeout=timedelta(seconds=group.timeout_s))
 
 
-class UlyssesTopology:
-    """Frames of every forward sharded contiguously over the `group` (the sequence-parallel ranks);
-    attention by Ulysses all-to-all.
+class MeshTopology:
+    """The frames of every forward sharded over the sequence ranks of this rank's video; attention by
+    Ulysses all-to-all over heads and, with a ring, K/V passed round it; the guidance branches on
+    two rank groups with cfg=2. What the layout is, `state` (a ParallelState) says.
 
-    In a mesh (`cluster.groups.Mesh`), `video` holds every rank of this video and `cfg` the rank
-    with the other guidance branch of the same shard: `rank` / `world` are then this process's
-    place among the video's ranks (the writer, checkpoint files, control flags), the shard layout
-    and the discrepancy sums stay on the sequence group, and `branch` / `exchange` let the engine
-    run one guidance branch here and combine it with the other."""
+    `rank` / `world` are this process's place among its video's ranks (the writer, checkpoint files,
+    control flags); the shard layout and the discrepancy sums are the sequence group's; `branch` /
+    `exchange` let the engine run one guidance branch here and combine it with the other."""
 
-    def __init__(self, group: Group, *, video: Group | None = None, cfg: Group | None = None,
-                 ulysses: Group | None = None, ring: Group | None = None):
-        self.group = group
-        self.video = video or group
-        self.cfg = cfg if cfg is not None and cfg.world > 1 else None
-        self.ring = ring if ring is not None and ring.world > 1 else None
-        self.uly = ulysses if self.ring is not None else group  # the all-to-all's ranks
+    def __init__(self, state: ParallelState):
+        self.state = state
+        self.group = state.sp  # the ranks of one forward: shards, discrepancy sums, the velocity gather
+        self.video = state.video
+        self.cfg = state.cfg if state.cfg.world > 1 else None
+        self.ring = state.ring if state.ring.world > 1 else None
+        self.uly = state.ulysses  # the all-to-all's ranks
         self.rank, self.world = self.video.rank, self.video.world
-        self.sp_rank, self.sp_world = group.rank, group.world
+        self.sp_world = self.group.world
         self.heads_split = self.uly.world
-        self.branch = None if self.cfg is None else ("cond", "uncond")[self.cfg.rank]
+        self.branch = state.branch
         self.migrated_frames = 0  # per-frame states handed to another rank (stats)
         self.handovers = 0  # hand-over rounds that issued collectives
         self.local_attention_seconds = 0.0  # attention compute inside the Ulysses all-to-alls (stats)
         self._ds = None
         if self.uly.world > 1:
-            init_deepspeed(group)
+            init_deepspeed(state.world)
             from deepspeed.sequence.layer import DistributedAttention
 
             self._ds = DistributedAttention(self._local, self.uly.pg, scatter_idx=2, gather_idx=1)
 
     # --- Topology protocol --------------------------------------------------------------------
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
-        return shard_layout(n, self.sp_world, self.sp_rank)
+        return self.state.shard(n)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spec: ForwardSpec) -> torch.Tensor:
         if self._ds is None:
@@ -124,7 +117,7 @@ class UlyssesTopology:
         # four all-to-alls (q, k, v in, out back): each rank keeps 1/U of every tensor and sends the rest
         sent = (uw - 1) * (2 * q.numel() + k.numel() + v.numel()) * q.element_size() // uw
         try:
-            with self.group.collective(f"Ulysses all-to-all of attention layer {layer}", "ulysses", sent):
+            with self.uly.collective(f"Ulysses all-to-all of attention layer {layer}", "ulysses", sent):
                 return self._ds(q, k, v, 0, None, layer, spec)
         except _LocalFailure as f:
             raise f.original
@@ -144,29 +137,18 @@ class UlyssesTopology:
                 self.local_attention_seconds += time.monotonic() - t0
         from scopevid.cluster.ring import ring_attention
 
-        lo, hi = spec.shard  # this rank's frames; its ring part spans its Ulysses group's frames
-        per = hi - lo
-        r = self.sp_rank // self.uly.world
-        part = (r * self.uly.world * per, (r + 1) * self.uly.world * per)
-        return ring_attention(q, k, v, layer, spec, self.ring, part)
+        return ring_attention(q, k, v, layer, spec, self.ring, self.state.ring_parts(len(spec.frames)))
 
     @property
     def comm_seconds(self) -> float:
-        """Wall time in collectives, attention compute excluded (includes waiting for slower ranks):
-        the sequence group's, the guidance-branch exchange and the video's control flags."""
-        extra = (self.cfg.comm_seconds if self.cfg is not None else 0.0) + \
-            (self.video.comm_seconds if self.video is not self.group else 0.0) + \
-            (self.ring.comm_seconds + self.uly.comm_seconds if self.ring is not None else 0.0)
-        return self.group.comm_seconds - self.local_attention_seconds + extra
+        """Wall time in collectives, attention compute excluded (includes waiting for slower ranks),
+        over every group of this rank: shards, Ulysses, ring, guidance branches, control flags."""
+        return sum(g.comm_seconds for g in self.state.groups()) - self.local_attention_seconds
 
     def comm_bytes(self) -> dict[str, int]:
         """Bytes this rank sent, by kind (cluster.comm.KINDS), over every group it belongs to."""
         out: dict[str, int] = {}
-        seen = set()
-        for g in (self.group, self.video, self.cfg, self.uly, self.ring):
-            if g is None or id(g) in seen:
-                continue
-            seen.add(id(g))
+        for g in self.state.groups():
             for k, v in g.sent_bytes.items():
                 out[k] = out.get(k, 0) + v
         return out
@@ -212,9 +194,7 @@ class UlyssesTopology:
             return
         import torch.distributed as dist
 
-        n_pad, _ = self.layout(len(new))
-        per = n_pad // self.sp_world
-        owner = {f: i // per for i, f in enumerate(new)}
+        owner = {f: self.state.layout.shard_owner(i, len(new)) for i, f in enumerate(new)}
         dicts = [s.data for s in stores]
         # what this rank holds that another rank owns now: tensors go point to point, anything else
         # (e.g. a history deque) rides along in the announcement
@@ -223,7 +203,7 @@ class UlyssesTopology:
             frame_of = stores[si].frame_of
             for key in sorted(d, key=lambda k: (frame_of(k), repr(k))):  # keys may be tuples
                 dst = owner.get(frame_of(key))
-                if dst is None or dst == self.sp_rank:
+                if dst is None or dst == self.group.rank:
                     continue
                 val = d[key]
                 if isinstance(val, torch.Tensor):
@@ -242,7 +222,7 @@ class UlyssesTopology:
                 ti += 1
         for src, their in enumerate(plans):
             for si, f, dst, shape, dtype, payload in their:
-                if dst != self.sp_rank:
+                if dst != self.group.rank:
                     continue
                 if payload is not None:
                     received.append((si, f, payload))

@@ -17,9 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from scopevid.cluster import consensus
-from scopevid.cluster.groups import DistEnv, Group, build_mesh, init
+from scopevid.cluster.groups import DistEnv, Group, build_state, init
+from scopevid.cluster.sequence import MeshTopology
 from scopevid.config import ParallelConfig
-from scopevid.cluster.sequence import UlyssesTopology
 from scopevid.errors import DistributedError, NonFiniteError, RanksDisagree, ScopevidError, StopRequested
 
 
@@ -58,18 +58,23 @@ def run_from_env(cfg, out: str | Path, **kw) -> dict:
 
 
 def start(env: DistEnv, cfg=None, *, backend: str | None = None, timeout_s: float | None = None,
-          threads: int | None = None, mesh: ParallelConfig | None = None) -> tuple[Group, UlyssesTopology]:
+          threads: int | None = None, mesh: ParallelConfig | None = None) -> tuple[Group, MeshTopology]:
     """Process group + topology for one rank; checks that every rank has the same config.
-    The mesh: `mesh`, else the config's `parallel`, else Ulysses over every rank."""
+    The mesh: `mesh`, else the config's `parallel`, else Ulysses over every rank; validated (with the
+    model's heads and guidance when `cfg` is given) before the rendezvous, so a bad mesh is one line
+    on every rank and no rank waits for a peer that gave up."""
+    from scopevid.mesh import MeshLayout
+
+    if cfg is not None:
+        from scopevid import adapters
+
+        layout = adapters.preflight(cfg, env.world, parallel=mesh)
+    else:
+        layout = MeshLayout.resolve(mesh or ParallelConfig(), env.world)
     device = cfg.device if cfg is not None else "cpu"
     group = init(env, device=device, backend=backend, timeout_s=timeout_s, threads=threads)
     try:
-        shape = (mesh or (cfg.parallel if cfg is not None else ParallelConfig())).shape(group.world)
-        if shape.dp == 1 and shape.cfg == 1 and shape.ring == 1:
-            topo = UlyssesTopology(group)
-        else:
-            m = build_mesh(group, shape)
-            topo = UlyssesTopology(m.sp, video=m.video, cfg=m.cfg, ulysses=m.ulysses, ring=m.ring)
+        topo = MeshTopology(build_state(group, layout))
         if cfg is not None:
             settings = {k: v for k, v in cfg.to_dict().items() if k != "source"}  # the YAML's path may differ per node
             consensus.check_same(group, settings, "run config (every rank must load the same config, seed and overrides)")
@@ -163,7 +168,7 @@ def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions
     from scopevid import adapters
     from scopevid import config as config_lib
     from scopevid.engine import runner
-    from scopevid.engine.rollout import decision_digest
+    from scopevid.engine.rollout import Records, decision_digest
     from scopevid.scheduler import policies as policy_lib
 
     if not isinstance(cfg, config_lib.RunConfig):
@@ -174,9 +179,10 @@ def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions
     plan = runner.build_plan(cfg, adapter)
     spec = cfg.policy_spec(name)
     cond = adapter.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance)
-    records = []
+    watch = Records()
     ro = runner.make_rollout(cfg, adapter, plan, policy_lib.build(spec, name), cond, predictor=spec.get("predictor", "taylor2"),
-                             topology=topology, on_step=records.append, check_decisions=check_decisions)
+                             topology=topology, observers=[watch], check_decisions=check_decisions)
+    records = watch.records
     sent0 = topology.comm_bytes()  # the groups' counters run on over several rollouts
     t0, c0 = time.perf_counter(), time.process_time()
     out = list(ro.run())

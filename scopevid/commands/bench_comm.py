@@ -96,7 +96,7 @@ def _ib(r: dict) -> str:
 
 
 def _short(mesh: str) -> str:
-    return ",".join(p for p in mesh.split(",") if not p.endswith("=1")) or "1 GPU"
+    return "1 GPU" if mesh == "1" else mesh
 
 
 def _mb(b: float) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from scopevid.errors import ConfigError, DistributedError
 
-BASELINE = "1 process"
+BASELINE = "1"  # the label of the one-process mesh (scopevid.mesh.MeshLayout.label)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,16 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true")
 
 
-def mesh_name(mesh) -> str:
-    """`dp=2,cfg=2` (what --parallel reads back), or '1 process'."""
-    parts = [f"{k}={getattr(mesh, k)}" for k in ("dp", "cfg", "ring", "ulysses") if (getattr(mesh, k) or 1) != 1]
-    if mesh.cfg_mode != "sequential":
-        parts.append(f"cfg_mode={mesh.cfg_mode}")
-    return ",".join(parts) or BASELINE
-
-
 def _meshes(args) -> list:
-    from scopevid.config import ParallelConfig, parse_parallel
+    """The meshes to run, one process first, each as `MeshLayout` (scopevid.mesh); the model checks
+    (heads, guidance) come with the config in main."""
+    from scopevid.config import ParallelConfig
+    from scopevid.mesh import MeshLayout, implied_world, parse
 
     if args.meshes and args.world_sizes:
         raise ConfigError("--meshes and --world-sizes: give one of them")
@@ -77,14 +72,11 @@ def _meshes(args) -> list:
             raise ConfigError(f"--world-sizes: positive integers expected, got {args.world_sizes!r}")
         given = [ParallelConfig(ulysses=w) for w in worlds]
     else:
-        given = [ParallelConfig(ulysses=1) if m.strip() in ("1", BASELINE) else parse_parallel(m)
-                 for m in str(args.meshes or "").split(";") if m.strip()]
-    out, seen = [ParallelConfig(ulysses=1)], {BASELINE}
-    for m in given:
-        m = replace(m, ulysses=m.ulysses or 1)
-        replace(m, dp=1).shape(m.world // m.dp)  # each rank group's own mesh: a bad one is one line, before any run
-        if mesh_name(m) not in seen:
-            seen.add(mesh_name(m))
+        given = [parse(m) for m in str(args.meshes or "").split(";") if m.strip()]
+    out = [MeshLayout()]
+    for p in given:
+        m = MeshLayout.resolve(p, implied_world(p), batch=True)
+        if m.label not in {x.label for x in out}:
             out.append(m)
     return sorted(out, key=lambda m: m.world)
 
@@ -95,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
 
     from scopevid import adapters
     from scopevid import config as config_lib
-    from scopevid.cluster import batch, driver
+    from scopevid.cluster import batch, jobspec, rayjob
     from scopevid.engine.sinks import prepare_out_dir, write_json
     from scopevid.jobs.manifest import Status
     from scopevid.jobs.requests import VideoRequest
@@ -106,28 +98,28 @@ def main(args: argparse.Namespace) -> int:
     videos = args.videos if args.videos is not None else max(2, *(m.dp for m in meshes))
     if videos < 1:
         raise ConfigError(f"--videos: must be >= 1, got {videos}")
-    base_spec = driver.JobSpec(out=Path(args.out), config=args.config, frames=args.frames, seed=args.seed,
+    base_spec = jobspec.JobSpec(out=Path(args.out), config=args.config, frames=args.frames, seed=args.seed,
                                steps=args.steps, overwrite=True, device=args.device, cpus_per_rank=args.cpus_per_rank,
                                quiet=True, address=args.address)
-    cfg0 = driver.with_overrides(base_spec, config_lib.load(args.config))
+    cfg0 = jobspec.with_overrides(base_spec, config_lib.load(args.config))
     policies = [p.strip() for p in (args.policies or cfg0.policy).split(",") if p.strip()]
     for p in policies:
         cfg0.policy_spec(p)  # unknown preset: a ConfigError naming it, before anything runs
-    for m in meshes:  # heads vs ulysses, the model section: one line before any run
-        adapters.preflight(cfg0.model, cfg0.prompt, m.ulysses, m.world // m.dp)
+    for m in meshes:  # the one check of a mesh, with the model's heads and guidance: one line before any run
+        adapters.preflight(cfg0, m.world, batch=True, parallel=m.parallel)
     reqs = [VideoRequest(index=k, prompt=cfg0.prompt, seed=cfg0.seed + k, name=f"seed{cfg0.seed + k}")
             for k in range(videos)]
     out = prepare_out_dir(args.out, args.overwrite)
-    started = driver.connect(args.address, cpus=max(m.world for m in meshes) * args.cpus_per_rank)
+    started = rayjob.connect(args.address, cpus=max(m.world for m in meshes) * args.cpus_per_rank)
     rows = []
     try:
         for policy in policies:
             for mesh in meshes:
-                name = mesh_name(mesh)
+                name = mesh.label
                 for rep in range(args.repeats):
                     run_dir = (out / "runs" / f"{policy}-{name.replace(',', '-').replace(' ', '')}-r{rep}").resolve()
                     spec = replace(base_spec, out=run_dir, world_size=mesh.world, policy=policy)
-                    cfg = cfg0.with_overrides(policy=policy, parallel=mesh)
+                    cfg = cfg0.with_overrides(policy=policy, parallel=mesh.parallel)
                     load = os.getloadavg()[0]
                     t0 = time.perf_counter()
                     manifest = batch.run(spec, cfg, reqs, run_dir, mesh.world)
@@ -159,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
             ray.shutdown()
     summary = finish(rows)
     pq.write_table(pa.Table.from_pylist(rows), out / "scaling.parquet")
-    write_json(out / "scaling.json", {"config": str(args.config), "videos": videos, "meshes": [mesh_name(m) for m in meshes],
+    write_json(out / "scaling.json", {"config": str(args.config), "videos": videos, "meshes": [m.label for m in meshes],
                                       "policies": policies, "best": summary})
     if not args.no_plot:
         plot(rows, out / "scaling.png")

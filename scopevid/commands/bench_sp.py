@@ -82,9 +82,9 @@ def _rank(topo, cfg_path: str, policy: str, cfg_mode: str = "sequential") -> dic
     cfg = cfg.with_overrides(parallel=replace(cfg.parallel, cfg_mode=cfg_mode))
     warm = cfg.with_overrides(frames=min(cfg.frames, 4))
     collect_rollout(topo, warm, policy, check_decisions=False)
-    comm0 = topo.comm_seconds if hasattr(topo, "comm_seconds") else 0.0
+    comm0 = topo.comm_seconds
     res = collect_rollout(topo, cfg, policy, check_decisions=False)
-    res["comm_seconds"] = (topo.comm_seconds if hasattr(topo, "comm_seconds") else 0.0) - comm0
+    res["comm_seconds"] = (topo.comm_seconds) - comm0
     if topo.rank != 0:
         res.pop("latents")
     return res
@@ -99,21 +99,24 @@ def main(args: argparse.Namespace) -> int:
     from scopevid.engine.sinks import prepare_out_dir, write_json
     from scopevid.errors import ConfigError
 
-    from scopevid.config import ParallelConfig, parse_parallel
+    from scopevid.config import ParallelConfig
+    from scopevid.mesh import MeshLayout, implied_world, parse
 
     if args.meshes:
-        meshes = [parse_parallel(m) for m in str(args.meshes).split(";") if m.strip()]
+        given = [parse(m) for m in str(args.meshes).split(";") if m.strip()]
     else:
         try:
             worlds = sorted({int(w) for w in str(args.world_sizes).split(",") if w.strip()})
         except ValueError:
             raise ConfigError(f"--world-sizes: comma-separated integers expected, got {args.world_sizes!r}") from None
-        meshes = [ParallelConfig(ulysses=w) for w in worlds]
-    baseline = ParallelConfig(ulysses=1)
-    meshes = [baseline] + [m.shape(m.world) for m in meshes if m.shape(m.world) != baseline]  # a bad mesh: one line
-    for m in meshes:
-        if args.heads % m.ulysses:
-            raise ConfigError(f"--meshes: ulysses={m.ulysses} does not divide --heads {args.heads} (Ulysses splits heads)")
+        if not worlds or min(worlds) < 1:
+            raise ConfigError(f"--world-sizes: positive integers expected, got {args.world_sizes!r}")
+        given = [ParallelConfig(ulysses=w) for w in worlds]
+    meshes = [MeshLayout()]  # one process first: the reference
+    for p in given:  # each checked as every entry point checks a mesh (the bench model's heads, guidance on)
+        m = MeshLayout.resolve(p, implied_world(p), heads=(args.heads,), guided=True)
+        if m.label not in {x.label for x in meshes}:
+            meshes.append(m)
     out = prepare_out_dir(args.out, args.overwrite)
     cfg = bench_config(args)
     cfg_path = out / "bench_config.yaml"
@@ -121,12 +124,12 @@ def main(args: argparse.Namespace) -> int:
 
     rows, ref = [], None
     for mesh in meshes:
-        world, name = mesh.world, _mesh_name(mesh)
+        world, name = mesh.world, mesh.label
         for rep in range(args.repeats):
             load = os.getloadavg()[0]
             res = spawn("scopevid.commands.bench_sp:_rank", world, args=(str(cfg_path), args.policy, mesh.cfg_mode),
                         timeout_s=args.timeout, threads=args.threads, dist_timeout_s=max(60.0, args.timeout / 2),
-                        mesh=mesh)
+                        mesh=mesh.parallel)
             r0 = res[0]
             wall = max(r["wall_seconds"] for r in res)
             if ref is None:
@@ -148,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name} ({world} rank(s)) repeat {rep}: {wall:.2f} s, {rows[-1]['frames_per_second']:.2f} frames/s, "
                   f"busiest rank cpu {rows[-1]['cpu_seconds_max_rank']:.2f} s (comm {rows[-1]['comm_seconds']:.2f} s, "
                   f"load {load:.1f})", flush=True)
-    names = [_mesh_name(m) for m in meshes]
+    names = [m.label for m in meshes]
     best = {n: max(r["frames_per_second"] for r in rows if r["mesh"] == n) for n in names}
     base = names[0]
     cpu1 = min(r["cpu_seconds_max_rank"] for r in rows if r["mesh"] == base)
@@ -173,10 +176,4 @@ def main(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     return 0
 
-
-def _mesh_name(mesh) -> str:
-    parts = [f"{k}={getattr(mesh, k)}" for k in ("dp", "cfg", "ring", "ulysses") if getattr(mesh, k) != 1]
-    if mesh.cfg_mode != "sequential":
-        parts.append(f"cfg_mode={mesh.cfg_mode}")
-    return ",".join(parts) or "1 process"
 

@@ -64,7 +64,9 @@ def load_with_overrides(args: argparse.Namespace) -> config_lib.RunConfig:
         sched = replace(sched, steps=args.steps)
     if getattr(args, "selective", None) is not None:
         sched = replace(sched, selective=args.selective)
-    parallel = config_lib.parse_parallel(args.parallel) if getattr(args, "parallel", None) else None
+    from scopevid.mesh import parse
+
+    parallel = parse(args.parallel) if getattr(args, "parallel", None) else None
     return cfg.with_overrides(frames=args.frames, policy=args.policy, seed=args.seed,
                               prompt=getattr(args, "prompt", None), schedule=sched, parallel=parallel)
 

@@ -36,21 +36,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from scopevid import config as config_lib
     from scopevid.dryrun.planner import plan
+    from scopevid.mesh import parse
 
     cfg = config_lib.load(args.config)
     if args.frames is not None:
         if args.frames < 1:
             raise ConfigError(f"--frames: must be >= 1, got {args.frames}")
         cfg = cfg.with_overrides(frames=args.frames)
-    mesh = config_lib.parse_parallel(args.parallel) if args.parallel else None
+    mesh = parse(args.parallel) if args.parallel else None
     if mesh is not None and mesh.dp != 1:
         raise ConfigError("--parallel: dp groups each hold a whole copy; plan one group (cfg, ulysses, ring)")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
-    from scopevid import adapters
-
-    m = mesh or cfg.parallel
-    adapters.preflight(cfg.model, cfg.prompt, m.ulysses or 1, m.cfg * (m.ulysses or 1) * m.ring)  # heads vs ulysses: one line
     shares = (yaml.safe_load(SHARES.read_text()) or {}).get("scope_flops_share", {}).get(cfg.model.get("kind"), {})
     text = None if args.text_on_device == "auto" else args.text_on_device == "yes"
     p = plan(cfg, config_name=args.config, mesh=mesh, steps=args.steps, shares=shares, text_on_device=text)

@@ -20,12 +20,13 @@ mesh axis at the longest forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from scopevid.config import ParallelConfig, RunConfig
 from scopevid.dryrun.window import WindowRun, run_window
+from scopevid.mesh import implied_world
 
 GIB = 2**30
 GPU_GB = (24, 48, 80, 141)  # the GPU memory sizes the verdict is given for (RTX 4090 / L40S / H100 / H200)
@@ -100,21 +101,22 @@ def video_flops(cfg: RunConfig, adapter) -> float:
 
 def plan(cfg: RunConfig, *, config_name: str = "", mesh: ParallelConfig | None = None, steps: int | None = None,
          shares: dict[str, float] | None = None, text_on_device: bool | None = None) -> Plan:
+    from scopevid import adapters
     from scopevid.cluster import comm
 
-    mesh = mesh or cfg.parallel
-    mesh = replace(mesh, dp=1, ulysses=mesh.ulysses or 1)
+    given = mesh or cfg.parallel
+    mesh = adapters.preflight(cfg, implied_world(given), parallel=given)  # the one check of a mesh (one video's ranks)
     adapter, w = run_window(cfg, mesh=mesh, steps=steps)
     weights = {role: module_bytes(m) for role, m in adapter.modules().items()}
     if text_on_device is None:
         text_on_device = str(cfg.model.get("text_encoder_device") or "").lower() != "cpu"
     guided = cfg.guidance > 1.0
     original = video_flops(cfg, adapter)
-    n_pad = -(-w.peak_frames // (mesh.ulysses * mesh.ring)) * mesh.ulysses * mesh.ring
+    n_pad, _ = mesh.shard(w.peak_frames, 0)
     frame_elems = adapter.latent_channels * adapter.latent_hw[0] * adapter.latent_hw[1]
     traffic = comm.forward_bytes(adapter.attention_shape(), mesh, n_pad, stores=adapter.capabilities.causal,
                                  frame_elems=frame_elems, guided=guided) if n_pad else {}
-    name = ",".join(f"{k}={getattr(mesh, k)}" for k in ("cfg", "ulysses", "ring") if getattr(mesh, k) != 1) or "1 GPU"
+    name = mesh.label if mesh.world > 1 else "1 GPU"
     return Plan(config=config_name, model=str(cfg.model.get("kind")), frames=cfg.frames, mesh=name, dtype=cfg.dtype,
                 weights=weights, text_activation_bytes=w.text_peak_bytes, rollout_peak_bytes=w.rollout_peak_bytes,
                 kv_bytes=w.kv_bytes, decode_bytes=w.decode_peak_bytes, text_on_device=text_on_device,

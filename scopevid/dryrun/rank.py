@@ -15,9 +15,8 @@ from __future__ import annotations
 import torch
 
 from scopevid.adapters.base import ForwardSpec, local_attention
-from scopevid.cluster.sequence import shard_layout
-from scopevid.config import ParallelConfig
 from scopevid.engine.topology import LocalTopology
+from scopevid.mesh import MeshLayout
 
 
 class RankView(LocalTopology):
@@ -25,16 +24,16 @@ class RankView(LocalTopology):
 
     rank = 0
 
-    def __init__(self, mesh: ParallelConfig):
-        self.mesh = mesh
-        self.U, self.R = mesh.ulysses or 1, mesh.ring
-        self.sp = self.U * self.R
-        self.world = mesh.cfg * self.sp  # the video's ranks
+    def __init__(self, mesh: MeshLayout):
+        self.mesh = mesh.group_mesh()  # one video's ranks (dp groups hold the same)
+        self.U, self.R = self.mesh.ulysses, self.mesh.ring
+        self.sp = self.mesh.seq
+        self.world = self.mesh.video_world
         self.heads_split = self.U
-        self.branch = "cond" if mesh.cfg == 2 else None
+        self.branch = self.mesh.branch(self.rank)
 
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
-        return shard_layout(n, self.sp, 0)
+        return self.mesh.shard(n, self.rank)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spec: ForwardSpec) -> torch.Tensor:
         U, R = self.U, self.R
@@ -54,7 +53,8 @@ class RankView(LocalTopology):
     def _ring(self, q2, k2, v2, layer: int, spec: ForwardSpec) -> torch.Tensor:
         from scopevid.cluster.ring import partial
 
-        nf = len(spec.frames) // self.R  # frames of one ring part
+        lo, hi = self.mesh.ring_part(len(spec.frames), self.mesh.coords(self.rank).r)
+        nf = hi - lo  # frames of this rank's ring part
         tpf = q2.shape[1] // max(nf, 1)
         allowed = torch.ones((nf, nf), dtype=torch.bool, device=q2.device)
         blocks = [(torch.empty_like(k2), torch.empty_like(v2)) for _ in range(2)]  # the block in use and the one arriving

@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from scopevid.config import ParallelConfig, RunConfig
-from scopevid.errors import CheckpointError
+from scopevid.config import RunConfig
 from scopevid.dryrun.meta import MetaRun
 from scopevid.dryrun.rank import RankView
+from scopevid.errors import CheckpointError
+from scopevid.mesh import MeshLayout, implied_world
 
 
 @dataclass
@@ -42,22 +43,22 @@ def quick_steps(cfg: RunConfig) -> int:
     return cfg.schedule.window_size if cfg.schedule.kind == "chunk_causal" else 2
 
 
-def run_window(cfg: RunConfig, *, dtype: torch.dtype | None = None, mesh: ParallelConfig | None = None,
+def run_window(cfg: RunConfig, *, dtype: torch.dtype | None = None, mesh: MeshLayout | None = None,
                steps: int | None = None, policy: str = "original", decode: bool = True) -> tuple[object, WindowRun]:
     """(the meta adapter, what window 0 used on rank 0 of `mesh`). `steps`: fewer denoising steps
     than the config's (the same shapes in fewer iterations: quick checks)."""
     from scopevid import adapters
     from scopevid.engine import runner
+    from scopevid.engine.rollout import Records
     from scopevid.scheduler import policies as policy_lib
 
     dtype = dtype or runner.DTYPES[cfg.dtype]
     if steps is not None:
         cfg = cfg.with_overrides(schedule=replace(cfg.schedule, steps=steps))
-    mesh = mesh or cfg.parallel
-    mesh = replace(mesh, dp=1, ulysses=mesh.ulysses or 1)  # one video's ranks (dp groups hold the same)
+    mesh = mesh or MeshLayout.resolve(cfg.parallel, implied_world(cfg.parallel), batch=True)
     t0 = time.perf_counter()
     adapter = adapters.load(cfg.model, "meta", dtype)
-    records = []
+    records = Records()
     with MetaRun() as m:
         plan = runner.build_plan(cfg, adapter)
         cond = adapter.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance)
@@ -66,7 +67,7 @@ def run_window(cfg: RunConfig, *, dtype: torch.dtype | None = None, mesh: Parall
         topo = RankView(mesh)
         ro = runner.make_rollout(cfg, adapter, plan, policy_lib.build(cfg.policy_spec(policy), policy), cond,
                                  predictor=cfg.policy_spec(policy).get("predictor", "taylor2"), device="meta", dtype=dtype,
-                                 topology=topo, on_step=records.append)
+                                 topology=topo, observers=[records])
         done = []
         for i, x in ro.run():
             done.append(x)
@@ -91,7 +92,7 @@ def run_window(cfg: RunConfig, *, dtype: torch.dtype | None = None, mesh: Parall
     forwards = sum(ro.runner.forwards.values())
     peak_frames = max((n for n, _, _ in ro.runner.forwards), default=0)
     return adapter, WindowRun(
-        iterations=len(records), forwards=forwards, frames_done=len(done), peak_frames=peak_frames,
-        flops=float(sum(r.flops for r in records)), text_peak_bytes=int(text_peak), rollout_peak_bytes=int(rollout_peak),
+        iterations=len(records.records), forwards=forwards, frames_done=len(done), peak_frames=peak_frames,
+        flops=float(sum(r.flops for r in records.records)), text_peak_bytes=int(text_peak), rollout_peak_bytes=int(rollout_peak),
         state_bytes=int(state), kv_bytes=int(kv), decode_peak_bytes=None if decode_peak is None else int(max(decode_peak, 0)),
         scalar_reads=scalar_reads, seconds=time.perf_counter() - t0)

@@ -145,15 +145,7 @@ class ForwardRunner:
         instead of the plan's context (FlowCache). `hook_state`: per-frame state of the hooks, handed
         to the frames' owners in this forward's layout."""
         st = self.state
-        context = list(it.context) if self.causal else []
-        if self.causal and context_to is not None:
-            context = [f for f in range(it.context.start, context_to) if f in st.final]
-        fill: list[int] = []
-        if context:
-            missing = [f for f in context if not st.kv.has(f)]
-            if missing:
-                first = context.index(missing[0])
-                fill, context = context[first:], context[:first]
+        context, fill = self._context(it, context_to)
         if fill and hooks is not None and hooks.partial:
             clean = self.forward(it, [], levels, context_to=context_to)
             res = self.forward(it, frames, levels, hooks, context_to, hook_state)
@@ -165,30 +157,13 @@ class ForwardRunner:
             self.topo.migrate(self._hook_frames, seq, list(hook_state))
             self._hook_frames = list(seq)
         fill_set = set(fill)
-        clean = self.schedule.clean
-        rows = []
-        for f in full[lo:hi]:
-            if f in fill_set:
-                rows.append(st.final[f])
-            elif f >= 0:
-                rows.append(st.latents[f])
-            else:
-                rows.append(torch.zeros(self.shape, device=self.device, dtype=self.dtype))
-        sigmas = tuple(clean if (f in fill_set or f < 0) else levels[f][0] for f in full)
-        x = torch.stack(rows)
+        sigmas = tuple(self.schedule.clean if (f in fill_set or f < 0) else levels[f][0] for f in full)
+        x = self._rows(full[lo:hi], fill_set)
         s = torch.tensor(sigmas[lo:hi], device=self.device, dtype=torch.float32)
-        spec = ForwardSpec(
-            frames=full,
-            origin=it.start,
-            step=it.index,
-            context=context,
-            store=frozenset(fill) | frozenset(f for f in frames if self._is_clean(f, levels)) if self.causal else frozenset(),
-            kv=st.kv if self.causal else None,
-            causal=self.causal,
-            shard=(lo, hi),
-            sigmas=sigmas,
-            kernel=self.kernel,
-        )
+        store = frozenset(fill) | frozenset(f for f in frames if self._is_clean(f, levels)) if self.causal else frozenset()
+        spec = ForwardSpec(frames=full, origin=it.start, step=it.index, context=context, store=store,
+                           kv=st.kv if self.causal else None, causal=self.causal, shard=(lo, hi), sigmas=sigmas,
+                           kernel=self.kernel)
         if hooks is not None:
             spec = hooks.adjust(spec)
             if hooks.partial:
@@ -216,6 +191,28 @@ class ForwardRunner:
             ran = round(len(seq) * hooks.blocks_run / max(hooks.depth, 1))
             return ForwardResult(v, seq, ran, self.adapter.flops(len(seq), len(spec.context), hooks.blocks_run, branches))
         return ForwardResult(v, seq, len(seq), self.adapter.flops(len(seq), len(spec.context), None, branches))
+
+    def _context(self, it: Iteration, context_to: int | None) -> tuple[list[int], list[int]]:
+        """(clean frames attended as cached K/V, clean frames forwarded first to write theirs): the
+        plan's context (or the clean frames before `context_to`), split at the first frame whose K/V
+        is not cached. Bidirectional models attend no cached context."""
+        if not self.causal:
+            return [], []
+        context = list(it.context)
+        if context_to is not None:
+            context = [f for f in range(it.context.start, context_to) if f in self.state.final]
+        missing = [f for f in context if not self.state.kv.has(f)]
+        if not missing:
+            return context, []
+        first = context.index(missing[0])
+        return context[:first], context[first:]
+
+    def _rows(self, shard: list[int], fill: set[int]) -> torch.Tensor:
+        """This rank's input rows [n, C, h, w]: clean latents of the K/V fill, the noisy latents of the
+        request, zeros for padding (index -1)."""
+        st = self.state
+        zero = torch.zeros(self.shape, device=self.device, dtype=self.dtype)
+        return torch.stack([st.final[f] if f in fill else st.latents[f] if f >= 0 else zero for f in shard])
 
     def _guided(self, x: torch.Tensor, s: torch.Tensor, spec: ForwardSpec, hooks, attention) -> torch.Tensor:
         """The guided velocity of this shard: both branches here, or (a cfg mesh) this process's

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import pyarrow as pa
 import torch
@@ -57,6 +57,28 @@ STEP_SCHEMA = pa.schema(
      ("valid_hi", pa.int64()), ("compute_lo", pa.int64()), ("compute_hi", pa.int64()), ("active", pa.int64()),
      ("frames_computed", pa.int64()), ("flops", pa.float64()), ("seconds", pa.float64())]
 )
+
+
+class RolloutObserver:
+    """Something that watches a rollout (the run log, a progress bar, the checkpointer): the loop calls
+    every observer in `Rollout.observers`, in order, before each iteration it runs and after it,
+    with that iteration's record. The defaults do nothing; nothing else of the loop is patched."""
+
+    def before_iteration(self, it: Iteration, next_emit: int) -> None:
+        """Before iteration `it`, with the next frame to emit (a boundary observer may save here)."""
+
+    def after_iteration(self, record: StepRecord) -> None:
+        """After an iteration, with its row of the run log."""
+
+
+class Records(RolloutObserver):
+    """Keeps every record (tests, comparisons, the in-memory rollout of cluster.worker)."""
+
+    def __init__(self) -> None:
+        self.records: list[StepRecord] = []
+
+    def after_iteration(self, record: StepRecord) -> None:
+        self.records.append(record)
 
 
 def frame_noise(seed: int, frame: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -138,7 +160,7 @@ class Rollout:
         stability: predictors.Stability = predictors.Stability(),
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        on_step: Callable[[StepRecord], None] | None = None,
+        observers: list[RolloutObserver] | tuple = (),
         check_decisions: bool = False,
         noise: NoiseSource | None = None,
         batched_branches: bool = False,
@@ -156,7 +178,7 @@ class Rollout:
         self.predict = predictors.get(predictor)
         self.stability = stability
         self.device, self.dtype = torch.device(device), dtype
-        self.on_step = on_step
+        self.observers: list[RolloutObserver] = list(observers)  # called in order around every iteration
         self.check_decisions = check_decisions
         self.reuse = reuse_lib.for_policy(policy, adapter, plan)  # baselines: reuse inside the forward
         components = {"policy": policy, "solver": self.solver, "noise": self.noise, "topology": self.topo}
@@ -166,8 +188,6 @@ class Rollout:
         self.runner = ForwardRunner(adapter, cond, self.topo, self.schedule, self.state, self.device, dtype,
                                     batched_branches=batched_branches and self.reuse is None, kernel=kernel)
         self.chunk = (policy.chunk or plan.unit) if policy.chunk_sums else None
-        # resume (engine.checkpoint): called before every iteration with (iteration, next frame to emit)
-        self.before_iteration: Callable[[Iteration, int], None] | None = None
 
     # --- per-frame helpers -------------------------------------------------------------------
     def _levels(self, it: Iteration) -> Levels:
@@ -203,14 +223,14 @@ class Rollout:
         for it in self.plan.iterations():
             if it.serial < st.next_serial:
                 continue  # done before the checkpoint this rollout was restored from
-            if self.before_iteration is not None:
-                self.before_iteration(it, st.next_emit)
+            for o in self.observers:
+                o.before_iteration(it, st.next_emit)
             t0 = time.perf_counter()
             self._admit(it)
             rec = self._iterate(it)
             st.next_serial = it.serial + 1
-            if self.on_step is not None:
-                self.on_step(rec)
+            for o in self.observers:
+                o.after_iteration(rec)
             timings.loop += time.perf_counter() - t0
             while st.next_emit in st.final:
                 yield st.next_emit, st.final[st.next_emit]
@@ -234,21 +254,7 @@ class Rollout:
         disc = None
         if self.policy.needs_feature:
             disc = self.runner.discrepancy(it, comp, levels, self.policy.feature, self.chunk)
-        steps = [u - 1 for u, m in zip(it.progress, it.update) if m] or [0]
-        counts = [st.history.count(f) for f in active]
-        ctx = StepContext(
-            serial=it.serial,
-            index=it.index,
-            window=it.window,
-            num_steps=it.num_steps,
-            cache_ready=all(c >= 1 for c in counts),
-            history=min(counts, default=0),
-            min_step=min(steps),
-            max_step=max(steps),
-            last=it.is_last_in_window(),
-            chunks=self._chunk_states(it) if self.chunk is not None else (),
-        )
-        decision = self.policy.decide(ctx, disc)
+        decision = self.policy.decide(self._context(it, active), disc)
         if self.check_decisions:
             self.topo.check(f"{it.serial}:{int(decision.mode)}:{decision.r!r}")
 
@@ -272,23 +278,21 @@ class Rollout:
         st.stats.frame_forwards += out.computed
         st.stats.flops += out.flops
         st.stats.iterations += 1
-        return StepRecord(
-            window=it.window,
-            iteration=it.index,
-            serial=it.serial,
-            mode=out.mode.label,
-            reason=out.reason,
-            d=decision.d,
-            r=decision.r,
-            valid_lo=frames[it.valid[0]],
-            valid_hi=frames[it.valid[1] - 1] + 1,
-            compute_lo=comp[0] if comp else frames[0],
-            compute_hi=comp[-1] + 1 if comp else frames[0],
-            active=len(active),
-            frames_computed=out.computed,
-            flops=out.flops,
-            seconds=time.perf_counter() - t0,
-        )
+        return StepRecord(window=it.window, iteration=it.index, serial=it.serial, mode=out.mode.label, reason=out.reason,
+                          d=decision.d, r=decision.r, valid_lo=frames[it.valid[0]], valid_hi=frames[it.valid[1] - 1] + 1,
+                          compute_lo=comp[0] if comp else frames[0], compute_hi=comp[-1] + 1 if comp else frames[0],
+                          active=len(active), frames_computed=out.computed, flops=out.flops,
+                          seconds=time.perf_counter() - t0)
+
+    def _context(self, it: Iteration, active: list[int]) -> StepContext:
+        """What the policy decides on besides the discrepancy: where the iteration is, and how much
+        velocity history its active frames have."""
+        steps = [u - 1 for u, m in zip(it.progress, it.update) if m] or [0]
+        counts = [self.state.history.count(f) for f in active]
+        return StepContext(serial=it.serial, index=it.index, window=it.window, num_steps=it.num_steps,
+                           cache_ready=all(c >= 1 for c in counts), history=min(counts, default=0),
+                           min_step=min(steps), max_step=max(steps), last=it.is_last_in_window(),
+                           chunks=self._chunk_states(it) if self.chunk is not None else ())
 
     def _act(self, it: Iteration, comp: list[int], active: list[int], levels: Levels, decision: Decision) -> Outcome:
         """Whole-velocity policies (SCOPE, Original): Cache reuses, Predict extrapolates (falling back

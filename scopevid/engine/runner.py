@@ -6,7 +6,6 @@ Used by `scopevid generate`, torchrun workers and the Ray driver alike; only the
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,12 +15,12 @@ import torch
 
 from scopevid import adapters
 from scopevid.config import RunConfig
-from scopevid.engine.metrics import RunningQuality
-from scopevid.engine.rollout import STEP_SCHEMA, DigestBuilder, Rollout, StepRecord, video_facts
-from scopevid.engine.sinks import FrameStore, Mp4Sink, RunLock, RunLog, prepare_out_dir, write_json
+from scopevid.engine.outputs import OutputPipeline, open_watch, summarize
+from scopevid.engine.rollout import Rollout, StepRecord, video_facts
+from scopevid.engine.sinks import FrameStore, RunLock, prepare_out_dir, write_json
 from scopevid.engine.solvers import SOLVERS
 from scopevid.engine.topology import LocalTopology, Topology
-from scopevid.errors import ConfigError, NonFiniteError, write_error
+from scopevid.errors import ConfigError
 from scopevid.scheduler import policies as policy_lib
 from scopevid.scheduler.predictors import Stability
 from scopevid.scheduler.schedules import ChunkCausalPlan, DiffusionForcingPlan
@@ -92,24 +91,6 @@ class RunResult:
     records: list[StepRecord] = field(default_factory=list)  # only with keep_records
 
 
-class RunTotals:
-    """What the summary needs from the run log, accumulated row by row (no list of records kept)."""
-
-    def __init__(self) -> None:
-        self.full_forwards = 0.0
-        self.compute = 0
-        self.valid = 0
-        self.rows = 0
-        self.digest = DigestBuilder()
-
-    def add(self, r: StepRecord) -> None:
-        self.full_forwards += r.frames_computed / max(1, r.valid_hi - r.valid_lo)
-        self.compute += r.compute_hi - r.compute_lo
-        self.valid += r.valid_hi - r.valid_lo
-        self.rows += 1
-        self.digest.add(r)
-
-
 def run_once(
     cfg: RunConfig,
     adapter,
@@ -136,120 +117,27 @@ def run_once(
     writes = topo.rank == 0
     plan = build_plan(cfg, adapter)
     spec = cfg.policy_spec(policy_name)
-    predictor = spec.get("predictor", "taylor2")
-    policy = policy_lib.build(spec, policy_name)
     cond = adapter.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance)
-    log = RunLog(steps_log, STEP_SCHEMA) if (steps_log and writes) else None
-    records: list[StepRecord] = []
-    totals = RunTotals()
-    bar = None
-    if progress and writes:
-        from tqdm import tqdm
-
-        bar = tqdm(total=plan.num_iterations(), desc=f"{policy_name}", unit="it", dynamic_ncols=True, mininterval=0.5)
-
-    def on_step(rec: StepRecord) -> None:
-        totals.add(rec)
-        if keep_records:
-            records.append(rec)
-        if log is not None:
-            log.add(rec)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(rec.mode[0].upper())
-
-    rollout = make_rollout(cfg, adapter, plan, policy, cond, predictor=predictor, topology=topo, on_step=on_step,
+    watch = open_watch(steps_log, writes, progress, plan.num_iterations(), policy_name, keep_records)
+    rollout = make_rollout(cfg, adapter, plan, policy_lib.build(spec, policy_name), cond,
+                           predictor=spec.get("predictor", "taylor2"), topology=topo, observers=[watch],
                            check_decisions=check_decisions)
-    sink = Mp4Sink(video, cfg.fps) if (video and writes) else None
-    decoder = adapter.stream_decoder()
-    quality = RunningQuality() if reference is not None else None
-    ref_iter = reference.read() if reference is not None else None
-    ref_buf: list[torch.Tensor] = []
-    pixel_frames, wall_before = 0, 0.0
-    if checkpoint is not None:
-        pixel_frames, wall_before = checkpoint.attach(rollout, writes=writes, decoder=decoder, sink=sink)
-    kept: list[torch.Tensor] = []  # clean latents for latents_to
-    if latents_to is not None and writes and checkpoint is not None and checkpoint.latent_frames:
-        from scopevid.engine.checkpoint import read_latents
-
-        kept = [x for _, x in read_latents(checkpoint.out / "latents")][: checkpoint.latent_frames]
-
-    def emit(pixels: torch.Tensor | None) -> None:
-        nonlocal pixel_frames
-        if pixels is None or pixels.shape[0] == 0:
-            return
-        if not bool(torch.isfinite(pixels).all()):
-            raise NonFiniteError(f"the decoder returned NaN or inf pixels after {pixel_frames} good frames "
-                                 "(check the VAE weights); the frames before them are kept")
-        pixels = pixels[: max(0, cfg.frames - pixel_frames)]
-        pixel_frames += pixels.shape[0]
-        if sink is not None:
-            sink.write(pixels)
-        if frames_to is not None and writes:
-            frames_to.write(pixels)
-        if checkpoint is not None:
-            checkpoint.frames(pixels)
-        if quality is not None:
-            need = pixels.shape[0]
-            while sum(r.shape[0] for r in ref_buf) < need:
-                ref_buf.append(next(ref_iter))
-            ref = torch.cat(ref_buf)
-            quality.add(pixels, ref[:need])
-            ref_buf[:] = [ref[need:]] if ref.shape[0] > need else []
-
+    outputs = OutputPipeline(adapter.stream_decoder(), frames=cfg.frames, fps=cfg.fps, writes=writes, video=video,
+                             frames_to=frames_to, reference=reference, latents_to=latents_to, checkpoint=checkpoint)
+    wall_before = outputs.attach(rollout)
+    closing = [outputs.sink, watch.log, watch.bar, checkpoint]  # MP4 trailer, last log part, progress, shards
     t0 = time.perf_counter()
     try:
         for idx, latent in rollout.run():
-            if writes:
-                if checkpoint is not None:
-                    checkpoint.latent(idx, latent)
-                if latents_to is not None:
-                    kept.append(latent.detach().to("cpu", torch.float32 if latent.element_size() < 4 else latent.dtype))
-                emit(decoder.push(latent))
-        if writes:
-            emit(decoder.flush())
+            outputs.latent(idx, latent)
+        outputs.finish()
     except BaseException:
-        _close([sink, log, bar, checkpoint], quiet=True)  # the first error is the one to report
+        _close(closing, quiet=True)  # the first error is the one to report
         raise
-    _close([sink, log, bar, checkpoint])
-    if latents_to is not None and writes and kept:
-        write_latents(latents_to, torch.stack(kept))
-    wall = time.perf_counter() - t0 + wall_before
-    st, timings = rollout.state.stats, rollout.runner.timings
-    summary = {
-        "policy": policy_name,
-        "policy_spec": spec,
-        "frames": pixel_frames if writes else None,
-        "latent_frames": plan.latent_frames,
-        "iterations": st.iterations,
-        "wall_seconds": wall,
-        "full_forwards": totals.full_forwards,
-        "frame_forwards": st.frame_forwards,
-        "flops": st.flops,
-        "counts": dict(st.counts),
-        "predict_fallbacks": st.fallbacks,
-        "mean_compute_interval": totals.compute / max(1, totals.rows),
-        "mean_valid_interval": totals.valid / max(1, totals.rows),
-        "decision_digest": totals.digest.hexdigest(),
-        "engine_seconds": {"loop": timings.loop, "forward": timings.forward, "feature": timings.feature,
-                           "overhead": timings.overhead, "overhead_share": timings.overhead / max(timings.loop, 1e-12)},
-    }
-    if quality is not None:
-        summary.update(quality.result())
-    return RunResult(summary, records)
-
-
-def write_latents(path: Path, latents: torch.Tensor) -> None:
-    """latents.safetensors (tensor "latents" [frames, C, h, w]), atomically: a reader never sees half."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file({"latents": latents.contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise write_error(e, path) from None
+    _close(closing)
+    outputs.write_latents()
+    summary = summarize(policy_name, spec, rollout, watch.totals, outputs, time.perf_counter() - t0 + wall_before)
+    return RunResult(summary, watch.records or [])
 
 
 def reference_config(cfg: RunConfig) -> RunConfig:
@@ -281,7 +169,7 @@ def generate(
     from scopevid.adapters import attention
 
     attention.check(cfg.attention, cfg.device, DTYPES[cfg.dtype])  # a backend that cannot run here: before anything
-    adapters.preflight(cfg.model, cfg.prompt, topo.heads_split, topo.world)  # before any weights load or output
+    adapters.preflight(cfg, topo.world)  # the model section, the prompt and the mesh: before any weights load or output
     if topo.rank != 0:  # only rank 0 writes
         return _generate(cfg, Path(out), compare, topo, progress, check_decisions, checkpoint, adapter)
     out = prepare_out_dir(out, overwrite)  # refuse before touching anything

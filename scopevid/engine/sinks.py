@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from scopevid import interrupts
-from scopevid.engine.files import atomic_write_table, atomic_write_text
+from scopevid.engine.files import atomic_replace_dir, atomic_write_table, atomic_write_text
 from scopevid.errors import OutputExistsError, write_error
 
 
@@ -165,15 +165,7 @@ class RunLog:
         self.parts = 0
         # A fresh log (a resumed run replays its rows into it), put in place whole: part 0 holds no rows,
         # only the schema, so the directory reads as a (possibly empty) table from its first moment.
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        atomic_write_table(tmp / "part-00000.parquet", schema.empty_table())
-        if self.path.is_dir():
-            shutil.rmtree(self.path)
-        elif self.path.exists():  # a single-file log of an earlier version in a directory being overwritten
-            self.path.unlink()
-        os.replace(tmp, self.path)
+        atomic_replace_dir(self.path, lambda tmp: atomic_write_table(tmp / "part-00000.parquet", schema.empty_table()))
         self.parts = 1
 
     def add(self, record) -> None:

@@ -57,6 +57,10 @@ class Topology(Protocol):
     def comm_bytes(self) -> dict[str, int]:
         """Bytes this process sent so far, by kind (stats; cluster.comm models them)."""
 
+    @property
+    def comm_seconds(self) -> float:
+        """Wall seconds spent in collectives so far, attention compute excluded (stats)."""
+
     def state_dict(self) -> dict:
         """Counters worth keeping across a resume (none on one process)."""
 
@@ -68,6 +72,7 @@ class LocalTopology:
     world = 1
     heads_split = 1
     branch = None
+    comm_seconds = 0.0
     attention: Attention = staticmethod(local_attention)
 
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:

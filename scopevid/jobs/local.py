@@ -29,7 +29,7 @@ def resolve(cfg: RunConfig, req: VideoRequest) -> RunConfig:
     """The run config of one request: the batch's config with the row's overrides, checked."""
     row = cfg.with_overrides(prompt=req.prompt, seed=req.seed, frames=req.frames, policy=req.policy)
     row.policy_spec()  # the policy exists
-    adapters.preflight(row.model, row.prompt, 1)  # e.g. a word the tiny model does not know
+    adapters.check_prompt(row.model, row.prompt)  # e.g. a word the tiny model does not know
     return row
 
 
@@ -61,7 +61,7 @@ def run_batch(cfg: RunConfig, reqs: list[VideoRequest], out: str | Path, *, resu
     check_batch_dir(cfg, reqs, out, resume=resume, overwrite=overwrite)
     with RunLock(out):
         manifest = open_batch(cfg, reqs, out, resume=resume, overwrite=overwrite)
-        adapters.preflight(cfg.model, cfg.prompt or reqs[0].prompt, 1)
+        adapters.preflight(cfg.with_overrides(prompt=cfg.prompt or reqs[0].prompt), 1)  # one process: its mesh is 1
         adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])  # once for every video
         todo = [e for e in manifest.entries if e.status != Status.OK.value]
         say(f"{len(reqs)} videos, {len(reqs) - len(todo)} already done; model {adapter.name} loaded once")

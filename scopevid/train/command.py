@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from scopevid.adapters.tiny.adapter import load_tiny
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
+from scopevid.engine.files import atomic_save_safetensors
 from scopevid.errors import CheckpointError
 from scopevid.train import world as W
 from scopevid.train.loop import Trainer, TrainConfig
@@ -60,8 +61,7 @@ def export(trainer: Trainer, weights_dir: str, shift: float) -> str:
     os.makedirs(weights_dir, exist_ok=True)
     sd = {k: v.detach().float().contiguous().clone() for k, v in trainer.ema.state_dict().items()}
     path = os.path.join(weights_dir, "tiny.safetensors")
-    save_file(sd, path + ".tmp", metadata={"format": "pt", "step": str(trainer.step)})
-    os.replace(path + ".tmp", path)
+    atomic_save_safetensors(Path(path), sd, metadata={"format": "pt", "step": str(trainer.step)})
     os.chmod(path, 0o644)
     meta = {
         "model": trainer.mcfg.to_dict(),

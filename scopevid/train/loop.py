@@ -22,6 +22,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,7 @@ import torch
 
 from scopevid.adapters.base import ForwardSpec, local_attention
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
+from scopevid.engine.files import atomic_torch_save, atomic_write_table, atomic_write_text
 from scopevid.train import world as W
 
 
@@ -169,12 +171,10 @@ class Trainer:
             "train_cfg": self.tcfg.to_dict(),
             "world_cfg": self.wcfg.to_dict(),
         }
-        tmp = self.ckpt_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)
+        atomic_torch_save(Path(self.ckpt_path), state)
         self.flush_log()
-        with open(os.path.join(self.out, "config.json"), "w") as fh:
-            json.dump({"model": self.mcfg.to_dict(), "train": self.tcfg.to_dict(), "world": self.wcfg.to_dict()}, fh, indent=2)
+        atomic_write_text(Path(self.out) / "config.json", json.dumps(
+            {"model": self.mcfg.to_dict(), "train": self.tcfg.to_dict(), "world": self.wcfg.to_dict()}, indent=2))
 
     @classmethod
     def resume(cls, out: str, **schedule) -> "Trainer":
@@ -213,8 +213,7 @@ class Trainer:
             old = pq.read_table(path)
             old = old.filter(pa.compute.less(old["step"], self.log[0]["step"]))  # drop rows a resume redoes
             new = pa.concat_tables([old, new.cast(old.schema)])
-        pq.write_table(new, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_write_table(Path(path), new)
         self.log = []
 
     # --- training -----------------------------------------------------------------------------
