@@ -28,7 +28,7 @@ M = {
     "resume_drops_history": ("scopevid/engine/state.py", '        self.history.load_state_dict(to_device(state["history"], device))', '        pass', ENGINE),
     "stability_ignored": ("scopevid/engine/rollout.py", "        ok, scale = self.stability.verdict(delta_sq, ref_sq, bad)\n", "        ok, scale = True, 1.0\n", ENGINE),
     "kv_never_evicted": ("scopevid/engine/kvcache.py", "        for f in [f for f in self._frames if f < frame]:\n            del self._frames[f]", "        pass", ENGINE),
-    "sums_float32": ("scopevid/engine/history.py", ".double()", ".float()", ENGINE),
+    "sums_float32": ("scopevid/engine/history.py", "        cur = phi.detach().double().flatten(1)", "        cur = phi.detach().float().flatten(1)", ENGINE),
     "history_not_pruned": ("scopevid/engine/state.py", "        self.history.drop_before(frame)\n", "", ENGINE),
     "features_not_pruned": ("scopevid/engine/state.py", "        self.features.drop_before(frame)\n", "", ENGINE),
     "observer_not_called_before": ("scopevid/engine/rollout.py", "                o.before_iteration(it, st.next_emit)", "                pass", ENGINE),
