@@ -2,8 +2,9 @@
 # scopevid on Slurm (or one machine): a Ray cluster over the allocation, the driver, teardown.
 #
 #   sbatch [--nodes N --gpus-per-node G --cpus-per-task C ...] launch.sh CONFIG [DRIVER ARGS...]
-#   sbatch launch.sh --resume DIR                      # continue a killed job (same --nodes/GPUs)
+#   sbatch launch.sh --resume DIR                      # continue a stopped or killed job or batch
 #   ./launch.sh --local CONFIG [DRIVER ARGS...]        # one machine, no Slurm
+#   (Ray's bundles need a CPU per rank: `sbatch -c 2 launch.sh CONFIG --world-size 2`; sbatch's default is 1)
 #
 # DRIVER ARGS are those of `python -m scopevid.cluster.driver` (--frames, --world-size, --out, ...);
 # without --out (or --resume) the outputs go to runs/<job id>. The Ray head runs on the first node of
@@ -23,7 +24,7 @@
 #SBATCH --job-name=scopevid
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --output=scopevid-%j.log
+#SBATCH --output=runs/slurm-%j.log
 set -euo pipefail
 
 MODE=slurm
@@ -74,7 +75,8 @@ unset RAY_ADDRESS
 if [[ $MODE == local ]]; then
   HEAD_IP=${SCOPEVID_HEAD_IP:-127.0.0.1}
   NODES=(localhost)
-  CPUS=${SCOPEVID_CPUS:-$(nproc)}
+  # the machine's CPUs (nproc would count OMP_NUM_THREADS, often 1 in a training shell)
+  CPUS=${SCOPEVID_CPUS:-$("$PY" -c 'import os; print(len(os.sched_getaffinity(0)))')}
 else
   mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   HEAD_IP=${SCOPEVID_HEAD_IP:-$(hostname --ip-address | awk '{print $1}')}
@@ -92,18 +94,21 @@ ADDRESS=$HEAD_IP:$PORT
 HEAD_PID=""
 WORKERS_PID=""
 DRIVER_PID=""
-stop_pid() {  # TERM (ray start --block stops its children), wait, then KILL
-  local pid=$1 i
+stop_pid() {  # [wait for it to end on its own,] TERM (ray start --block stops its children), wait, KILL
+  local pid=$1 own=${2:-0} i
   [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
+  for i in $(seq 1 $((own * 5))); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
   kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
   kill -KILL "$pid" 2>/dev/null || true
 }
 teardown() {
   local rc=$?
   trap - EXIT INT TERM
   echo "launch.sh: tearing down the Ray cluster" >&2
-  stop_pid "$DRIVER_PID"  # SIGTERM: the driver stops its ranks and records the job as stopped
+  # scancel and Ctrl-C signal the driver too: give it 4 s to stop its ranks, record the job and print its
+  # one line (a second SIGTERM would end it at once); only then signal it ourselves
+  stop_pid "$DRIVER_PID" 4
   stop_pid "$WORKERS_PID"
   stop_pid "$HEAD_PID"
   if [[ $MODE == local && -n "$HEAD_PID" ]]; then  # leftovers of our own session only

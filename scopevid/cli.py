@@ -74,7 +74,10 @@ def _report(args, e: ScopevidError) -> int:
         import traceback
 
         traceback.print_exception(e.__context__ or e)
-    print(f"scopevid {args.command}: error: {e}", file=sys.stderr)
+    from scopevid.errors import Stopped
+
+    word = "stopped" if isinstance(e, Stopped) else "error"  # a user's stop is not an error
+    print(f"scopevid {args.command}: {word}: {e}", file=sys.stderr)
     return e.exit_code
 
 

@@ -134,6 +134,29 @@ class RunConfig:
         return yaml.safe_dump(json.loads(json.dumps(d, default=str)), sort_keys=False)
 
 
+def differences(old, new, path: str = "") -> list[tuple[str, object, object]]:
+    """(dotted field path, old value, new value) of every leaf that differs between two JSON-like
+    values, depth first: what a refused resume names, instead of printing whole sections."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if old == new else [(path or "value", old, new)]
+
+
+def describe_differences(diff: list[tuple[str, object, object]], then: str = "when the run started") -> str:
+    """'frames was 17 {then} and is 9 now' for the first difference, and how many more there are."""
+    def short(v) -> str:
+        text = repr(v)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    key, a, b = diff[0]
+    more = f" (and {len(diff) - 1} more: {', '.join(k for k, _, _ in diff[1:4])}{', ...' if len(diff) > 4 else ''})" \
+        if len(diff) > 1 else ""
+    return f"{key} was {short(a)} {then} and is {short(b)} now{more}"
+
+
 def guided(guidance: float) -> bool:
     """Whether a guidance scale runs two branches (cond and uncond): the diffusers pipelines'
     `do_classifier_free_guidance` (guidance_scale > 1), for every adapter."""

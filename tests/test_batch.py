@@ -34,7 +34,13 @@ def _batch(cfg, prompts, out, *extra):
 
 
 def _manifest(out) -> list[dict]:
-    return pq.read_table(out / "manifest.parquet").to_pylist()
+    """The newest state: the Parquet snapshot (readable at any moment) and the journal after it."""
+    from dataclasses import asdict
+
+    from scopevid.jobs.manifest import Manifest
+
+    pq.read_table(out / "manifest.parquet")  # the snapshot alone reads too, whenever the batch was stopped
+    return [asdict(e) for e in Manifest.read(out).entries]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +121,7 @@ def test_interrupted_batch_resumes_and_skips_what_is_done(setup, tmp_path, sig):
     rows = _manifest(out)  # readable whatever the signal
     assert rows[0]["status"] in ("ok", "running")  # "running": killed after its summary, before the manifest
     if sig == signal.SIGTERM:
-        assert p.returncode == 1 and err.strip().splitlines()[-1].startswith("scopevid batch: error: the batch was stopped ")  # during a video, or between two
+        assert p.returncode == 1 and err.strip().splitlines()[-1].startswith("scopevid batch: stopped: the batch was stopped ")  # during a video, or between two
         statuses = [x["status"] for x in rows]
         if "between two videos" in err:  # stopped after one video's manifest row, before the next started
             assert statuses[0] == "ok" and "running" not in statuses and "stopped" not in statuses, statuses

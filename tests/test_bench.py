@@ -123,13 +123,13 @@ def test_bench_sp_compares_meshes_side_by_side(tmp_path):
                    "--heads", "2", "--size", "16", "--steps", "2", "--out", str(out)])
     assert rc == 0
     rows = pq.read_table(out / "bench_sp.parquet").to_pylist()
-    assert [(r["mesh"], r["world_size"]) for r in rows] == [("1 process", 1), ("cfg=2", 2), ("ulysses=2", 2)]
+    assert [(r["mesh"], r["world_size"]) for r in rows] == [("1", 1), ("cfg=2", 2), ("ulysses=2", 2)]
     assert all(r["same_decisions_as_1rank"] for r in rows)
     assert rows[1]["max_abs_diff_vs_1rank"] == 0.0  # the branches combine exactly as on one process
     assert rows[2]["max_abs_diff_vs_1rank"] <= 1e-4
     assert rows[0]["comm_seconds"] == 0.0 and rows[1]["comm_seconds"] > 0 and rows[2]["comm_seconds"] > 0
     best = json.loads((out / "bench_sp.json").read_text())["best"]
-    assert set(best) == {"1 process", "cfg=2", "ulysses=2"} and best["cfg=2"]["world_size"] == 2
+    assert set(best) == {"1", "cfg=2", "ulysses=2"} and best["cfg=2"]["world_size"] == 2
 
 
 def test_selective_on_is_the_exact_mode_for_block_causal_models_only(tiny_config):

@@ -223,7 +223,7 @@ def test_resume_at_a_predict_that_depends_on_the_restored_state(tmp_path):
     restored features (for d_k). Resume there: same decisions, same latents, byte for byte."""
     from scopevid import config as config_lib
     from scopevid.engine import runner
-    from scopevid.engine.checkpoint import Checkpointer, checkpoint_info, read_latents
+    from scopevid.engine.checkpoint import Checkpointer, checkpoint_info
 
     class Recording(Checkpointer):
         def save(self, it, next_emit):
@@ -256,6 +256,8 @@ def test_resume_at_a_predict_that_depends_on_the_restored_state(tmp_path):
     got = pq.read_table(tmp_path / "job" / "steps.parquet").to_pylist()
     assert [r["mode"] for r in got] == [r["mode"] for r in log]
     assert [r["r"] for r in got] == [r["r"] for r in log]
-    la = torch.stack([x for _, x in read_latents(tmp_path / "ref" / "latents")])
-    lb = torch.stack([x for _, x in read_latents(tmp_path / "job" / "latents")])
+    from safetensors.torch import load_file
+
+    la = load_file(tmp_path / "ref" / "latents.safetensors")["latents"]
+    lb = load_file(tmp_path / "job" / "latents.safetensors")["latents"]
     assert torch.equal(la, lb)

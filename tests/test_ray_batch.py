@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, local_ray_head, ray_env, write_tiny_config
+from scopevid.jobs.manifest import Manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 PROMPTS = ["red square moving right", "blue square moving left", "green square moving right",
@@ -47,6 +48,12 @@ def _driver(head, cfg, prompts, out, *extra):
     return [sys.executable, "-m", "scopevid.cluster.driver", "--address", head.address, "--batch", str(prompts),
             "--config", str(cfg), "--world-size", "2", "--parallel", "dp=2", "--progress-every", "0.5", *extra,
             *(["--out", str(out)] if "--resume" not in extra else [])]
+
+
+def _resume(head, out):
+    """`--resume DIR` alone: the batch's own record gives its config, prompts and options."""
+    return [sys.executable, "-m", "scopevid.cluster.driver", "--address", head.address, "--resume", str(out),
+            "--progress-every", "0.5"]
 
 
 def _same_videos(out, ref) -> None:
@@ -87,6 +94,13 @@ def test_two_groups_one_killed_the_other_finishes_every_video(ray_head, setup, t
     _same_videos(out, ref)
     oks = re.findall(r"ok \S+ on group (\d)", log)
     assert oks.count("0") >= 4 and len(oks) == 6  # the survivor did the rest
+    # every rank's own log names it and where it sits; the killed rank's ends with the cause the driver saw
+    for rank in (0, 1):
+        text = (out / "logs" / f"rank-{rank:04d}.log").read_text()
+        assert f"rank {rank} of 2: group {rank}, branch both, shard 0 of 1 (mesh dp=2)" in text, text
+    killed = (out / "logs" / "rank-0001.log").read_text().strip().splitlines()
+    assert "[driver] group 1 lost: its process was killed" in killed[-1], killed
+    assert "Traceback" not in log  # the rank's death was handled: no Ray traceback in the driver's output
 
 
 def test_a_killed_driver_resumes_the_batch(ray_head, setup, tmp_path):
@@ -106,19 +120,56 @@ def test_a_killed_driver_resumes_the_batch(ray_head, setup, tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
-    done = [x["out"] for x in pq.read_table(out / "manifest.parquet").to_pylist() if x["status"] == "ok"]
+    done = [e.out for e in Manifest.read(out).entries if e.status == "ok"]  # the snapshot and its journal
     assert 0 < len(done) < len(PROMPTS)
     stamps = {d: (out / d / "video.mp4").stat().st_mtime_ns for d in done}
     deadline = time.monotonic() + 60
     while True:  # Ray ends a dead driver's actors within seconds; the resumed job waits for their names
-        r = subprocess.run(_driver(ray_head, cfg, prompts, out, "--resume", str(out)), env=ray_env(), cwd=ROOT,
-                           capture_output=True, text=True, timeout=240)
+        r = subprocess.run(_resume(ray_head, out), env=ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
         if r.returncode == 0 or time.monotonic() > deadline or "in use by another scopevid run" not in r.stderr:
             break
         time.sleep(1)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     _same_videos(out, ref)
     assert {d: (out / d / "video.mp4").stat().st_mtime_ns for d in done} == stamps, "a finished video was run again"
+
+
+def test_a_stopped_batch_resumes_from_its_own_record(ray_head, setup, tmp_path):
+    """SIGTERM mid-batch: one line saying what is kept and the command that continues, job.json and
+    the manifest say stopped (no video left running); `--resume DIR` alone then finishes the batch with
+    its recorded config, prompts and options, each video equal to the one-process batch's."""
+    cfg, prompts, ref = setup
+    out = tmp_path / "batch"
+    p = subprocess.Popen(_driver(ray_head, cfg, prompts, out), env=ray_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        for line in p.stdout:
+            if "] ok " in line:
+                p.send_signal(signal.SIGTERM)
+                break
+            assert time.monotonic() < deadline
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    last = err.strip().splitlines()[-1]
+    assert p.returncode == 1 and last.startswith("scopevid driver: stopped: the batch was stopped by SIGTERM"), err[-3000:]
+    assert last.endswith(f"continue with: python -m scopevid.cluster.driver --resume {out}"), last
+    job = json.loads((out / "job.json").read_text())
+    assert (job["status"], job["error"], job["kind"]) == ("stopped", None, "batch") and "--resume" in job["stopped"], job
+    statuses = [e.status for e in Manifest.read(out).entries]
+    assert "running" not in statuses and "ok" in statuses, statuses
+    r = subprocess.run(_resume(ray_head, out), env=ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    _same_videos(out, ref)
+    job = json.loads((out / "job.json").read_text())
+    assert (job["status"], job["error"], job["stopped"], job["attempts"]) == ("complete", None, None, 2), job
+    # given again, an option that differs from the record is refused with both values
+    r = subprocess.run(_resume(ray_head, out) + ["--config", str(cfg), "--frames", "9"], env=ray_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "frames was 17 when the batch started and is 9 now" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 DECISIONS = ["window", "iteration", "serial", "mode", "reason", "valid_lo", "valid_hi", "compute_lo", "compute_hi"]

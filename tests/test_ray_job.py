@@ -9,6 +9,7 @@ cluster on the machine).
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -73,19 +74,29 @@ def test_ray_job_submit_two_ranks_as_a_cfg_mesh(ray_head, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames"] == frames and summary["world_size"] == 2
     assert summary["config"]["parallel"]["cfg"] == 2  # the guidance branches ran on the two ranks
-    one = runner.generate(rc, tmp_path / "one", progress=False)  # ... and made the 1-process video
+    from scopevid.config import ParallelConfig
+
+    # ... and made the video of one process (its mesh: one rank; cfg=2 on one process is refused in one line)
+    one = runner.generate(rc.with_overrides(parallel=ParallelConfig()), tmp_path / "one", progress=False)
     assert summary["decision_digest"] == one["decision_digest"]
     assert (out / "video.mp4").read_bytes() == (tmp_path / "one" / "video.mp4").read_bytes()
     assert summary["iterations"] == plan.num_iterations()
     assert sum(summary["counts"].values()) == plan.num_iterations()
 
     # shards and the job record
-    from scopevid.engine.checkpoint import read_frames, read_latents
+    from safetensors.torch import load_file
+
+    from scopevid.engine.checkpoint import read_frames
 
     assert [f for f, _ in read_frames(out / "frames")] == list(range(frames))
-    assert [f for f, _ in read_latents(out / "latents")] == list(range(plan.latent_frames))
+    assert load_file(out / "latents.safetensors")["latents"].shape[0] == plan.latent_frames
+    assert not (out / "latents").exists()  # its resume copy is gone once the run is complete
     job = json.loads((out / "job.json").read_text())
-    assert job["status"] == "complete" and job["world_size"] == 2
+    assert job["status"] == "complete" and job["world_size"] == 2 and job["kind"] == "video"
+    assert job["error"] is None and job["stopped"] is None and job["mesh"] == "cfg=2"
+    assert job["config"] == str(out / "config.yaml") and job["config_given"] == str(cfg)  # not Ray's copy of the dir
+    assert job["progress"]["iteration"] == job["iterations"] - 1 and job["progress"]["frames"] == frames  # 100%
+    assert job["argv"][0] == "python -m scopevid.cluster.driver"
     assert [p["rank"] for p in job["per_rank"]] == [0, 1]
     assert all(p["peak_rss_mb"] > 10 for p in job["per_rank"])
     assert not (out / "checkpoint").exists(), "a completed job removes its checkpoint"
@@ -104,7 +115,7 @@ def test_bench_scaling_table_and_plot(ray_head, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     rows = pq.read_table(out / "scaling.parquet").to_pylist()
     assert [(x["mesh"], x["processes"], x["videos"], x["frames"], x["policy"]) for x in rows] == [
-        ("1 process", 1, 2, 24, "original"), ("dp=2", 2, 2, 24, "original"), ("cfg=2", 2, 2, 24, "original")]
+        ("1", 1, 2, 24, "original"), ("dp=2", 2, 2, 24, "original"), ("cfg=2", 2, 2, 24, "original")]
     for x in rows:
         assert x["wall_seconds"] > 0 and x["peak_rss_mb_max"] > 10
         assert x["frames_per_second"] == pytest.approx(24 / x["wall_seconds"])
@@ -119,5 +130,57 @@ def test_bench_scaling_table_and_plot(ray_head, tmp_path):
     for m, entries in manifests.items():
         for e in entries:
             assert (runs[m] / e["out"] / "video.mp4").read_bytes() == \
-                (runs["1 process"] / e["out"] / "video.mp4").read_bytes(), (m, e["out"])
+                (runs["1"] / e["out"] / "video.mp4").read_bytes(), (m, e["out"])
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_job_json_says_how_a_job_ended(ray_head, tmp_path):
+    """Unplaceable, failed and stopped jobs: job.json's status, error and stopped agree with the one
+    line the driver printed, whatever ended the job."""
+    from conftest import write_poisoned_tiny
+
+    def driver(*args):
+        return [sys.executable, "-m", "scopevid.cluster.driver", "--address", ray_head.address, "--progress-every", "0.5",
+                *args]
+
+    def job(out):
+        return json.loads((out / "job.json").read_text())
+
+    cfg = write_tiny_config(tmp_path, frames=9)
+    # a job the cluster can never hold (2 CPUs in all): at once, with the fix
+    r = subprocess.run(driver("--config", str(cfg), "--world-size", "2", "--cpus-per-rank", "2", "--out",
+                              str(tmp_path / "big")), env=ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and line.startswith("scopevid driver: error: placement: 2 ranks x 2 CPU need 4 CPU"), r.stderr
+    j = job(tmp_path / "big")
+    assert (j["status"], j["stopped"]) == ("failed", None) and j["error"] == line.split("error: ", 1)[1] and j["finished"]
+    # a rank fails (NaN from the model): failed, naming the rank
+    (tmp_path / "p").mkdir()
+    bad = write_poisoned_tiny(tmp_path / "p", frames=9, prompt="blue square moving left")
+    r = subprocess.run(driver("--config", str(bad), "--world-size", "2", "--out", str(tmp_path / "nan")), env=ray_env(),
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "NaN or inf" in line, r.stderr[-3000:]
+    j = job(tmp_path / "nan")
+    assert (j["status"], j["stopped"]) == ("failed", None) and j["error"] == line.split("error: ", 1)[1]
+    assert j["failed_rank"] in (0, 1)
+    # a user's stop: stopped, not an error
+    (tmp_path / "long").mkdir()
+    long = write_tiny_config(tmp_path / "long", frames=257)
+    out = tmp_path / "stop"
+    p = subprocess.Popen(driver("--config", str(long), "--world-size", "2", "--out", str(out)), env=ray_env(), cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "steps.parquet").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    line = err.strip().splitlines()[-1]
+    assert p.returncode == 1 and line.startswith("scopevid driver: stopped: stopped by SIGTERM; Kept in "), err[-3000:]
+    j = job(out)
+    assert (j["status"], j["error"]) == ("stopped", None) and j["stopped"] == line.split("stopped: ", 1)[1]

@@ -35,12 +35,14 @@ def video_frames(path: Path) -> np.ndarray:
 
 
 def assert_same_outputs(a: Path, b: Path) -> None:
-    from scopevid.engine.checkpoint import read_frames, read_latents
+    from safetensors.torch import load_file
 
-    la = [(f, x) for f, x in read_latents(a / "latents")]
-    lb = [(f, x) for f, x in read_latents(b / "latents")]
-    assert [f for f, _ in la] == [f for f, _ in lb] == list(range(len(la)))
-    assert torch.equal(torch.stack([x for _, x in la]), torch.stack([x for _, x in lb])), "latents differ"
+    from scopevid.engine.checkpoint import read_frames
+
+    # a finished run keeps its exact latents once, in latents.safetensors (the resume shards are gone)
+    assert not (a / "latents").exists() and not (b / "latents").exists()
+    la, lb = load_file(a / "latents.safetensors")["latents"], load_file(b / "latents.safetensors")["latents"]
+    assert torch.equal(la, lb), "latents differ"
     fa = np.stack([x for _, x in read_frames(a / "frames")])
     fb = np.stack([x for _, x in read_frames(b / "frames")])
     assert fa.shape == fb.shape and (fa == fb).all(), "decoded frames differ"
@@ -128,7 +130,9 @@ def test_baselines_in_forward_reuse_state_resumes_exactly(tmp_path, kind, policy
     """The baselines keep residual / K/V stores inside the forward (engine.reuse): checkpointed too."""
     from scopevid import config as config_lib
     from scopevid.engine import runner
-    from scopevid.engine.checkpoint import Checkpointer, checkpoint_info, read_latents
+    from safetensors.torch import load_file
+
+    from scopevid.engine.checkpoint import Checkpointer, checkpoint_info
 
     sched = {"kind": kind, "chunk_width": 2, "window_size": 4, "context_chunks": 2}
     cfg = config_lib.load(write_tiny_config(tmp_path, frames=30, policy=policy, policies={policy: BASELINES[policy]},
@@ -145,8 +149,8 @@ def test_baselines_in_forward_reuse_state_resumes_exactly(tmp_path, kind, policy
     assert checkpoint_info(tmp_path / "job")["serial"] > 0
     got = runner.generate(cfg, tmp_path / "job", progress=False, overwrite=True,
                           checkpoint=Checkpointer(tmp_path / "job", resume=True))
-    la = torch.stack([x for _, x in read_latents(tmp_path / "ref" / "latents")])
-    lb = torch.stack([x for _, x in read_latents(tmp_path / "job" / "latents")])
+    la = load_file(tmp_path / "ref" / "latents.safetensors")["latents"]
+    lb = load_file(tmp_path / "job" / "latents.safetensors")["latents"]
     assert torch.equal(la, lb)
     assert got["decision_digest"] == ref["decision_digest"] and got["counts"] == ref["counts"]
 
@@ -250,7 +254,7 @@ def test_killed_job_resumes_to_the_same_video(ray_head, job_config, reference, t
     if victim == "driver-sigterm":  # ends at once with one line: what is kept and the command that resumes
         lines = killed.stdout.strip().splitlines()
         assert killed.returncode == 1 and info["took"] < 5, (info["took"], killed.stdout[-3000:])
-        assert lines[-1].startswith("scopevid driver: error: stopped by SIGTERM; Kept in "), lines[-1]
+        assert lines[-1].startswith("scopevid driver: stopped: stopped by SIGTERM; Kept in "), lines[-1]
         assert lines[-1].endswith(f"Resume with: python -m scopevid.cluster.driver --resume {out}")
         assert "Traceback" not in killed.stdout
         assert job["status"] == "stopped" and len(job["attempt_seconds"]) == 1
@@ -306,10 +310,15 @@ def test_resume_refuses_a_damaged_run_directory(tmp_path, damage):
             victim.unlink()
         else:
             victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    job = tmp_path / "job"
+    before = {p.relative_to(job): p.read_bytes() for p in job.rglob("*") if p.is_file() and p.name != ".scopevid.lock"}
     with pytest.raises(CheckpointError, match=victim.name if how != "missing" else "shard parts"):
-        runner.generate(cfg, tmp_path / "job", progress=False, overwrite=True,
-                        checkpoint=Checkpointer(tmp_path / "job", resume=True, rows_per_part=4))
-    assert not (tmp_path / "job" / "summary.json").exists()
+        runner.generate(cfg, job, progress=False, overwrite=True,
+                        checkpoint=Checkpointer(job, resume=True, rows_per_part=4))
+    assert not (job / "summary.json").exists()
+    # the refusal came before anything was touched: the killed run's log, video and shards are as they were
+    after = {p.relative_to(job): p.read_bytes() for p in job.rglob("*") if p.is_file() and p.name != ".scopevid.lock"}
+    assert after == before, sorted(set(after) ^ set(before)) or [k for k in before if before[k] != after.get(k)]
 
 
 @pytest.mark.integration
@@ -345,7 +354,7 @@ def test_a_job_that_cannot_be_placed_says_what_it_waits_for(ray_head, job_config
             proc.wait()
     assert proc.returncode == 1 and took < 5, (took, stderr)
     assert "no time limit" in stdout
-    assert stderr.strip().splitlines()[-1].startswith("scopevid driver: error: stopped by SIGTERM; Kept in"), stderr
+    assert stderr.strip().splitlines()[-1].startswith("scopevid driver: stopped: stopped by SIGTERM; Kept in"), stderr
     assert json.loads((tmp_path / "job2" / "job.json").read_text())["status"] == "stopped"
     # a resume that would change what the job computes is refused in one line (exit 2), before Ray is asked
     for args, says in [(["--world-size", "1"], "runs on 2 ranks (checkpoints are per rank); resume it with --world-size 2"),
@@ -353,3 +362,37 @@ def test_a_job_that_cannot_be_placed_says_what_it_waits_for(ray_head, job_config
         r = run_driver(ray_head, "--resume", str(tmp_path / "job2"), *args, timeout=60)
         err = [ln for ln in r.stderr.strip().splitlines() if "INFO worker.py" not in ln]
         assert r.returncode == 2 and len(err) == 1 and says in err[0], r.stderr
+
+
+def test_resume_refuses_changed_weights(tmp_path):
+    """The weights file a run started with, edited in place (one tensor scaled by 1.5, same path, same
+    size): a resume would finish one video with two models, so it is refused, naming the file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import TINY_ARCH
+    from scopevid import config as config_lib
+    from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
+    from scopevid.engine import runner
+    from scopevid.engine.checkpoint import Checkpointer
+    from scopevid.errors import ConfigError
+
+    torch.manual_seed(0)
+    mcfg = TinyDiTConfig.from_dict(TINY_ARCH)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in TinyDiT(mcfg).state_dict().items()}, str(weights))
+    weights.with_suffix(".json").write_text(json.dumps({"model": mcfg.to_dict(), "shift": 3.0}))
+    cfg = config_lib.load(write_tiny_config(tmp_path, frames=40, model={"kind": "tiny", "weights": str(weights)}))
+
+    def stop(serial, total, *a):
+        if serial == total // 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        runner.generate(cfg, tmp_path / "job", progress=False, checkpoint=Checkpointer(tmp_path / "job", on_iteration=stop))
+    sd = load_file(str(weights))
+    sd["blocks.0.qkv.weight"] = sd["blocks.0.qkv.weight"] * 1.5
+    save_file(sd, str(weights))
+    with pytest.raises(ConfigError, match=r"resume: weights\..*w\.safetensors was '.*' when the run started and is"):
+        runner.generate(cfg, tmp_path / "job", progress=False, overwrite=True,
+                        checkpoint=Checkpointer(tmp_path / "job", resume=True))

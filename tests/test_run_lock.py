@@ -52,7 +52,7 @@ def test_lock_is_released_with_the_run(tiny_config, tmp_path):
             with RunLock(tmp_path / "a"):
                 pass
     runner.generate(cfg, tmp_path / "a", progress=False)  # released: a run can take it
-    assert (tmp_path / "a" / LOCK_NAME).is_file() and (tmp_path / "a" / "video.mp4").is_file()
+    assert not (tmp_path / "a" / LOCK_NAME).exists() and (tmp_path / "a" / "video.mp4").is_file()  # and leaves no lock file
     with pytest.raises(OutputExistsError, match="not empty"):  # and the finished run is never overwritten
         runner.generate(cfg, tmp_path / "a", progress=False)
 
@@ -63,3 +63,38 @@ def test_out_naming_a_file_is_one_line(tiny_config, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and "is a file" in err.strip().splitlines()[-1] and "Traceback" not in err
     assert (tmp_path / "f").read_text() == "x"
+
+
+def test_a_lock_file_removed_under_a_waiting_run_is_taken_again(tmp_path, monkeypatch):
+    """A run that opened the lock file just before its holder removed it locks a removed file: it must
+    see that the path names another file (or none) and lock that one, so a third run is refused."""
+    import os
+
+    out = tmp_path / "d"
+    out.mkdir()
+    path = out / LOCK_NAME
+    stale = os.open(path, os.O_RDWR | os.O_CREAT)  # the file as this run found it ...
+    os.unlink(path)  # ... then its holder finished and removed it
+    opens = iter([stale])
+    real = RunLock._open
+    monkeypatch.setattr(RunLock, "_open", lambda self, p: next(opens, None) or real(self, p))
+    lock = RunLock(out).__enter__()
+    try:
+        assert os.stat(path).st_ino == os.fstat(lock.fd).st_ino  # the lock is on the file at the path, not the removed one
+        monkeypatch.setattr(RunLock, "_open", real)
+        with pytest.raises(OutputExistsError, match="in use"):
+            RunLock(out).__enter__()
+    finally:
+        lock.__exit__(None, None, None)
+    assert not path.exists()
+
+
+def test_a_run_inside_another_runs_checkpoint_is_refused(tiny_config, tmp_path):
+    """--out inside checkpoint/ (or frames/, logs/, ...) of another run: that run deletes it when it
+    finishes, so the second run is refused in one line, before writing anything."""
+    cfg = config_lib.load(tiny_config(frames=9))
+    runner.generate(cfg, tmp_path / "a", progress=False)
+    (tmp_path / "a" / "checkpoint").mkdir()
+    with pytest.raises(OutputExistsError, match=r"is inside checkpoint/ of the run in .*a, which that run manages"):
+        runner.generate(cfg, tmp_path / "a" / "checkpoint" / "b", progress=False)
+    assert not (tmp_path / "a" / "checkpoint" / "b").exists()

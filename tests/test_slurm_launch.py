@@ -1,6 +1,6 @@
 """`sbatch launch.sh CONFIG ...` to completion under a real single-node Slurm (Debian's slurm-wlm + munge).
 
-The test brings up its own cluster in a temp dir (shared/notes/slurm.md), isolated from anything else
+The test brings up its own cluster in a temp dir (the recipe of docs/cluster.md), isolated from anything else
 on the machine: its own munged on a private socket (AuthInfo=socket=...), slurmctld / slurmd on free
 ports, SLURM_CONF pointing at the temp dir (never /etc/slurm). Everything it started is stopped by PID
 in `finally`, and the Ray processes of the job are checked to be gone. Skipped, saying why, when the
@@ -198,16 +198,18 @@ def slurm(request):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def submit_and_wait(slurm: Slurm, tmp_path: Path, sbatch_args: list[str], driver_args: list[str], env_extra: dict,
-                    frames: int) -> tuple[str, Path]:
-    """sbatch launch.sh with a tiny config, wait for the job to end, check it COMPLETED; returns its log."""
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def submit(slurm: Slurm, tmp_path: Path, sbatch_args: list[str], driver_args: list[str], env_extra: dict,
+           frames: int) -> tuple[str, Path]:
+    """sbatch launch.sh with a tiny config; returns (job id, its log)."""
     cfg = write_tiny_config(tmp_path, frames=frames)
-    ray_tmp = slurm.root / "ray"
     env = {k: v for k, v in slurm.env.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     env.update(
         SCOPEVID_PYTHON=sys.executable,
         SCOPEVID_HEAD_IP="127.0.0.1",
-        SCOPEVID_RAY_TMP=str(ray_tmp),
+        SCOPEVID_RAY_TMP=str(slurm.root / "ray"),
         SCOPEVID_OBJECT_STORE_BYTES=str(100 * 2**20),
         SCOPEVID_DIST_TIMEOUT="60",
         SCOPEVID_JOIN_TIMEOUT="90",
@@ -217,20 +219,30 @@ def submit_and_wait(slurm: Slurm, tmp_path: Path, sbatch_args: list[str], driver
     r = slurm.run("sbatch", "--parsable", *sbatch_args, f"--output={log}", f"--chdir={ROOT}", str(ROOT / "launch.sh"),
                   str(cfg), "--frames", str(frames), *driver_args, "--progress-every", "0.5", env=env)
     assert r.returncode == 0, r.stderr
-    jid = r.stdout.strip().split(";")[0]
+    return r.stdout.strip().split(";")[0], log
+
+
+def wait_ended(slurm: Slurm, jid: str, log: Path, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = slurm.job(jid).get("JobState", "?")
+        if state in ENDED:
+            return state
+        assert time.monotonic() < deadline, f"job {jid} still {state} after {timeout:g} s" + _tail(log)
+        time.sleep(0.3)
+
+
+def submit_and_wait(slurm: Slurm, tmp_path: Path, sbatch_args: list[str], driver_args: list[str], env_extra: dict,
+                    frames: int) -> tuple[str, Path]:
+    """sbatch launch.sh with a tiny config, wait for the job to end, check it COMPLETED; returns its log."""
+    jid, log = submit(slurm, tmp_path, sbatch_args, driver_args, env_extra, frames)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            state = slurm.job(jid).get("JobState", "?")
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-                break
-            assert time.monotonic() < deadline, f"job {jid} still {state} after 180 s" + _tail(log)
-            time.sleep(0.3)
+        state = wait_ended(slurm, jid, log)
         info = slurm.job(jid)
         assert state == "COMPLETED" and info.get("ExitCode") == "0:0", f"{state} {info.get('ExitCode')}" + _tail(log)
     finally:
         slurm.run("scancel", jid)
-        leftovers = _reap(ray_tmp)
+        leftovers = _reap(slurm.root / "ray")
     assert not leftovers, f"Ray processes of the job survived launch.sh's teardown: {leftovers}"
     text = log.read_text(errors="replace")
     assert "[scopevid driver] done:" in text and "tearing down" in text, _tail(log)
@@ -264,6 +276,61 @@ def test_sbatch_two_nodes_head_and_srun_worker(slurm, tmp_path):
                                 ["--world-size", "2", "--placement", "STRICT_SPREAD", "--out", str(out)], {}, frames=12)
     assert "launch.sh: slurm, 2 node(s) [n1 n2]" in text and "2 node(s) alive" in text, _tail(log)
     check_outputs(out, 12)
+
+
+def test_scancel_ends_the_job_within_seconds_with_one_line(slurm, tmp_path):
+    """`scancel` of a running job: the driver stops its ranks, records the job as stopped and prints one
+    line saying what is kept and how to resume; the job leaves squeue within 5 s, and nothing of its
+    Ray cluster is left running."""
+    out = tmp_path / "job"
+    jid, log = submit(slurm, tmp_path, ["-N1", "-c2"], ["--world-size", "2", "--out", str(out)],
+                      {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, frames=257)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "job.json").is_file() or json.loads((out / "job.json").read_text()).get("status") != "running" \
+                or not (out / "steps.parquet").exists():
+            assert time.monotonic() < deadline and slurm.job(jid).get("JobState") not in ENDED, _tail(log)
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few iterations in
+        t0 = time.monotonic()
+        assert slurm.run("scancel", jid).returncode == 0
+        while slurm.run("squeue", "-h", "-j", jid).stdout.strip():
+            assert time.monotonic() - t0 < 30, "still in squeue after 30 s" + _tail(log)
+            time.sleep(0.1)
+        left = time.monotonic() - t0
+    finally:
+        slurm.run("scancel", jid)
+        leftovers = _reap(slurm.root / "ray")
+    assert left < 5.0, f"the cancelled job stayed in squeue for {left:.1f} s" + _tail(log)
+    assert not leftovers, f"Ray processes of the job survived: {leftovers}"
+    text = log.read_text(errors="replace")
+    stops = [line for line in text.splitlines() if line.startswith("scopevid driver: ")]
+    assert len(stops) == 1 and stops[0].startswith("scopevid driver: stopped: stopped by SIGTERM; Kept in "), _tail(log)
+    assert f"Resume with: python -m scopevid.cluster.driver --resume {out}" in stops[0]
+    assert "Traceback" not in text, _tail(log)
+    job = json.loads((out / "job.json").read_text())
+    assert (job["status"], job["error"]) == ("stopped", None) and job["stopped"].startswith("stopped by SIGTERM"), job
+
+
+def test_a_cluster_too_small_for_the_job_is_one_line_with_the_fix(slurm, tmp_path):
+    """sbatch's default of one CPU cannot hold two ranks of one CPU each: the job fails at once with the
+    reason and the fix, instead of waiting for bundles that can never be placed."""
+    out = tmp_path / "job"
+    jid, log = submit(slurm, tmp_path, ["-N1", "-c1"], ["--world-size", "2", "--out", str(out)],
+                      {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, frames=9)
+    try:
+        state = wait_ended(slurm, jid, log, timeout=120)
+    finally:
+        slurm.run("scancel", jid)
+        leftovers = _reap(slurm.root / "ray")
+    assert state == "FAILED" and not leftovers, state + _tail(log)
+    errors = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("scopevid driver: ")]
+    assert len(errors) == 1, _tail(log)
+    assert errors[0].startswith("scopevid driver: error: placement: 2 ranks x 1 CPU need 2 CPU, and the Ray cluster has "
+                                "1 CPU on 1 node(s) in all; submit with more CPUs (sbatch -c 2 ...)"), errors[0]
+    assert "--cpus-per-rank 0.5" in errors[0]
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "failed" and job["error"] == errors[0].split("error: ", 1)[1], job
 
 
 def _reap(ray_tmp: Path, wait: float = 15.0) -> list[int]:

@@ -4,9 +4,10 @@
 bundle per rank in one placement group). Every group loads the model once, keeps its process group
 for the whole batch, and takes the next video from the driver's queue when it is free, so fast and
 slow videos balance themselves. The driver owns DIR/manifest.parquet (the same layout as
-`scopevid batch`): a video that fails is recorded and the batch goes on; a group whose rank dies is
-dropped, and the video it held goes back to the queue once (a video that kills a second group is
-recorded as failed). SIGTERM stops the batch within seconds; `--resume` runs what is not done.
+`scopevid batch`) and DIR/job.json: a video that fails is recorded and the batch goes on; a group
+whose rank dies is dropped, and the video it held goes back to the queue once (a video that kills a
+second group is recorded as failed). Every rank writes DIR/logs/rank-NNNN.log. SIGTERM stops the
+batch within seconds; `--resume DIR` runs what is not done, with the batch's own record.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import socket
 import time
 from pathlib import Path
 
-from scopevid.cluster import rayjob
+from scopevid.cluster import rayjob, ranklog
 from scopevid.errors import DistributedError, ScopevidError, Stopped
 from scopevid.jobs import local
+from scopevid.jobs.local import BatchRecord
 from scopevid.jobs.manifest import Manifest, Status
 
 REQUEUES = 1  # times a video whose group died goes back to the queue
@@ -26,20 +28,22 @@ REQUEUES = 1  # times a video whose group died goes back to the queue
 
 class GroupWorker:
     """One rank of one rank group (a Ray actor): the process group and the model live for the whole
-    batch; `video` makes one video with them."""
+    batch; `video` makes one video with them. It logs to DIR/logs/rank-NNNN.log (its global rank)."""
 
-    def __init__(self, group: int, rank: int, world: int, threads: int, device: str):
+    def __init__(self, out: str, layout, rank: int, threads: int, device: str):
         import torch
 
-        self.group_index, self.rank, self.world, self.device = group, rank, world, device
+        self.layout, self.global_rank, self.device = layout, rank, device
+        self.group_index, self.rank, self.world = layout.replica(rank), layout.video_rank(rank), layout.video_world
         torch.set_num_threads(max(1, int(threads)))
         self.group = self.topo = self.adapter = None
+        self.log = ranklog.RankLog(Path(out), rank, layout)
 
     def info(self) -> dict:
         import ray
 
-        return {"group": self.group_index, "rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "hostname": socket.gethostname()}
+        return {"group": self.group_index, "rank": self.rank, "global_rank": self.global_rank, "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address(), "hostname": socket.gethostname()}
 
     def endpoint(self) -> tuple[str, int]:
         import ray
@@ -58,74 +62,103 @@ class GroupWorker:
             from scopevid.cluster.worker import start
 
             env = DistEnv(self.rank, self.world, 0 if self.device == "cuda" else self.rank, master[0], int(master[1]))
-            self.group, self.topo = start(env, cfg, timeout_s=dist_timeout_s)
-        self.adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
+            with self.log.phase(f"joining group {self.group_index}'s process group at {master[0]}:{master[1]}"):
+                self.group, self.topo = start(env, cfg, timeout_s=dist_timeout_s, layout=self.layout.group_mesh())
+        with self.log.phase("loading the model"):
+            self.adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
 
     def video(self, cfg, out: str) -> dict:
         from scopevid.engine.runner import generate
 
         t0 = time.perf_counter()
-        summary = generate(cfg, out, overwrite=True, progress=False, topology=self.topo, adapter=self.adapter)
+        with self.log.phase(f"video {Path(out).name} (seed {cfg.seed}, {cfg.frames} frames, {cfg.policy})"):
+            summary = generate(cfg, out, overwrite=True, progress=False, topology=self.topo, adapter=self.adapter,
+                               observers=[ranklog.RankProgress(self.log)])
         return {"frames": summary["frames"], "wall_seconds": summary["wall_seconds"], "seconds": time.perf_counter() - t0,
                 "peak_rss_mb": local.peak_rss_mb()}
 
 
-def run(spec, cfg, reqs, out: Path, world: int) -> Manifest:
+def run(spec, record: BatchRecord, out: Path, world: int) -> Manifest:
     """The batch on Ray (connected by the caller); returns the final manifest."""
     import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from scopevid.engine.sinks import RunLock
 
     from scopevid import adapters
+    from scopevid.engine.sinks import RunLock
 
+    cfg, reqs = record.cfg, record.requests
     layout = adapters.preflight(cfg.with_overrides(prompt=cfg.prompt or reqs[0].prompt), world, batch=True)
-    dp, size = layout.dp, layout.video_world
     group_cfg = cfg.with_overrides(parallel=layout.group_mesh().parallel)  # what each rank group runs
-    local.check_batch_dir(group_cfg, reqs, out, resume=spec.resume, overwrite=spec.overwrite)
+    local.check_batch_dir(record, out, resume=spec.resume, overwrite=spec.overwrite)
     device = "cuda" if str(cfg.device).startswith("cuda") and ray.cluster_resources().get("GPU", 0) >= world else "cpu"
     group_cfg = group_cfg.with_overrides(device="cuda" if device == "cuda" else "cpu")
-    bundle = {"CPU": spec.cpus_per_rank, **({"GPU": 1} if device == "cuda" else {})}
     with RunLock(out):
-        manifest = local.open_batch(group_cfg, reqs, out, resume=spec.resume, overwrite=spec.overwrite)
-        pg = placement_group([dict(bundle) for _ in range(world)], strategy=spec.placement, name=f"scopevid-batch-{out.name}")
+        manifest = local.open_batch(BatchRecord(cfg, reqs, record.options), out, resume=spec.resume)
+        job = rayjob.JobRecord(out, kind="batch", world_size=world, mesh=layout.label, videos=len(reqs))
         restore = rayjob.stop_on_signals()
         actors: list = []
+        pg = None
         try:
-            rayjob.wait_for_placement(spec, pg, world, bundle, out)
-            rayjob.no_other_job(out, world)  # a killed driver's actors (named after DIR) end within seconds
-            Worker = ray.remote(GroupWorker)
-            for r in range(world):
-                g, rank = layout.replica(r), layout.video_rank(r)
-                actors.append(Worker.options(
-                    name=rayjob.actor_name(out, r), namespace=rayjob.NAMESPACE, num_cpus=spec.cpus_per_rank,
-                    num_gpus=1 if device == "cuda" else 0, max_restarts=0,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-                ).remote(g, rank, size, max(1, int(spec.cpus_per_rank)), device))
-            groups = [[actors[r] for r in layout.group("video", layout.rank_of(d))] for d in range(dp)]
-            infos = ray.get([a.info.remote() for a in actors], timeout=spec.placement_timeout_s + 60)
-            rayjob.say(spec, f"{dp} group(s) of {size} rank(s) on {device}: "
-                          + ", ".join(f"group {i['group']} rank {i['rank']} pid {i['pid']}" for i in infos))
+            pg, actors, infos = _place(spec, layout, out, device, job)
+            groups = [[actors[r] for r in layout.group("video", layout.rank_of(d))] for d in range(layout.dp)]
             opening = []
             for members in groups:
-                master = ray.get(members[0].endpoint.remote(), timeout=60) if size > 1 else None
+                master = ray.get(members[0].endpoint.remote(), timeout=60) if layout.video_world > 1 else None
                 opening.append([a.open.remote(group_cfg, master, spec.dist_timeout_s) for a in members])
-            alive = _opened(groups, opening, spec)
-            _queue(spec, group_cfg, reqs, manifest, out, groups, alive, infos)
+            alive = _opened(groups, opening, spec, out, layout)
+            job.update(status="running")
+            _queue(spec, group_cfg, reqs, manifest, out, groups, alive, infos, layout)
+            job.finish("complete", counts=manifest.counts())
         except Stopped as e:
             running = [x for x in manifest.entries if x.status == Status.RUNNING.value]
             for x in running:
                 manifest.set(x.index, status=Status.STOPPED, error=f"stopped by {e}")
-            raise Stopped(f"the batch was stopped by {e} ({local.done_line(manifest)}); the finished videos are kept; "
-                          f"continue with: python -m scopevid.cluster.driver --batch FILE --resume {out}") from None
+            msg = (f"the batch was stopped by {e} ({local.done_line(manifest)}); the finished videos are kept; "
+                   f"continue with: python -m scopevid.cluster.driver --resume {out}")
+            job.finish("stopped", stopped=msg, counts=manifest.counts())
+            raise Stopped(msg) from None
+        except BaseException as e:
+            job.finish("failed", error=str(e) if isinstance(e, ScopevidError) else f"{type(e).__name__}: {e}",
+                       counts=manifest.counts())
+            raise
         finally:
+            manifest.write()
             rayjob.release(actors, pg)
             restore()
     return manifest
 
 
-def _opened(groups, opening, spec) -> list[bool]:
+def _place(spec, layout, out: Path, device: str, job) -> tuple:
+    """The placement group (one bundle per rank) and one GroupWorker per bundle, named after the job and
+    where the rank sits in the mesh; returns (pg, actors, their info)."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    world = layout.world
+    bundle = {"CPU": spec.cpus_per_rank, **({"GPU": 1} if device == "cuda" else {})}
+    pg = placement_group([dict(bundle) for _ in range(world)], strategy=spec.placement, name=f"scopevid-batch-{out.name}")
+    actors: list = []
+    try:
+        rayjob.wait_for_placement(spec, pg, world, bundle, out)
+        rayjob.no_other_job(out)  # a killed driver's actors (named after DIR) end within seconds
+        Worker = ray.remote(GroupWorker)
+        for r in range(world):
+            actors.append(Worker.options(
+                name=rayjob.actor_name(out, r, layout), namespace=rayjob.NAMESPACE, num_cpus=spec.cpus_per_rank,
+                num_gpus=1 if device == "cuda" else 0, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+            ).remote(str(out), layout, r, max(1, int(spec.cpus_per_rank)), device))
+        infos = ray.get([a.info.remote() for a in actors], timeout=spec.placement_timeout_s + 60)
+    except BaseException:
+        rayjob.release(actors, pg)
+        raise
+    job.update(status="starting", device=device, ranks=infos)
+    rayjob.say(spec, f"{layout.dp} group(s) of {layout.video_world} rank(s) on {device}: "
+                     + ", ".join(f"group {i['group']} rank {i['rank']} pid {i['pid']}" for i in infos))
+    return pg, actors, infos
+
+
+def _opened(groups, opening, spec, out: Path, layout) -> list[bool]:
     """Wait for every group to join its process group and load the model; a group that cannot is dropped."""
     import ray
 
@@ -140,14 +173,21 @@ def _opened(groups, opening, spec) -> list[bool]:
                 raise cause from None
             raise DistributedError(f"group {g}: cannot start: {rayjob.clip(str(e).strip().splitlines()[-1])}") from None
         except ray.exceptions.RayError as e:
-            rayjob.say(spec, f"group {g} lost while starting: {rayjob.cause(e)[0]}")
+            why = rayjob.cause(e)[0]
+            rayjob.say(spec, f"group {g} lost while starting: {why}")
+            _note_lost(out, layout, g, why)
             alive.append(False)
     if not any(alive):
         raise DistributedError("no rank group could start")
     return alive
 
 
-def _queue(spec, cfg, reqs, manifest: Manifest, out: Path, groups, alive: list[bool], infos) -> None:
+def _note_lost(out: Path, layout, group: int, why: str) -> None:
+    for r in layout.group("video", layout.rank_of(group)):
+        ranklog.append(out, r, f"[driver] group {group} lost: {why}")
+
+
+def _queue(spec, cfg, reqs, manifest: Manifest, out: Path, groups, alive: list[bool], infos, layout) -> None:
     """Hand the videos not done to free groups until none is left (or no group is)."""
     import ray
 
@@ -181,27 +221,36 @@ def _queue(spec, cfg, reqs, manifest: Manifest, out: Path, groups, alive: list[b
             if len(done) < len(rs) and failed is None:
                 continue
             del busy[g]
-            e = manifest.entries[i]
-            if failed is None:
-                res = ray.get(rs)
-                manifest.set(i, status=Status.OK, seconds=time.perf_counter() - t0, frames=int(res[0]["frames"]),
-                             frames_per_second=res[0]["frames"] / max(res[0]["wall_seconds"], 1e-9), group=g,
-                             peak_rss_mb=max(r["peak_rss_mb"] for r in res))
-                rayjob.say(spec, f"ok {e.out} on group {g}: {e.frames} frames in {e.seconds:.1f} s")
-                continue
-            why, died = failed
-            if died:  # the group is gone; its video goes back to the queue (once)
-                alive[g] = False
-                pids = [x["pid"] for x in infos if x["group"] == g]
-                rayjob.say(spec, f"group {g} lost (pids {pids}): {why}; {e.out} goes back to the queue"
-                        if requeued.get(i, 0) < REQUEUES else f"group {g} lost (pids {pids}): {why}")
-                if requeued.get(i, 0) < REQUEUES:
-                    requeued[i] = requeued.get(i, 0) + 1
-                    manifest.set(i, status=Status.PENDING, error=f"requeued: group {g} lost ({why})")
-                    todo.insert(0, i)
-                    continue
-            manifest.set(i, status=Status.FAILED, error=why, seconds=time.perf_counter() - t0)
-            rayjob.say(spec, f"failed {e.out} on group {g}: {why}")
+            _settle(spec, manifest, i, g, rs, t0, failed, alive, requeued, todo, infos, out, layout)
+
+
+def _settle(spec, manifest: Manifest, i: int, g: int, rs: list, t0: float, failed, alive, requeued, todo, infos,
+            out: Path, layout) -> None:
+    """Record how video i ended on group g: ok, failed, or back to the queue when its group died."""
+    import ray
+
+    e = manifest.entries[i]
+    if failed is None:
+        res = ray.get(rs)
+        manifest.set(i, status=Status.OK, seconds=time.perf_counter() - t0, frames=int(res[0]["frames"]),
+                     frames_per_second=res[0]["frames"] / max(res[0]["wall_seconds"], 1e-9), group=g,
+                     peak_rss_mb=max(r["peak_rss_mb"] for r in res))
+        rayjob.say(spec, f"ok {e.out} on group {g}: {e.frames} frames in {e.seconds:.1f} s")
+        return
+    why, died = failed
+    if died:  # the group is gone; its video goes back to the queue (once)
+        alive[g] = False
+        pids = [x["pid"] for x in infos if x["group"] == g]
+        _note_lost(out, layout, g, why)
+        again = requeued.get(i, 0) < REQUEUES
+        rayjob.say(spec, f"group {g} lost (pids {pids}): {why}" + (f"; {e.out} goes back to the queue" if again else ""))
+        if again:
+            requeued[i] = requeued.get(i, 0) + 1
+            manifest.set(i, status=Status.PENDING, error=f"requeued: group {g} lost ({why})")
+            todo.insert(0, i)
+            return
+    manifest.set(i, status=Status.FAILED, error=why, seconds=time.perf_counter() - t0)
+    rayjob.say(spec, f"failed {e.out} on group {g}: {why}")
 
 
 def _failure(refs) -> tuple[str, bool] | None:

@@ -261,13 +261,13 @@ def init(
         return Group(env.rank, env.world, env.local_rank, dist.get_backend(), dev, timeout_s, dist.group.WORLD)
     t0 = time.monotonic()
     try:
-        dist.init_process_group(
+        _rendezvous(lambda: dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{_host(env.master_addr)}:{env.master_port}",
             rank=env.rank,
             world_size=env.world,
             timeout=timedelta(seconds=timeout_s),
-        )
+        ), f"rank {env.rank}/{env.world}", f"{env.master_addr}:{env.master_port}")
     except (RuntimeError, ValueError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedError(
@@ -275,6 +275,41 @@ def init(
             f"after {time.monotonic() - t0:.1f} s: {msg}"
         ) from e
     return Group(env.rank, env.world, env.local_rank, backend, dev, timeout_s, dist.group.WORLD)
+
+
+def _rendezvous(join, who: str, where: str) -> None:
+    """Run `join` (init_process_group, which waits inside C++ for every peer and so cannot see a
+    signal) on a helper thread while this thread waits interruptibly: SIGTERM / SIGINT while a peer
+    is missing end the rank at once with one line, instead of after the rendezvous timeout. The
+    blocked helper dies with the process (the CLI then leaves with os._exit, see TORN_DOWN)."""
+    import threading
+
+    from scopevid import interrupts
+    from scopevid.errors import Stopped
+
+    if threading.current_thread() is not threading.main_thread():  # a Ray actor, a test thread: no signals here
+        join()
+        return
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            join()
+        except BaseException as e:  # handed to the waiting thread
+            failure.append(e)
+
+    t = threading.Thread(target=run, name="scopevid-rendezvous", daemon=True)
+    t.start()
+    try:
+        with interrupts.interruptible():
+            while t.is_alive():
+                t.join(0.2)
+    except Stopped as e:
+        global TORN_DOWN
+        TORN_DOWN = True
+        raise Stopped(f"{who}: {e.args[0].split(';')[0]} while waiting at the rendezvous {where} for the other ranks") from None
+    if failure:
+        raise failure[0]
 
 
 def _host(addr: str) -> str:

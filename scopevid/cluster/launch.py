@@ -100,7 +100,7 @@ def _child(tmp: Path) -> int:
     mod, name = target.split(":")
     fn = getattr(importlib.import_module(mod), name)
     env = DistEnv.from_env() or DistEnv(0, 1)
-    group, topo = start(env, mesh=mesh)
+    group, topo = start(env, mesh=mesh, batch=True)  # a harness: rank groups (dp) are allowed
     ok = False
     try:
         result = fn(topo, *args, **kwargs)

@@ -1,22 +1,23 @@
 """One video on a Ray cluster: `run_job(spec)` (what `python -m scopevid.cluster.driver --config ...`
 runs). It resolves and checks the config, prepares DIR (config.yaml, job.json), places one rank
 actor per bundle (cluster.rank_actor), waits for them with progress lines, names the rank that died
-when one does, stops every rank on SIGTERM / SIGINT, and keeps job.json up to date; `--resume DIR`
-continues from the last checkpoint."""
+when one does (and writes the cause into that rank's log), stops every rank on SIGTERM / SIGINT
+within seconds, and keeps job.json consistent however the job ends; `--resume DIR` continues from
+the last checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-from scopevid.cluster.jobspec import JobSpec, resolve_config, write_config
-from scopevid.cluster.rayjob import (JOB_FILE, NAMESPACE, actor_name, cause, clip, connect, no_other_job, release,
-                                     say, stop_on_signals, stop_point, wait_for_placement)
+from scopevid.cluster import ranklog
+from scopevid.cluster.jobspec import CONFIG_FILE, JobSpec, resolve_config, write_config
+from scopevid.cluster.rayjob import (JOB_FILE, NAMESPACE, JobRecord, actor_name, cause, clip, connect, no_other_job,
+                                     release, say, stop_on_signals, stop_point, wait_for_placement)
 from scopevid.cluster.rayjob import update_job as _update_job
-from scopevid.errors import CheckpointError, ConfigError, DistributedError, Stopped
+from scopevid.errors import CheckpointError, ConfigError, DistributedError, ScopevidError, Stopped
 
 
 def _frames_on_disk(out: Path) -> int:
@@ -35,70 +36,75 @@ def run_job(spec: JobSpec) -> dict:
     """Run (or resume) one job to completion; returns job.json's content. Raises ScopevidError."""
     import ray  # noqa: F401  (fail early when Ray is missing)
 
-    from scopevid.engine.checkpoint import checkpoint_info
-    from scopevid.engine.sinks import prepare_out_dir
+    from scopevid import adapters
 
     out = spec.out
     cfg = resolve_config(spec)
     if spec.resume:
-        job_path = out / JOB_FILE
-        if not job_path.is_file():
-            raise CheckpointError(f"resume: {job_path} not found: {out} is not the output directory of a driver job")
-        job = json.loads(job_path.read_text())
+        job = _resumable(spec, out)
         if job.get("status") == "complete":
             say(spec, f"job in {out} is already complete ({job.get('frames')} frames); nothing to do")
             return job
-        world = spec.world_size or int(job["world_size"])
-        if world != int(job["world_size"]):
-            raise ConfigError(f"world-size: the job in {out} runs on {job['world_size']} ranks (checkpoints are per rank); "
-                              f"resume it with --world-size {job['world_size']}")
-        from scopevid import adapters
-
+        world = int(job["world_size"])
         adapters.preflight(cfg, world)  # the same checks as a new job, before any placement
-        info = checkpoint_info(out)
-        attempts = int(job.get("attempts", 1)) + 1
-        seconds = list(job.get("attempt_seconds", []))
-        if len(seconds) < attempts - 1 and "attempt_started" in job:  # the last driver was SIGKILLed:
-            seconds.append(max(0.0, job_path.stat().st_mtime - job["attempt_started"]))  # up to its last write
-            _update_job(out, attempt_seconds=seconds)
-        say(spec, f"resuming {out}: " + (f"checkpoint at iteration {info['serial']}/{info['total_iterations']}, "
-                                         f"{info['pixel_frames']} frames done" if info else "no checkpoint yet, starting over"))
     else:
-        world = spec.world_size or 1
-        from scopevid import adapters
+        from scopevid.engine.sinks import prepare_out_dir
 
-        adapters.preflight(cfg, world)  # the model, the mesh and the heads: before the directory, the placement, any load
+        world = spec.world_size or 1
+        layout = adapters.preflight(cfg, world)  # the model, the mesh, the heads: before the directory and any load
         prepare_out_dir(out, spec.overwrite)
         (out / JOB_FILE).unlink(missing_ok=True)  # --overwrite: a new job, a new record
         write_config(cfg, out)
-        attempts = 1
-        _update_job(out, status="starting", config=spec.config, frames=cfg.frames, world_size=world,
-                    policy=cfg.policy, seed=cfg.seed, model=cfg.model.get("kind"), created=time.time())
-    _update_job(out, status="starting", attempts=attempts, argv=sys.argv, error=None, attempt_started=time.time())
-
+        _update_job(out, kind="video", config=str(out / CONFIG_FILE), config_given=spec.config, frames=cfg.frames,
+                    world_size=world, mesh=layout.label, policy=cfg.policy, seed=cfg.seed, model=cfg.model.get("kind"),
+                    created=time.time())
+    job = JobRecord(out)
     try:
-        started_ray = connect(spec.address, cpus=world * spec.cpus_per_rank)
+        started_ray = connect(spec.address, cpus=world * spec.cpus_per_rank, say=lambda m: say(spec, m))
     except Exception as e:  # no cluster at the address, auth refused, ...
         msg = f"ray: cannot connect to {spec.address or os.environ.get('RAY_ADDRESS') or 'a local instance'}: {clip(str(e))}"
-        _update_job(out, status="failed", error=msg)
+        job.finish("failed", error=msg)
         raise DistributedError(msg) from None
     try:
-        return _run_on_ray(spec, cfg, world, out)
+        return _run_on_ray(spec, cfg, world, out, job)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _device(spec: JobSpec, cfg, world: int, out: Path):
+def _resumable(spec: JobSpec, out: Path) -> dict:
+    """The job record of a job to resume, checked: its world size is the one asked for."""
+    from scopevid.engine.checkpoint import checkpoint_info
+
+    job_path = out / JOB_FILE
+    if not job_path.is_file():
+        raise CheckpointError(f"resume: {job_path} not found: {out} is not the output directory of a driver job")
+    try:
+        job = json.loads(job_path.read_text())
+        world = int(job["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"resume: {job_path} is damaged ({type(e).__name__}: {e}); start the job over") from None
+    if spec.world_size is not None and spec.world_size != world:
+        raise ConfigError(f"world-size: the job in {out} runs on {world} ranks (checkpoints are per rank); "
+                          f"resume it with --world-size {world}")
+    seconds = list(job.get("attempt_seconds", []))
+    if len(seconds) < int(job.get("attempts", 1)) and "attempt_started" in job:  # the last driver was SIGKILLed:
+        seconds.append(max(0.0, job_path.stat().st_mtime - job["attempt_started"]))  # up to its last write
+        job = _update_job(out, attempt_seconds=seconds)
+    info = checkpoint_info(out)
+    say(spec, f"resuming {out}: " + (f"checkpoint at iteration {info['serial']}/{info['total_iterations']}, "
+                                     f"{info['pixel_frames']} frames done" if info else "no checkpoint yet, starting over"))
+    return job
+
+
+def _device(spec: JobSpec, cfg, world: int):
     """(cpu | cuda, the config on that device): one GPU per rank when asked for or when the cluster has them."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     if spec.device == "cuda" or (spec.device == "auto" and str(cfg.device).startswith("cuda")):
         if gpus < world:
-            msg = f"device: {world} ranks need {world} GPUs, the Ray cluster has {gpus:g}"
-            _update_job(out, status="failed", error=msg)
-            raise ConfigError(msg)
+            raise ConfigError(f"device: {world} ranks need {world} GPUs, the Ray cluster has {gpus:g}")
         device = "cuda"
     else:
         device = "cuda" if spec.device == "auto" and gpus >= world else "cpu"
@@ -109,7 +115,7 @@ def _device(spec: JobSpec, cfg, world: int, out: Path):
     return device, cfg
 
 
-def _start_ranks(spec: JobSpec, pg, world: int, device: str, out: Path, actors: list):
+def _start_ranks(spec: JobSpec, pg, layout, device: str, out: Path, actors: list):
     """One rank actor per bundle (appended to `actors` as they start, so a failure still releases them)
     and the zero-CPU progress board; returns (board, the ranks' info)."""
     import ray
@@ -120,59 +126,76 @@ def _start_ranks(spec: JobSpec, pg, world: int, device: str, out: Path, actors: 
 
     Worker = ray.remote(RankWorker)
     board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
-    for r in range(world):
+    for r in range(layout.world):
         actors.append(Worker.options(
-            name=actor_name(out, r), namespace=NAMESPACE,
+            name=actor_name(out, r, layout), namespace=NAMESPACE,
             num_cpus=spec.cpus_per_rank, num_gpus=1 if device == "cuda" else 0, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-        ).remote(r, world, max(1, int(spec.cpus_per_rank)), device))
+        ).remote(r, layout.world, max(1, int(spec.cpus_per_rank)), device))
     ranks = _gather_named([a.info.remote() for a in actors], "start", timeout=spec.placement_timeout_s + 60)
     return board, ranks
 
 
-def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path) -> dict:
-    import ray
+def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path, job: JobRecord) -> dict:
     from ray.util.placement_group import placement_group
 
-    device, cfg = _device(spec, cfg, world, out)
-    bundle = {"CPU": spec.cpus_per_rank, **({"GPU": 1} if device == "cuda" else {})}
-    pg = placement_group([dict(bundle) for _ in range(world)], strategy=spec.placement, name=f"scopevid-{out.name}")
-    actors, board, refs = [], None, []
+    from scopevid import adapters
+
+    actors, board, refs, pg = [], None, [], None
     t_start = time.perf_counter()
     restore = stop_on_signals()
-    status = "failed"
     try:
+        layout = adapters.preflight(cfg, world)
+        device, cfg = _device(spec, cfg, world)
+        bundle = {"CPU": spec.cpus_per_rank, **({"GPU": 1} if device == "cuda" else {})}
+        pg = placement_group([dict(bundle) for _ in range(world)], strategy=spec.placement, name=f"scopevid-{out.name}")
         wait_for_placement(spec, pg, world, bundle, out)
-        no_other_job(out, world)
-        board, ranks = _start_ranks(spec, pg, world, device, out, actors)
-        _update_job(out, status="running", device=device, ranks=ranks, started=time.time())
+        no_other_job(out)
+        board, ranks = _start_ranks(spec, pg, layout, device, out, actors)
+        job.update(status="running", device=device, ranks=ranks, started=time.time())
         say(spec, f"{world} rank(s) on {device}: " + ", ".join(f"rank {i['rank']} pid {i['pid']} @ {i['node']}" for i in ranks))
         master = _gather_named([actors[0].endpoint.remote()], "report its address", timeout=60)[0]
         refs = [a.run.remote(cfg, str(out), master, resume=spec.resume, checkpoint_every=spec.checkpoint_every,
                              checkpoint_seconds=spec.checkpoint_seconds, dist_timeout_s=spec.dist_timeout_s, board=board)
                 for a in actors]
         results = _wait(spec, refs, ranks, board, out)
-        job = _complete(spec, cfg, out, results, time.perf_counter() - t_start)
-        status = "complete"
-        return job
+        return _complete(spec, cfg, out, results, time.perf_counter() - t_start, job)
     except Stopped as e:
-        status = "stopped"
-        if board is not None and refs:  # the ranks stop together at their next iteration and close their outputs
-            board.request_stop.remote()
-            ray.wait(refs, num_returns=len(refs), timeout=spec.stop_grace_s)
+        _stop_ranks(spec, board, refs)
         msg = f"stopped by {e}; " + _kept(out)
-        _update_job(out, error=msg)
+        job.finish("stopped", stopped=msg)
         raise Stopped(msg) from None
+    except BaseException as e:
+        job.finish("failed", error=str(e) if isinstance(e, ScopevidError) else f"{type(e).__name__}: {e}")
+        raise
     finally:
-        if status != "complete":
-            _update_job(out, status=status, finished=time.time(),
-                        attempt_seconds=[*_job(out).get("attempt_seconds", []), time.perf_counter() - t_start])
         release(actors + ([board] if board is not None else []), pg)
         restore()
 
 
-def _complete(spec: JobSpec, cfg, out: Path, results: list, wall: float) -> dict:
-    """job.json of a finished job, and its one line."""
+def _stop_ranks(spec: JobSpec, board, refs: list) -> None:
+    """Ask every rank to stop at its next iteration (they close their outputs) and give them a moment,
+    bounded: under scancel the Ray head is going down with us, and its calls would block."""
+    import threading
+
+    import ray
+
+    def ask() -> None:
+        try:
+            board.request_stop.remote()
+            ray.wait(refs, num_returns=len(refs), timeout=spec.stop_grace_s)
+        except Exception:  # the cluster is gone: nothing to ask
+            pass
+
+    if board is None or not refs:
+        return
+    t = threading.Thread(target=ask, name="scopevid-stop", daemon=True)
+    t.start()
+    t.join(spec.stop_grace_s + 0.5)
+
+
+def _complete(spec: JobSpec, cfg, out: Path, results: list, wall: float, job: JobRecord) -> dict:
+    """job.json of a finished job (its progress at 100%), and its one line."""
     summary = results[0]["summary"]
     frames = summary.get("frames") or cfg.frames
     per_rank = [{"rank": r["rank"], "pid": r["pid"], "peak_rss_mb": r["peak_rss_bytes"] / 2**20,
@@ -180,21 +203,22 @@ def _complete(spec: JobSpec, cfg, out: Path, results: list, wall: float) -> dict
                  "seconds": r["seconds"], "checkpoints": r["checkpoints"]} for r in results]
     job_seconds = _attempts_seconds(out) + wall
     rollout = summary.get("wall_seconds") or wall  # the rollout's own clock runs on across resumes
-    job = _update_job(
-        out, status="complete", finished=time.time(), wall_seconds=wall, job_seconds=job_seconds,
-        attempt_seconds=[*_job(out).get("attempt_seconds", []), wall], frames=frames,
-        frames_per_second=frames / max(rollout, 1e-9), rollout_seconds=rollout,
-        iterations=summary.get("iterations"), resumed_from=results[0].get("resumed_from"), per_rank=per_rank,
-        counts=summary.get("counts"), decision_digest=summary.get("decision_digest"),
-        sequence_parallel=summary.get("sequence_parallel"),
+    iterations = summary.get("iterations")
+    rec = job.finish(
+        "complete", wall_seconds=wall, job_seconds=job_seconds, frames=frames,
+        frames_per_second=frames / max(rollout, 1e-9), rollout_seconds=rollout, iterations=iterations,
+        resumed_from=results[0].get("resumed_from"), per_rank=per_rank, counts=summary.get("counts"),
+        decision_digest=summary.get("decision_digest"), sequence_parallel=summary.get("sequence_parallel"),
+        progress={"iteration": (iterations or 1) - 1, "iterations": iterations, "frames": frames, "total_frames": frames,
+                  "latent_frames": summary.get("latent_frames"), "time": time.time(), "eta_seconds": 0.0},
     )
-    attempts = int(job.get("attempts", 1))
+    attempts = int(rec.get("attempts", 1))
     say(spec, f"done: {frames} frames, {frames / max(rollout, 1e-9):.2f} frames/s of rollout; "
                + (f"{job_seconds:.1f} s end to end over {attempts} attempts (this one {wall:.1f} s)" if attempts > 1
                   else f"{wall:.1f} s end to end")
                + ", peak RSS per rank " + ", ".join(f"{p['peak_rss_mb']:.0f} MiB" for p in per_rank)
                + f"; outputs in {out}")
-    return job
+    return rec
 
 
 def _kept(out: Path) -> str:
@@ -208,14 +232,11 @@ def _kept(out: Path) -> str:
             + f". Resume with: python -m scopevid.cluster.driver --resume {out}")
 
 
-def _job(out: Path) -> dict:
-    path = out / JOB_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _attempts_seconds(out: Path) -> float:
     """Seconds of the job's earlier attempts (a resumed job reports the whole job)."""
-    return float(sum(_job(out).get("attempt_seconds", [])))
+    path = out / JOB_FILE
+    job = json.loads(path.read_text()) if path.is_file() else {}
+    return float(sum(job.get("attempt_seconds", [])))
 
 
 def _gather_named(refs: list, what: str, timeout: float) -> list:
@@ -275,6 +296,8 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
                 _update_job(out, progress=tracker.as_dict())
     if not failures:
         return [results[r] for r in range(len(refs))]
+    for r, (w, died) in failures.items():  # in each failed rank's own log, also when its process was killed
+        ranklog.append(out, r, f"[driver] rank {r} {'died' if died else 'failed'}: {w}")
     # the rank whose process died is the cause; the others failed in a collective because of it
     dead = sorted(r for r, (_, died) in failures.items() if died)
     first = dead[0] if dead else min(failures)
@@ -285,7 +308,7 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
     msg = f"rank {first}{where} {'died' if died else 'failed'}: {why}. " + _kept(out)
     if others:
         msg += " [then " + "; ".join(others) + "]"
-    _update_job(out, error=msg, failed_rank=first)
+    _update_job(out, failed_rank=first)
     raise DistributedError(msg)
 
 

@@ -20,7 +20,7 @@ from scopevid.cluster import consensus
 from scopevid.cluster.groups import DistEnv, Group, build_state, init
 from scopevid.cluster.sequence import MeshTopology
 from scopevid.config import ParallelConfig
-from scopevid.errors import DistributedError, NonFiniteError, RanksDisagree, ScopevidError, StopRequested
+from scopevid.errors import NonFiniteError, RanksDisagree, ScopevidError, StopRequested
 
 
 def run_rank(
@@ -58,19 +58,23 @@ def run_from_env(cfg, out: str | Path, **kw) -> dict:
 
 
 def start(env: DistEnv, cfg=None, *, backend: str | None = None, timeout_s: float | None = None,
-          threads: int | None = None, mesh: ParallelConfig | None = None) -> tuple[Group, MeshTopology]:
+          threads: int | None = None, mesh: ParallelConfig | None = None, layout=None,
+          batch: bool = False) -> tuple[Group, MeshTopology]:
     """Process group + topology for one rank; checks that every rank has the same config.
     The mesh: `mesh`, else the config's `parallel`, else Ulysses over every rank; validated (with the
     model's heads and guidance when `cfg` is given) before the rendezvous, so a bad mesh is one line
-    on every rank and no rank waits for a peer that gave up."""
+    on every rank and no rank waits for a peer that gave up. `layout`: that check's result, when the
+    caller made it; `batch`: a test harness's mesh may have rank groups (dp)."""
     from scopevid.mesh import MeshLayout
 
-    if cfg is not None:
+    if layout is not None:
+        pass
+    elif cfg is not None:
         from scopevid import adapters
 
         layout = adapters.preflight(cfg, env.world, parallel=mesh)
     else:
-        layout = MeshLayout.resolve(mesh or ParallelConfig(), env.world)
+        layout = MeshLayout.resolve(mesh or ParallelConfig(), env.world, batch=batch)
     device = cfg.device if cfg is not None else "cpu"
     group = init(env, device=device, backend=backend, timeout_s=timeout_s, threads=threads)
     try:
@@ -89,15 +93,35 @@ def start(env: DistEnv, cfg=None, *, backend: str | None = None, timeout_s: floa
 
 def _run(cfg, out, env: DistEnv, *, backend=None, timeout_s=None, threads=None, compare=False, overwrite=False,
          progress=False, check_decisions=False, **generate_kw) -> dict:
+    from scopevid import adapters
+    from scopevid.cluster.ranklog import RankLog, RankProgress
+
+    layout = adapters.preflight(cfg, env.world)  # a bad mesh: one line on every rank, before anything
+    log = RankLog(Path(out), env.rank, layout)
+    try:
+        with log.phase(f"joining the process group at {env.master_addr}:{env.master_port}"):
+            group, topo = start(env, cfg, backend=backend, timeout_s=timeout_s, threads=threads, layout=layout)
+        with log.phase("the run"):
+            summary = _run_in_group(group, topo, cfg, out, compare=compare, overwrite=overwrite, progress=progress,
+                                    check_decisions=check_decisions, observers=[RankProgress(log)], **generate_kw)
+        log.line(f"done: {summary.get('iterations')} iterations, counts {summary.get('counts')}, "
+                 f"{summary.get('wall_seconds', 0):.1f} s of rollout")
+        return summary
+    finally:
+        log.close()
+
+
+def _run_in_group(group: Group, topo: MeshTopology, cfg, out, *, compare, overwrite, progress, check_decisions,
+                  **generate_kw) -> dict:
+    """Rank 0 vets the output directory for every rank, every rank generates, the group is torn down."""
     from scopevid.engine.runner import generate
     from scopevid.engine.sinks import prepare_out_dir
 
-    group, topo = start(env, cfg, backend=backend, timeout_s=timeout_s, threads=threads)
     ok = agreed = False
-    restore = _raise_on_sigterm(group.rank, group.world)
     try:
         refusal = None
-        resuming = generate_kw.get("checkpoint") is not None  # the checkpointer owns the directory then
+        ckpt = generate_kw.get("checkpoint")
+        resuming = ckpt is not None and ckpt.resume  # the checkpointer owns the directory then
         if group.rank == 0 and not resuming:
             try:
                 prepare_out_dir(out, overwrite)
@@ -110,7 +134,8 @@ def _run(cfg, out, env: DistEnv, *, backend=None, timeout_s=None, threads=None, 
             cls = getattr(errors, verdicts[0][0], ScopevidError)
             agreed = True  # every rank saw the same verdict: peers are alive
             raise cls(verdicts[0][1])
-        summary = generate(cfg, out, compare=compare, overwrite=overwrite or not resuming, topology=topo, progress=progress,
+        # rank 0 vetted the directory above for every rank (a resume: the checkpointer vets it)
+        summary = generate(cfg, out, compare=compare, overwrite=True, topology=topo, progress=progress,
                            check_decisions=check_decisions, **generate_kw)
         summary["rank"] = group.rank
         summary["sequence_parallel"] = {
@@ -126,34 +151,12 @@ def _run(cfg, out, env: DistEnv, *, backend=None, timeout_s=None, threads=None, 
         ok = True
         return summary
     except (RanksDisagree, NonFiniteError, StopRequested):
-        # both are raised by every rank together, after collectives that succeeded (a NaN velocity is
-        # seen in the gathered velocities): peers are alive, so teardown can use its barrier
+        # raised by every rank together, after collectives that succeeded (a NaN velocity is seen in the
+        # gathered velocities, a stop is agreed): peers are alive, so teardown can use its barrier
         agreed = True
         raise
     finally:
-        try:
-            group.teardown(ok=ok or agreed)
-        finally:
-            restore()
-
-
-def _raise_on_sigterm(rank: int, world: int):
-    """torchrun (and Slurm) stop the surviving ranks with SIGTERM when one fails; Python's default
-    action would end the process at once, skipping the writer's `finally` (MP4 trailer, run log).
-    Raise instead, so outputs are closed and the error is one line. Returns the undo function."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process
-        raise DistributedError(f"rank {rank}/{world}: stopped by SIGTERM (the launcher ends the job, usually "
-                               "because another rank failed: see its log)")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+        group.teardown(ok=ok or agreed)
 
 
 def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions: bool = True) -> dict:

@@ -36,19 +36,20 @@ def main(args: argparse.Namespace) -> int:
     from scopevid.cluster.groups import DistEnv
 
     env = DistEnv.from_env()  # torchrun / srun: WORLD_SIZE > 1 runs sequence parallel, rank 0 writes
+    checkpoint = None
+    if args.checkpoint or args.resume:  # every rank checkpoints its own state; rank 0 the outputs
+        from scopevid.engine.checkpoint import Checkpointer
+
+        checkpoint = Checkpointer(args.out, resume=args.resume)
     if env is not None and env.world > 1:
         from scopevid.cluster.worker import run_from_env
 
         summary = run_from_env(cfg, args.out, compare=args.compare, overwrite=args.overwrite,
-                               progress=not args.no_progress and env.rank == 0, check_decisions=args.check_decisions)
+                               progress=not args.no_progress and env.rank == 0, check_decisions=args.check_decisions,
+                               checkpoint=checkpoint)
         if env.rank != 0:
             return 0
     else:
-        checkpoint = None
-        if args.checkpoint or args.resume:
-            from scopevid.engine.checkpoint import Checkpointer
-
-            checkpoint = Checkpointer(args.out, resume=args.resume)
         summary = generate(cfg, args.out, compare=args.compare, overwrite=args.overwrite or args.resume,
                            progress=not args.no_progress, check_decisions=args.check_decisions, checkpoint=checkpoint)
     print(json.dumps(brief(summary), indent=2))

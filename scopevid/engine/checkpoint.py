@@ -44,10 +44,13 @@ from scopevid.engine.files import atomic_torch_save, atomic_write_bytes, atomic_
 from scopevid.engine.rollout import STEP_SCHEMA, RolloutObserver, StepRecord
 from scopevid.engine.shards import OutputShards, read_frames, read_latents  # noqa: F401  (re-exported)
 from scopevid.engine.state import compact, to_device
+from scopevid.config import describe_differences, differences
 from scopevid.errors import CheckpointError, ConfigError, StopRequested
 
 FORMAT = 2  # 2: the rollout state is engine.state.RolloutState (format 1 is not read)
 LATEST = "LATEST"
+LATEST_KEYS = ("tag", "serial", "world", "total_iterations", "next_emit", "pixel_frames", "latent_frames", "frame_parts",
+               "latent_parts", "log_parts")
 
 
 # --- rollout state --------------------------------------------------------------------------------
@@ -89,18 +92,21 @@ class CheckpointStore:
             atomic_write_bytes(path, text.encode())
             return
         if not path.is_file():
-            raise CheckpointError(f"resume: {self.out} holds no resumable run (it finished, or was not started with "
-                                  "--checkpoint)")
+            if (self.dir / LATEST).is_file():
+                raise CheckpointError(f"resume: {path} is missing while {self.dir / LATEST} is there: the run directory "
+                                      "was damaged; start the job over (--overwrite)")
+            if (self.out / "summary.json").is_file():
+                raise CheckpointError(f"resume: the run in {self.out} finished (summary.json); nothing to resume")
+            raise CheckpointError(f"resume: {self.out} holds no resumable run (it was not started with --checkpoint, "
+                                  "or stopped before its first checkpoint: start it again without --resume)")
         try:
             saved = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable ({e}); start the job over (--overwrite)") from None
-        now = json.loads(text)
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if changed:
-            k = changed[0]
-            raise ConfigError(f"resume: {k} was {saved.get(k)!r} when the run started and is {now.get(k)!r} now; "
-                              "resume with the same config and options, or start over with --overwrite")
+        diff = differences(saved, json.loads(text))
+        if diff:
+            raise ConfigError(f"resume: {describe_differences(diff)}; resume with the same config, options and weights, "
+                              "or start over with --overwrite")
 
     def read_latest(self) -> dict | None:
         path = self.dir / LATEST
@@ -108,10 +114,17 @@ class CheckpointStore:
             return None
         try:
             latest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e}); start the job over (--overwrite)") from None
+        if not isinstance(latest, dict):
+            raise CheckpointError(f"{path}: not a checkpoint record (a JSON {type(latest).__name__}, not an object); "
+                                  "start the job over (--overwrite)")
         if latest.get("format") != FORMAT:
             raise CheckpointError(f"{path}: format {latest.get('format')!r}, this build reads {FORMAT}")
+        missing = [k for k in LATEST_KEYS if not isinstance(latest.get(k), int if k != "tag" else str)]
+        if missing:
+            raise CheckpointError(f"{path}: damaged ({', '.join(missing)} missing or not of its type); start the job over "
+                                  "(--overwrite)")
         return latest
 
     def prepare(self, latest: dict | None, resume: bool) -> None:
@@ -174,8 +187,10 @@ class CheckpointStore:
 def _load(path: Path, advice: str = "") -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt files
-        raise CheckpointError(f"{path}: cannot read ({e}){advice}") from None
+    except Exception as e:  # torch raises several types for corrupt files, with long advice of its own
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = "not a checkpoint this build wrote" if "weights only" in first.lower() or "weights_only" in first else first
+        raise CheckpointError(f"{path}: cannot read ({why[:160]}){advice}") from None
 
 
 # --- when to save ---------------------------------------------------------------------------------
@@ -239,6 +254,11 @@ class Checkpointer(RolloutObserver):
         self._decoder = None
         self._total = 0
         self._pixels_seen = 0  # frames counted when no shards are written (ranks other than 0)
+        self._latest = self._state = self._output = None  # what verify read, for attach
+
+    @property
+    def _verified(self) -> bool:
+        return not self.resume or self._latest is not None
 
     @property
     def writes(self) -> bool:
@@ -257,15 +277,32 @@ class Checkpointer(RolloutObserver):
         self.store.bind_settings(settings, self.resume)
 
     # --- set-up -------------------------------------------------------------------------------
+    def verify(self, world: int, rank: int, writes: bool) -> None:
+        """Before a resumed run touches any output (the run log, the MP4, the shards): every check a
+        resume makes, read-only, so a refused resume leaves the killed run's files as they were."""
+        self._latest = latest = self.store.read_latest() if self.resume else None
+        if latest is None:
+            return
+        if latest["world"] != world:
+            raise CheckpointError(f"{self.dir}: checkpoint was written by {latest['world']} ranks, this job has "
+                                  f"{world}; resume with the same --world-size")
+        self._state = self.store.load_rank(latest, rank)
+        if (self._state.get("rank"), self._state.get("world")) != (rank, world):
+            raise CheckpointError(f"checkpoint is of rank {self._state.get('rank')} of {self._state.get('world')}, this "
+                                  f"process is rank {rank} of {world}: resume with the world size the job was started with")
+        if writes:
+            self._output = self.store.load_output(latest)
+            OutputShards.check(self.out, latest)
+            self.store.log_records(int(latest["log_parts"]))
+
     def attach(self, rollout, *, writes: bool, decoder=None, sink=None) -> tuple[int, float]:
         """Register on `rollout` (before it runs); restore when resuming. The run log is replayed to
         the rollout's other observers. Returns (pixel frames already written, wall seconds before the kill)."""
         self.rollout, self._decoder = rollout, decoder
         self._total = rollout.plan.num_iterations()
-        latest = self.store.read_latest() if self.resume else None
-        if latest is not None and latest["world"] != rollout.topo.world:
-            raise CheckpointError(f"{self.dir}: checkpoint was written by {latest['world']} ranks, this job has "
-                                  f"{rollout.topo.world}; resume with the same --world-size")
+        if not self._verified:
+            self.verify(rollout.topo.world, rollout.topo.rank, writes)
+        latest = self._latest
         if writes:
             self.store.prepare(latest, self.resume)
             self.shards = OutputShards(self.out, self.rows_per_part)
@@ -275,7 +312,7 @@ class Checkpointer(RolloutObserver):
             if self.shards:
                 self.shards.start()
             return 0, 0.0
-        load_rollout_state(rollout, self.store.load_rank(latest, rollout.topo.rank))
+        load_rollout_state(rollout, self._state)
         self.restored_serial = self.rule.after_serial = latest["serial"]
         self.rule.last_emit = rollout.state.next_emit
         self.wall_before = float(latest.get("wall_seconds", 0.0))
@@ -287,7 +324,7 @@ class Checkpointer(RolloutObserver):
 
     def _restore_outputs(self, latest: dict, decoder, sink, others: list[RolloutObserver]) -> None:
         self.shards.restore(latest)
-        out_state = self.store.load_output(latest)
+        out_state = self._output
         if decoder is not None and out_state.get("decoder") is not None:
             decoder.load_state_dict(to_device(out_state["decoder"], self.rollout.device))
         if sink is not None:  # re-encode what was written before the kill, then carry on appending
@@ -364,9 +401,13 @@ class Checkpointer(RolloutObserver):
 
     def discard(self) -> None:
         """Remove the checkpoint of a completed run (rank 0), once its summary.json is written: a stop
-        before that keeps the checkpoint whole, so --resume still works."""
+        before that keeps the checkpoint whole, so --resume still works. The latent shards go too once
+        latents.safetensors holds every latent (they were its copy for a resume); the frame shards stay,
+        the video's lossless frames."""
         if self.writes and self.complete:
             self.store.discard()
+            if (self.out / "latents.safetensors").is_file():
+                shutil.rmtree(self.out / "latents", ignore_errors=True)
 
 
 def checkpoint_info(out: str | Path) -> dict | None:

@@ -136,6 +136,24 @@ class OutputPipeline:
         self.quality.add(pixels, ref[:need])
         self._ref_buf[:] = [ref[need:]] if ref.shape[0] > need else []
 
+    def salvage(self) -> str:
+        """After a failed run: a video.mp4 with no complete fragment (the disk filled before ffmpeg wrote
+        its first) is removed, and the note says so; a playable one stays."""
+        path = self.sink.path if self.sink is not None else None
+        if path is None or not path.is_file():
+            return ""
+        try:
+            import imageio_ffmpeg
+
+            frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+            if frames > 0:
+                return ""
+        except Exception:  # ffmpeg cannot open it: nothing in it plays
+            pass
+        path.unlink(missing_ok=True)
+        kept = " (--resume makes it again from the last checkpoint)" if self.checkpoint is not None else ""
+        return f"; video.mp4 held no complete fragment and was removed{kept}"
+
     def write_latents(self) -> None:
         """latents.safetensors (tensor "latents" [frames, C, h, w]), atomically: a reader never sees half."""
         if self.latents_to is not None and self.kept:

@@ -19,12 +19,14 @@ from typing import Iterator, Protocol
 import pyarrow as pa
 import torch
 
+from scopevid import interrupts
 from scopevid.adapters.base import Adapter, Conditioning, NoiseSchedule, VideoFacts
 from scopevid.engine import reuse as reuse_lib
 from scopevid.engine.forward import ForwardRunner, Levels, Outcome
 from scopevid.engine.solvers import Euler, Solver
 from scopevid.engine.state import RolloutState
 from scopevid.engine.topology import LocalTopology, Topology
+from scopevid.errors import StopRequested
 from scopevid.scheduler import predictors
 from scopevid.scheduler.plan import Iteration
 from scopevid.scheduler.policies import ChunkState, Decision, Mode, Policy, StepContext
@@ -223,6 +225,7 @@ class Rollout:
         for it in self.plan.iterations():
             if it.serial < st.next_serial:
                 continue  # done before the checkpoint this rollout was restored from
+            self._safe_point(it)
             for o in self.observers:
                 o.before_iteration(it, st.next_emit)
             t0 = time.perf_counter()
@@ -239,6 +242,20 @@ class Rollout:
             # frames before the window and its context are final and already emitted (in order, above)
             st.evict_before(it.frames[0] if it.context_start is None else min(it.context_start, it.frames[0]))
             timings.loop += time.perf_counter() - t0
+
+    def _safe_point(self, it: Iteration) -> None:
+        """Where a noted SIGTERM / SIGINT stops the rollout (scopevid.interrupts): nothing is half done
+        here. With several ranks they agree first (one float64 sum), so they stop at the same iteration
+        and none waits in a collective for a peer that has left."""
+        name = interrupts.pending()
+        if self.topo.world == 1:
+            interrupts.check()
+            return
+        if self.topo.allreduce([1.0 if name else 0.0])[0] > 0:
+            interrupts.reset()
+            raise StopRequested(f"stopped by {name or 'a signal to another rank of the job'} before iteration "
+                                f"{it.serial} (rank {self.topo.rank} of {self.topo.world}); what was finished is kept; "
+                                "continue a --checkpoint run with --resume")
 
     def _iterate(self, it: Iteration) -> StepRecord:
         t0 = time.perf_counter()

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from scopevid import adapters
+from scopevid import adapters, interrupts
 from scopevid.config import RunConfig
 from scopevid.engine.outputs import OutputPipeline, open_watch, summarize
 from scopevid.engine.rollout import Rollout, StepRecord, video_facts
 from scopevid.engine.sinks import FrameStore, RunLock, prepare_out_dir, write_json
 from scopevid.engine.solvers import SOLVERS
 from scopevid.engine.topology import LocalTopology, Topology
-from scopevid.errors import ConfigError
+from scopevid.errors import ConfigError, OutputWriteError
 from scopevid.scheduler import policies as policy_lib
 from scopevid.scheduler.predictors import Stability
 from scopevid.scheduler.schedules import ChunkCausalPlan, DiffusionForcingPlan
@@ -106,6 +106,7 @@ def run_once(
     keep_records: bool = False,
     checkpoint=None,
     latents_to: Path | None = None,
+    observers: list | tuple = (),
 ) -> RunResult:
     """One rollout under one policy. Writes what it is given paths for, as frames finish.
 
@@ -118,9 +119,11 @@ def run_once(
     plan = build_plan(cfg, adapter)
     spec = cfg.policy_spec(policy_name)
     cond = adapter.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance)
+    if checkpoint is not None:  # a refused resume must leave the killed run's files as they were
+        checkpoint.verify(topo.world, topo.rank, writes)
     watch = open_watch(steps_log, writes, progress, plan.num_iterations(), policy_name, keep_records)
     rollout = make_rollout(cfg, adapter, plan, policy_lib.build(spec, policy_name), cond,
-                           predictor=spec.get("predictor", "taylor2"), topology=topo, observers=[watch],
+                           predictor=spec.get("predictor", "taylor2"), topology=topo, observers=[watch, *observers],
                            check_decisions=check_decisions)
     outputs = OutputPipeline(adapter.stream_decoder(), frames=cfg.frames, fps=cfg.fps, writes=writes, video=video,
                              frames_to=frames_to, reference=reference, latents_to=latents_to, checkpoint=checkpoint)
@@ -131,6 +134,9 @@ def run_once(
         for idx, latent in rollout.run():
             outputs.latent(idx, latent)
         outputs.finish()
+    except OutputWriteError as e:
+        _close(closing, quiet=True)  # the first error is the one to report ...
+        raise OutputWriteError(str(e) + outputs.salvage()) from None  # ... and whether any of the video plays
     except BaseException:
         _close(closing, quiet=True)  # the first error is the one to report
         raise
@@ -158,11 +164,12 @@ def generate(
     check_decisions: bool = False,
     checkpoint=None,
     adapter=None,
+    observers: list | tuple = (),
 ) -> dict:
     """`scopevid generate`: DIR/video.mp4, DIR/steps.parquet, DIR/summary.json (+ --compare).
 
     adapter: one already loaded from `cfg.model` (a batch loads the model once for all its videos);
-    None loads it here."""
+    None loads it here. observers: more RolloutObservers of the run (a rank's progress log)."""
     if checkpoint is not None and compare:
         raise ConfigError("compare: a resumable (checkpointed) run cannot also run the Original reference")
     topo = topology or LocalTopology()
@@ -171,20 +178,24 @@ def generate(
     attention.check(cfg.attention, cfg.device, DTYPES[cfg.dtype])  # a backend that cannot run here: before anything
     adapters.preflight(cfg, topo.world)  # the model section, the prompt and the mesh: before any weights load or output
     if topo.rank != 0:  # only rank 0 writes
-        return _generate(cfg, Path(out), compare, topo, progress, check_decisions, checkpoint, adapter)
+        return _generate(cfg, Path(out), compare, topo, progress, check_decisions, checkpoint, adapter, observers)
     out = prepare_out_dir(out, overwrite)  # refuse before touching anything
     with RunLock(out):
         prepare_out_dir(out, overwrite)  # again under the lock: a run that finished meanwhile left results
-        if checkpoint is not None:
-            checkpoint.bind_settings({k: v for k, v in cfg.to_dict().items() if k != "source"})
-        return _generate(cfg, out, compare, topo, progress, check_decisions, checkpoint, adapter)
+        if checkpoint is not None:  # what a resume must find unchanged: the config, and the weights it reads
+            from scopevid.adapters.fingerprint import fingerprint
+
+            checkpoint.bind_settings({**{k: v for k, v in cfg.to_dict().items() if k != "source"},
+                                      "weights": fingerprint(cfg.model)})
+        return _generate(cfg, out, compare, topo, progress, check_decisions, checkpoint, adapter, observers)
 
 
 def _generate(cfg: RunConfig, out: Path, compare: bool, topo: Topology, progress: bool, check_decisions: bool,
-              checkpoint, adapter=None) -> dict:
+              checkpoint, adapter=None, observers=()) -> dict:
     writes = topo.rank == 0
     if adapter is None:
-        adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
+        with interrupts.interruptible():  # loading writes nothing: a signal may end it at once
+            adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
     summary = {"config": cfg.to_dict(), "model": adapter.name, "world_size": topo.world}
     reference = None
     if compare:
@@ -197,7 +208,7 @@ def _generate(cfg: RunConfig, out: Path, compare: bool, topo: Topology, progress
         summary["original"] = ref.summary
     res = run_once(cfg, adapter, cfg.policy, video=out / "video.mp4", reference=reference,
                    steps_log=out / "steps.parquet", topology=topo, progress=progress, check_decisions=check_decisions,
-                   checkpoint=checkpoint, latents_to=out / "latents.safetensors")
+                   checkpoint=checkpoint, latents_to=out / "latents.safetensors", observers=observers)
     summary.update(res.summary)
     if "original" in summary:
         o = summary["original"]

@@ -139,16 +139,20 @@ class OutputShards:
         self.frames.truncate(0)
         self.latents.truncate(0)
 
-    def restore(self, latest: dict) -> None:
-        """Cut the shards back to a checkpoint and check they hold what it says they do."""
-        self.frames.truncate(latest["frame_parts"])
-        self.latents.truncate(latest["latent_parts"])
+    @staticmethod
+    def check(out: Path, latest: dict) -> None:
+        """The shards hold what a checkpoint says they do (read-only: their footers)."""
         for what, parts, want in (("latents", latest["latent_parts"], latest["latent_frames"]),
                                   ("frames", latest["frame_parts"], latest["pixel_frames"])):
-            got = count_rows(self.out / what, parts)
+            got = count_rows(Path(out) / what, parts)
             if got != want:
-                raise CheckpointError(f"{self.out / what}: {got} rows in the shards, the checkpoint says {want}; "
+                raise CheckpointError(f"{Path(out) / what}: {got} rows in the shards, the checkpoint says {want}; "
                                       "the run directory was damaged: start the job over (--overwrite)")
+
+    def restore(self, latest: dict) -> None:
+        """Cut the shards back to a checkpoint (after `check`)."""
+        self.frames.truncate(latest["frame_parts"])
+        self.latents.truncate(latest["latent_parts"])
         self.frames.count, self.latents.count = int(latest["pixel_frames"]), int(latest["latent_frames"])
 
     def replay_frames(self, parts: int, batch: int = 64) -> Iterator[torch.Tensor]:

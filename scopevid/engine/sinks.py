@@ -22,15 +22,34 @@ from scopevid.errors import OutputExistsError, write_error
 
 
 LOCK_NAME = ".scopevid.lock"
+NOT_RESULTS = (LOCK_NAME, "logs")  # a run's lock, and ranks' logs written before rank 0 vets the directory
+
+
+# what a run directory manages itself (and deletes or rewrites): no other run may live inside them
+MANAGED = ("checkpoint", "frames", "latents", "logs", "original_frames", "steps.parquet", "original_steps.parquet")
+RUN_MARKS = (LOCK_NAME, "steps.parquet", "job.json", "batch.json")  # files only a scopevid run directory has
+
+
+def inside_another_run(out: Path) -> tuple[Path, str] | None:
+    """(the run directory, its managed part) when `out` lies inside a part another run manages."""
+    for d in Path(out).resolve().parents:
+        if d.name in MANAGED and any((d.parent / m).exists() for m in RUN_MARKS):
+            return d.parent, d.name
+    return None
 
 
 def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Create the output directory; refuse one that already holds results unless told to overwrite
-    (a run's lock file alone is not a result)."""
+    (a run's lock file alone is not a result), and one inside a part of another run's directory
+    (its checkpoint/, frames/, ...: that run deletes or rewrites them)."""
     out = Path(path)
+    nested = inside_another_run(out)
+    if nested is not None:
+        raise OutputExistsError(f"--out: {out} is inside {nested[1]}/ of the run in {nested[0]}, which that run manages "
+                                "(and deletes when it finishes); choose another --out")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out: {out} is a file, not a directory; choose another --out")
-    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
+    if out.exists() and any(p.name not in NOT_RESULTS for p in out.iterdir()) and not overwrite:
         raise OutputExistsError(f"output directory {out} is not empty; pass --overwrite or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -42,8 +61,10 @@ def prepare_out_dir(path: str | Path, overwrite: bool = False) -> Path:
 class RunLock:
     """An exclusive lock on a run directory for as long as one run writes into it (flock on
     DIR/.scopevid.lock, released by the kernel if the process dies), so a second run into the same
-    directory is refused at once instead of both writing one video. The file is never removed:
-    removing it would let a third run lock a new file while the second holds the old one."""
+    directory is refused at once instead of both writing one video. The file is removed when the run
+    ends, while still locked; a run that then locks the removed file (it opened it just before) sees
+    that the path no longer names its file and takes the lock again on the new one, so two runs never
+    both hold the directory."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
@@ -51,25 +72,40 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         path = self.out / LOCK_NAME
+        for _ in range(10):
+            fd = self._open(path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
+                os.close(fd)
+                raise OutputExistsError(f"output directory {self.out} is in use by another scopevid run ({holder}); "
+                                        "wait for it to finish or choose another --out") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+                self.fd = fd
+                return self
+            os.close(fd)  # the run before us removed it as we opened it: lock the new one
+        raise OutputExistsError(f"output directory {self.out}: its lock file keeps changing; another run is starting there")
+
+    def _open(self, path: Path) -> int:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise OutputExistsError(f"--out: cannot write into {self.out}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown process"
-            os.close(fd)
-            raise OutputExistsError(f"output directory {self.out} is in use by another scopevid run ({holder}); "
-                                    "wait for it to finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self.fd = fd
-        return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            try:
+                os.unlink(self.out / LOCK_NAME)  # still locked: nobody else holds this file
+            except OSError:
+                pass
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

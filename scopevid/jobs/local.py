@@ -3,6 +3,11 @@
 A video that fails (a bad row, NaN from the model) is recorded as failed in the manifest and the
 batch goes on; SIGTERM / SIGINT or a disk that refuses writes stop the batch (the manifest says
 where), and `--resume` runs again what is not done, skipping finished videos.
+
+A batch keeps its own record (`BatchRecord`): DIR/batch.json (what a resume must match, and the
+options it ran with), DIR/config.yaml (the resolved config) and DIR/prompts.jsonl (the requests), so
+`--resume DIR` alone continues it exactly as it started; anything given again must agree, and a
+refusal names the old and the new value.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from scopevid import adapters
-from scopevid.config import RunConfig
+from scopevid import adapters, interrupts
+from scopevid.config import RunConfig, describe_differences, differences
 from scopevid.engine.files import atomic_write_text
 from scopevid.engine.runner import DTYPES, generate
 from scopevid.engine.sinks import RunLock, prepare_out_dir
@@ -23,6 +29,44 @@ from scopevid.jobs.manifest import Entry, Manifest, Status
 from scopevid.jobs.requests import VideoRequest
 
 BATCH_FILE = "batch.json"
+CONFIG_FILE = "config.yaml"
+PROMPTS_FILE = "prompts.jsonl"
+
+
+@dataclass
+class BatchRecord:
+    """What a batch is: its config, its requests and the options it was started with."""
+
+    cfg: RunConfig
+    requests: list[VideoRequest]
+    options: dict = field(default_factory=dict)  # e.g. the Ray driver's world size, mesh, CPUs per rank
+
+    def settings(self) -> dict:
+        """What a resume must match: the config (but the mesh: a video does not depend on it) and the requests."""
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in ("source", "prompt", "parallel")}
+        return json.loads(json.dumps({"config": cfg, "requests": requests_lib.digest(self.requests),
+                                      "videos": len(self.requests)}, default=str))
+
+    def save(self, out: Path) -> None:
+        atomic_write_text(out / CONFIG_FILE, self.cfg.to_yaml())
+        atomic_write_text(out / PROMPTS_FILE, "".join(
+            json.dumps({k: v for k, v in r.model_dump().items() if k != "index" and v is not None}) + "\n"
+            for r in self.requests))
+        atomic_write_text(out / BATCH_FILE, json.dumps({**self.settings(), "options": self.options,
+                                                        "config_file": CONFIG_FILE, "prompts_file": PROMPTS_FILE},
+                                                       indent=2, default=str))
+
+    @classmethod
+    def load(cls, out: Path) -> "BatchRecord":
+        """The batch in `out` as it was started (for `--resume DIR` alone)."""
+        from scopevid import config as config_lib
+
+        saved = _saved(out)
+        for name in (CONFIG_FILE, PROMPTS_FILE):
+            if not (out / name).is_file():
+                raise CheckpointError(f"resume: {out / name} is missing (a batch of an older version, or a damaged "
+                                      "directory); resume with --config and the prompt file it started with")
+        return cls(config_lib.load(out / CONFIG_FILE), requests_lib.read(out / PROMPTS_FILE), dict(saved.get("options", {})))
 
 
 def resolve(cfg: RunConfig, req: VideoRequest) -> RunConfig:
@@ -33,40 +77,46 @@ def resolve(cfg: RunConfig, req: VideoRequest) -> RunConfig:
     return row
 
 
-def open_batch(cfg: RunConfig, reqs: list[VideoRequest], out: Path, *, resume: bool, overwrite: bool) -> Manifest:
-    """The batch directory (checked against batch.json on resume, else new or --overwrite) and its
-    manifest; call under RunLock(out). Shared by the local queue and the Ray driver's."""
-    manifest = _manifest(cfg, reqs, out, resume)
-    atomic_write_text(out / BATCH_FILE, json.dumps(_settings(cfg, reqs), indent=2, default=str))
+def open_batch(record: BatchRecord, out: Path, *, resume: bool) -> Manifest:
+    """The batch directory's record and manifest (checked against the record on resume, else new);
+    call under RunLock(out). Shared by the local queue and the Ray driver's."""
+    manifest = _manifest(record, out, resume)
+    record.save(out)
     return manifest
 
 
-def _settings(cfg: RunConfig, reqs: list[VideoRequest]) -> dict:
-    """What a resume must match: the config (but the mesh: a video does not depend on it) and the requests."""
-    return {"config": {k: v for k, v in cfg.to_dict().items() if k not in ("source", "prompt", "parallel")},
-            "requests": requests_lib.digest(reqs), "videos": len(reqs)}
-
-
-def check_batch_dir(cfg: RunConfig, reqs: list[VideoRequest], out: Path, *, resume: bool, overwrite: bool) -> None:
+def check_batch_dir(record: BatchRecord, out: Path, *, resume: bool, overwrite: bool) -> None:
     """Before the lock: a resumable batch with these prompts and settings, or a directory to start in."""
     if resume:
-        _check_resumable(out, _settings(cfg, reqs))
+        _check_resumable(out, record)
     else:
         prepare_out_dir(out, overwrite)
 
 
-def run_batch(cfg: RunConfig, reqs: list[VideoRequest], out: str | Path, *, resume: bool = False,
-              overwrite: bool = False, say: Callable[[str], None] = print) -> Manifest:
+def resumed(out: Path, cfg: RunConfig | None, reqs: list[VideoRequest] | None) -> BatchRecord:
+    """The record of the batch in `out` to resume: its own, or (with a config and prompts given again)
+    theirs, once they agree with it."""
+    saved = BatchRecord.load(out)
+    if cfg is None and reqs is None:
+        return saved
+    return BatchRecord(cfg or saved.cfg, reqs if reqs is not None else saved.requests, saved.options)
+
+
+def run_batch(record: BatchRecord, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+              say: Callable[[str], None] = print) -> Manifest:
     out = Path(out)
-    check_batch_dir(cfg, reqs, out, resume=resume, overwrite=overwrite)
+    cfg, reqs = record.cfg, record.requests
+    check_batch_dir(record, out, resume=resume, overwrite=overwrite)
     with RunLock(out):
-        manifest = open_batch(cfg, reqs, out, resume=resume, overwrite=overwrite)
-        adapters.preflight(cfg.with_overrides(prompt=cfg.prompt or reqs[0].prompt), 1)  # one process: its mesh is 1
-        adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])  # once for every video
-        todo = [e for e in manifest.entries if e.status != Status.OK.value]
-        say(f"{len(reqs)} videos, {len(reqs) - len(todo)} already done; model {adapter.name} loaded once")
+        manifest = open_batch(record, out, resume=resume)
         try:
+            adapters.preflight(cfg.with_overrides(prompt=cfg.prompt or reqs[0].prompt), 1)  # one process: its mesh is 1
+            with interrupts.interruptible():  # loading writes nothing: a signal may end it at once
+                adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])  # once for every video
+            todo = [e for e in manifest.entries if e.status != Status.OK.value]
+            say(f"{len(reqs)} videos, {len(reqs) - len(todo)} already done; model {adapter.name} loaded once")
             for k, entry in enumerate(todo, 1):
+                interrupts.check()  # between two videos: a safe point
                 _run_one(cfg, reqs[entry.index], entry, manifest, adapter, out)
                 e = manifest.entries[entry.index]
                 what = (f"{e.frames} frames in {e.seconds:.1f} s" if e.status == Status.OK.value else e.error)
@@ -77,7 +127,9 @@ def run_batch(cfg: RunConfig, reqs: list[VideoRequest], out: str | Path, *, resu
                 manifest.set(x.index, status=Status.STOPPED, error=str(e))
             where = f"during {running[0].out}" if running else "between two videos"
             raise Stopped(f"the batch was stopped {where} ({_done(manifest)}); the finished videos are kept and "
-                          "the manifest says which they are; continue with --resume") from None
+                          f"the manifest says which they are; continue with: scopevid batch --resume --out {out}") from None
+        finally:
+            manifest.write()
     return manifest
 
 
@@ -118,7 +170,8 @@ def _done(manifest: Manifest) -> str:
     return f"{c.get(Status.OK.value, 0)} of {len(manifest.entries)} done"
 
 
-def _manifest(cfg: RunConfig, reqs: list[VideoRequest], out: Path, resume: bool) -> Manifest:
+def _manifest(record: BatchRecord, out: Path, resume: bool) -> Manifest:
+    cfg, reqs = record.cfg, record.requests
     if resume:
         m = Manifest.read(out)
         for e in m.entries:  # a video is done if and only if its outputs say so (generate writes summary.json last)
@@ -129,17 +182,19 @@ def _manifest(cfg: RunConfig, reqs: list[VideoRequest], out: Path, resume: bool)
                 s = json.loads(summary.read_text())
                 e.status, e.error = Status.OK.value, None
                 e.frames_per_second = s["frames"] / max(s["wall_seconds"], 1e-9)
+            elif e.status == Status.RUNNING.value:  # a killed batch's video: it runs again
+                e.status = Status.STOPPED.value
         m.write()
         return m
     entries = [Entry(index=r.index, prompt=r.prompt, seed=cfg.seed if r.seed is None else r.seed,
                      frames=cfg.frames if r.frames is None else r.frames, policy=r.policy or cfg.policy, out=r.dirname)
                for r in reqs]
     m = Manifest(out, entries)
-    m.write()
+    m.start()
     return m
 
 
-def _check_resumable(out: Path, settings: dict) -> None:
+def _saved(out: Path) -> dict:
     path = out / BATCH_FILE
     if not path.is_file():
         raise CheckpointError(f"resume: {out} holds no batch ({BATCH_FILE} missing); start it without --resume")
@@ -147,10 +202,17 @@ def _check_resumable(out: Path, settings: dict) -> None:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"resume: {path} is unreadable ({e})") from None
-    if saved.get("requests") != settings["requests"]:
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"resume: {path} is not a batch record (a JSON object)")
+    return saved
+
+
+def _check_resumable(out: Path, record: BatchRecord) -> None:
+    saved, now = _saved(out), record.settings()
+    if saved.get("requests") != now["requests"]:
         raise ConfigError(f"resume: the prompts differ from the batch in {out} (rows, order or their fields); "
-                          "a batch resumes with its own prompt file")
-    old, new = saved.get("config", {}), json.loads(json.dumps(settings["config"], default=str))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                          f"a batch resumes with its own prompts ({out / PROMPTS_FILE}): omit --prompts")
+    diff = differences(saved.get("config", {}), now["config"])
     if diff:
-        raise ConfigError(f"resume: {', '.join(diff)} differ(s) from the batch in {out}; resume with the same config and options")
+        raise ConfigError(f"resume: {describe_differences(diff, 'when the batch started')}; a batch resumes with its own "
+                          f"config and options: omit them, or start a new batch")
