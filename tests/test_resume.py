@@ -396,3 +396,68 @@ def test_resume_refuses_changed_weights(tmp_path):
     with pytest.raises(ConfigError, match=r"resume: weights\..*w\.safetensors was '.*' when the run started and is"):
         runner.generate(cfg, tmp_path / "job", progress=False, overwrite=True,
                         checkpoint=Checkpointer(tmp_path / "job", resume=True))
+
+
+def _killed_run(tmp_path, **over):
+    """A --checkpoint run stopped halfway (its checkpoint committed); returns (config, run directory)."""
+    from scopevid import config as config_lib
+    from scopevid.engine import runner
+    from scopevid.engine.checkpoint import Checkpointer
+
+    cfg = config_lib.load(write_tiny_config(tmp_path, frames=40, **over))
+
+    def stop(serial, total, *a):
+        if serial == total // 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        runner.generate(cfg, tmp_path / "job", progress=False, checkpoint=Checkpointer(tmp_path / "job", on_iteration=stop))
+    return cfg, tmp_path / "job"
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("latest-list", r"LATEST: not a checkpoint record \(a JSON list, not an object\)"),
+    ("latest-no-log-parts", r"LATEST: damaged \(log_parts missing or not of its type\)"),
+    ("settings-deleted", r"settings.json is missing while .*LATEST is there: the run directory was damaged"),
+    ("rank-file-not-torch", r"rank-00000.pt: cannot read \(not a checkpoint this build wrote\)"),
+])
+def test_a_damaged_checkpoint_is_one_clear_line(tmp_path, damage, needle):
+    from scopevid.engine import runner
+    from scopevid.engine.checkpoint import Checkpointer, checkpoint_info
+    from scopevid.errors import CheckpointError
+
+    cfg, job = _killed_run(tmp_path)
+    latest = job / "checkpoint" / "LATEST"
+    info = checkpoint_info(job)
+    if damage == "latest-list":
+        latest.write_text(json.dumps([info]))
+    elif damage == "latest-no-log-parts":
+        latest.write_text(json.dumps({k: v for k, v in info.items() if k != "log_parts"}))
+    elif damage == "settings-deleted":
+        (job / "checkpoint" / "settings.json").unlink()
+    else:
+        import pickle
+
+        (job / "checkpoint" / info["tag"] / "rank-00000.pt").write_bytes(pickle.dumps(Interrupted()))
+    with pytest.raises(CheckpointError, match=needle) as e:
+        runner.generate(cfg, job, progress=False, overwrite=True, checkpoint=Checkpointer(job, resume=True))
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value) and len(str(e.value)) < 400
+
+
+def test_an_edited_preset_is_named_leaf_by_leaf(tmp_path):
+    """A resume whose policy presets differ names the one value that changed, not the whole section."""
+    import yaml
+
+    from scopevid import config as config_lib
+    from scopevid.engine import runner
+    from scopevid.engine.checkpoint import Checkpointer
+    from scopevid.errors import ConfigError
+
+    presets = yaml.safe_load((ROOT / "configs" / "policies" / "tiny.yaml").read_text())
+    cfg, job = _killed_run(tmp_path, policies=presets, policy_presets=None)
+    presets["scope-fast"]["tau_c"] = 0.11
+    edited = config_lib.load(write_tiny_config(tmp_path, frames=40, policies=presets, policy_presets=None))
+    with pytest.raises(ConfigError) as e:
+        runner.generate(edited, job, progress=False, overwrite=True, checkpoint=Checkpointer(job, resume=True))
+    msg = str(e.value)
+    assert msg.startswith("resume: policies.scope-fast.tau_c was ") and "is 0.11 now" in msg and len(msg) < 300, msg
