@@ -16,7 +16,6 @@ from scopevid import config as config_lib
 from scopevid.cluster.groups import free_port
 from scopevid.cluster.launch import rank_env
 from scopevid.engine import runner
-from scopevid.engine.sinks import LOCK_NAME
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +37,11 @@ def test_torchrun_generate_matches_one_process(tiny_config, tmp_path):
 
     one = runner.generate(config_lib.load(cfg_path), tmp_path / "one", progress=False)
     two = json.loads((out2 / "summary.json").read_text())
-    assert sorted(p.name for p in out2.iterdir() if p.name != LOCK_NAME) == ["latents.safetensors", "steps.parquet",
-                                                                              "summary.json", "video.mp4"]
+    assert sorted(p.name for p in out2.iterdir()) == ["latents.safetensors", "logs", "steps.parquet", "summary.json",
+                                                      "video.mp4"]  # no lock file left behind
+    for rank in (0, 1):  # each rank's own log: who it was, and how its run ended
+        text = (out2 / "logs" / f"rank-{rank:04d}.log").read_text()
+        assert f"rank {rank} of 2: group 0, branch both, shard {rank} of 2 (mesh ulysses=2)" in text and "done: " in text
     assert two["world_size"] == 2 and two["sequence_parallel"]["world_size"] == 2
     assert two["decision_digest"] == one["decision_digest"] and two["counts"] == one["counts"] == printed["counts"]
     a = np.stack(imageio.mimread(str(tmp_path / "one" / "video.mp4"))).astype(int)

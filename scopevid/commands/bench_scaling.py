@@ -90,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
     from scopevid.cluster import batch, jobspec, rayjob
     from scopevid.engine.sinks import prepare_out_dir, write_json
     from scopevid.jobs.manifest import Status
+    from scopevid.jobs.local import BatchRecord
     from scopevid.jobs.requests import VideoRequest
 
     if args.repeats < 1:
@@ -122,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
                     cfg = cfg0.with_overrides(policy=policy, parallel=mesh.parallel)
                     load = os.getloadavg()[0]
                     t0 = time.perf_counter()
-                    manifest = batch.run(spec, cfg, reqs, run_dir, mesh.world)
+                    manifest = batch.run(spec, BatchRecord(cfg, reqs), run_dir, mesh.world)
                     wall = time.perf_counter() - t0
                     bad = [e for e in manifest.entries if e.status != Status.OK.value]
                     if bad:
