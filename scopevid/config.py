@@ -23,6 +23,7 @@ NOISE = ("per_frame", "diffusers")
 ATTENTION = ("sdpa", "math", "flash", "xformers")  # adapters.attention.BACKENDS  # initial noise: our per-frame generators, or diffusers' DF pipeline's draws
 DTYPES = ("float32", "bfloat16", "float16")
 CFG_MODES = ("sequential", "batched")
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a seed fits a signed 64-bit integer (torch's generators, Parquet's int64)
 
 
 # Types checked by pydantic (strict: a string is not a number, None is not a prompt; unknown keys are
@@ -224,7 +225,8 @@ def _int(v) -> bool:
 def validate(cfg: RunConfig) -> None:
     s = cfg.schedule
     _check(_int(cfg.frames) and cfg.frames >= 1, "frames", f"must be a positive integer, got {cfg.frames!r}")
-    _check(_int(cfg.seed), "seed", f"must be an integer, got {cfg.seed!r}")
+    _check(_int(cfg.seed) and SEED_MIN <= cfg.seed <= SEED_MAX, "seed",
+           f"must be an integer from {SEED_MIN} to {SEED_MAX} (signed 64-bit, as the batch manifest stores it), got {cfg.seed!r}")
     _check(_int(cfg.fps) and cfg.fps >= 1, "fps", f"must be a positive integer, got {cfg.fps!r}")
     _check(isinstance(cfg.guidance, (int, float)) and cfg.guidance >= 0, "guidance", f"must be a number >= 0, got {cfg.guidance!r}")
     _check(cfg.solver in SOLVERS, "solver", f"must be one of {', '.join(SOLVERS)}, got {cfg.solver!r}")

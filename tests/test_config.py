@@ -38,6 +38,8 @@ def _edit(path, **changes):
         ({"dtype": "int8"}, "dtype", "float32"),
         ({"bogus": 1}, "bogus", "unknown field"),
         ({"schedule.bogus": 1}, "schedule.bogus", "unknown field"),
+        ({"seed": 2**64}, "seed", "from -9223372036854775808 to 9223372036854775807 (signed 64-bit"),
+        ({"seed": -(2**63) - 1}, "seed", "signed 64-bit"),
     ],
 )
 def test_bad_values_name_the_field(tiny_config, change, field, allowed):
@@ -48,6 +50,11 @@ def test_bad_values_name_the_field(tiny_config, change, field, allowed):
     assert msg.startswith(field), msg
     assert allowed in msg, msg
     assert "\n" not in msg
+
+
+def test_seeds_at_the_signed_64_bit_edges_are_accepted(tiny_config):
+    for seed in (-(2**63), 2**63 - 1):
+        assert config_lib.load(_edit(tiny_config(), seed=seed)).seed == seed
 
 
 def _tiny_weights_with(tmp_path, **changes) -> str:
