@@ -265,6 +265,7 @@ def test_scope_runner_modes_intervals_compare(ckpt, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     assert cli.main(["generate", "--config", str(tmp_path / "run.yaml"), "--compare", "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""  # diffusers' and transformers' loading bars stay off stderr
     s = json.loads((out / "summary.json").read_text())
     rows = pq.read_table(out / "steps.parquet").to_pylist()
     assert {r["mode"] for r in rows} == {"cache", "predict", "recompute"}, s["counts"]
