@@ -92,7 +92,7 @@ class RunConfig:
     policies: dict = field(default_factory=dict)  # name -> policy spec (from the presets file)
     dtype: str = "float32"
     device: str = "cpu"
-    stability: dict = field(default_factory=lambda: {"clip": 1.0, "explode": 4.0})
+    stability: dict = field(default_factory=lambda: {"clip": 1.0, "explode": 4.0, "max_velocity": 1000.0})
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # per_frame: each frame its own seeded generator (the same video for any windowing or mesh);
     # diffusers: one generator seeded with `seed`, one draw of the whole window per window, exactly as
@@ -251,9 +251,10 @@ def validate(cfg: RunConfig) -> None:
     check_size(cfg)
     from scopevid.scheduler.predictors import Stability
 
-    unknown = sorted(set(cfg.stability) - {"clip", "explode"})
-    _check(not unknown, f"stability.{unknown[0] if unknown else ''}", "unknown field; allowed: clip, explode")
-    Stability(**cfg.stability)  # its own checks name the field
+    allowed = [f.name for f in fields(Stability)]
+    unknown = sorted(str(k) for k in set(cfg.stability) - set(allowed))
+    _check(not unknown, f"stability.{unknown[0] if unknown else ''}", f"unknown field; allowed: {', '.join(allowed)}")
+    Stability(**cfg.stability)  # its own checks name the field (type and range)
 
 
 # Bytes of the rollout's bookkeeping, measured with tracemalloc (2026-12): a diffusion-forcing plan

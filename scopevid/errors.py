@@ -35,6 +35,11 @@ class NonFiniteError(ScopevidError):
     exit_code = 1
 
 
+class AbsurdVelocityError(NonFiniteError):
+    """The model returned finite velocities far beyond any healthy flow-matching model's (over
+    `stability.max_velocity`): corrupt weights as surely as a NaN is, so the run stops the same way."""
+
+
 class Stopped(ScopevidError):
     """SIGTERM or SIGINT (Ctrl-C) ended the run: outputs were closed on the way out (the MP4 and the
     run log are readable up to there)."""

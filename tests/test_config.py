@@ -40,6 +40,11 @@ def _edit(path, **changes):
         ({"schedule.bogus": 1}, "schedule.bogus", "unknown field"),
         ({"seed": 2**64}, "seed", "from -9223372036854775808 to 9223372036854775807 (signed 64-bit"),
         ({"seed": -(2**63) - 1}, "seed", "signed 64-bit"),
+        ({"stability": {"clip": "x"}}, "stability.clip", "must be a finite ratio > 0, got 'x'"),
+        ({"stability": {"explode": None}}, "stability.explode", "must be a finite ratio > 0, got None"),
+        ({"stability": {"max_velocity": 0}}, "stability.max_velocity", "must be a finite number > 0, got 0"),
+        ({"stability": {"max_velocity": True}}, "stability.max_velocity", "must be a finite number > 0, got True"),
+        ({"stability": {"bogus": 1}}, "stability.bogus", "unknown field; allowed: clip, explode, max_velocity"),
     ],
 )
 def test_bad_values_name_the_field(tiny_config, change, field, allowed):

@@ -237,6 +237,12 @@ def test_other_checkpoint_problems_are_clear(tmp_path):
         Magi1Adapter.from_config({**fixture_spec(), "arch": str(FX / "tiny_24B_style.json")})
 
 
+def test_the_fixture_stays_far_below_the_velocity_bound(tmp_path):
+    """The fixture's velocities (peak |v| ~3.6) pass a bound 50x tighter than the default."""
+    cfg = load_config(_yaml(tmp_path, frames=16, policy="original", stability={"max_velocity": 20.0}))
+    assert generate(cfg, tmp_path / "out", progress=False)["frames"] == 16
+
+
 def test_decoding_without_vae_weights_says_what_is_missing(adapter, tmp_path, ref):
     with pytest.raises(CheckpointError, match="no weights configured"):
         adapter.decode(ref["final_latents"][:, :CW].permute(1, 0, 2, 3))
