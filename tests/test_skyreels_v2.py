@@ -593,3 +593,19 @@ def test_the_fixture_stays_far_below_the_velocity_bound(ckpt, tmp_path):
     assert generate(cfg, tmp_path / "o", progress=False)["frames"] == 29
 
 
+def test_flow_shift_must_be_positive(ckpt, tmp_path):
+    """A scheduler config with flow_shift -1 used to end in a traceback from the solver's table; it is
+    refused naming the file (or, for a direct override, model.shift)."""
+    from scopevid.adapters.skyreels_v2 import SkyReelsV2Adapter
+
+    d = _copy(ckpt, tmp_path)
+    f = d / "scheduler" / "scheduler_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "flow_shift": -1.0}))
+    with pytest.raises(CheckpointError, match=rf"^{f}: flow_shift: must be a number > 0 and at most 1000 .*got -1.0$"):
+        make_adapter(d)
+    ad = make_adapter(d, shift=8.0)  # a valid override wins over the file
+    assert ad.shift == 8.0
+    with pytest.raises(ConfigError, match=r"^model.shift: must be a number > 0 and at most 1000 .*got 0.0$"):
+        SkyReelsV2Adapter(ad.parts, height=H, width=W, shift=0.0)
+    with pytest.raises(ConfigError, match=r"^model.shift: Input should be greater than 0 \(got -1.0\)$"):
+        make_adapter(ckpt, shift=-1.0)
