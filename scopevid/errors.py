@@ -82,6 +82,25 @@ def write_error(e: OSError, what: object = None) -> OutputWriteError:
                             "run with --resume or start over with --overwrite")
 
 
+def load_reason(e: BaseException) -> str:
+    """Why a file did not load, in one short line. torch.load's refusal of a pickle (weights_only) is
+    a page of advice that ends in trying weights_only=False, which would run the file's code: say
+    instead what the file is not, and what it holds."""
+    import re
+
+    text = str(e)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            return f"not a plain tensor checkpoint: it pickles an object of class {found.group(1)} (not unpickled, as that could run code)"
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        return f"not a plain tensor checkpoint ({detail.group(1).strip() if detail else 'unreadable as one'})"
+    if isinstance(e, EOFError):
+        return "the file ends early (empty or truncated)"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 class StopRequested(Stopped):
     """Every rank of a job stops together at one iteration because its driver was told to stop
     (SIGTERM from scancel or `ray job stop`): agreed through a collective, so the group's teardown

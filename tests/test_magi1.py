@@ -281,6 +281,26 @@ def test_a_snapshot_index_still_cannot_name_files_outside_it(tmp_path, entry):
         fixture_adapter(weights=str(snap))
 
 
+def test_a_t5_file_that_pickles_objects_is_one_short_line(tmp_path):
+    """transformers reads pytorch_model.bin with torch.load(weights_only=True); a file that pickles an
+    object used to end in a traceback of torch's advice to retry with weights_only=False."""
+    import argparse
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config
+
+    d = tmp_path / "t5"
+    T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2).save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "fox": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(d)
+    torch.save({"shared.weight": torch.zeros(8, 8), "note": argparse.Namespace(x=1)}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        fixture_adapter(text_encoder=str(d))
+    assert str(e.value) == (f"{d}: cannot load the T5 encoder (not a plain tensor checkpoint: it pickles an object of class "
+                            "argparse.Namespace (not unpickled, as that could run code))")
+
+
 def test_the_fixture_stays_far_below_the_velocity_bound(tmp_path):
     """The fixture's velocities (peak |v| ~3.6) pass a bound 50x tighter than the default."""
     cfg = load_config(_yaml(tmp_path, frames=16, policy="original", stability={"max_velocity": 20.0}))

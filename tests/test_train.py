@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from scopevid.adapters.base import ForwardSpec
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
-from scopevid.errors import ConfigError
+from scopevid.errors import CheckpointError, ConfigError
 from scopevid.train import command, detector, world
 from scopevid.train.evaluate import sample_joint, sample_rollout, sigmas
 from scopevid.train.loop import PackedAttention, Trainer, TrainConfig, packed_forward, prompt_vectors
@@ -165,6 +165,22 @@ def test_bad_option_through_the_cli_is_one_line_and_exit_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "scopevid", "train", "--out", str(tmp_path / "run"), "--steps", "-5"],
                        capture_output=True, text=True, timeout=120)
     assert (p.returncode, p.stderr) == (2, "scopevid train: error: --steps: must be a positive integer, got -5\n")
+
+
+def test_resume_refuses_a_checkpoint_that_pickles_objects(tmp_path):
+    """ckpt.pt is read as tensors and plain values only: a file that pickles an object is one short
+    line saying what it is not (never torch's advice to load it with weights_only=False)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, run / "ckpt.pt")
+    with pytest.raises(CheckpointError) as e:
+        command.main(tiny_args(run, "--resume"))
+    msg = str(e.value)
+    assert msg == f"{run / 'ckpt.pt'}: not a plain tensor checkpoint: it pickles an object of class argparse.Namespace " \
+                  "(not unpickled, as that could run code)"
+    torch.save({"model": {}}, run / "ckpt.pt")  # tensors and plain values, but not ours
+    with pytest.raises(CheckpointError, match=r"ckpt.pt: not a checkpoint of `scopevid train` \('train_cfg'\)$"):
+        command.main(tiny_args(run, "--resume"))
 
 
 def test_warm_start_from_exported_weights(tmp_path, capsys):

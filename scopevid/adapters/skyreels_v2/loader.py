@@ -27,7 +27,7 @@ import torch
 
 from scopevid.adapters.hub import quiet_progress
 from scopevid.adapters.paths import shard_path
-from scopevid.errors import CheckpointError
+from scopevid.errors import CheckpointError, load_reason
 
 TRANSFORMER_CLASS = "SkyReelsV2Transformer3DModel"
 VAE_CLASS = "AutoencoderKLWan"
@@ -176,8 +176,7 @@ def _json(path: Path) -> dict:
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return load_reason(e)
 
 
 def _weight_files(folder: Path, single: str) -> list[Path]:
