@@ -23,6 +23,7 @@ NOISE = ("per_frame", "diffusers")
 ATTENTION = ("sdpa", "math", "flash", "xformers")  # adapters.attention.BACKENDS  # initial noise: our per-frame generators, or diffusers' DF pipeline's draws
 DTYPES = ("float32", "bfloat16", "float16")
 CFG_MODES = ("sequential", "batched")
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a seed fits a signed 64-bit integer (torch's generators, Parquet's int64)
 
 
 # Types checked by pydantic (strict: a string is not a number, None is not a prompt; unknown keys are
@@ -91,7 +92,7 @@ class RunConfig:
     policies: dict = field(default_factory=dict)  # name -> policy spec (from the presets file)
     dtype: str = "float32"
     device: str = "cpu"
-    stability: dict = field(default_factory=lambda: {"clip": 1.0, "explode": 4.0})
+    stability: dict = field(default_factory=lambda: {"clip": 1.0, "explode": 4.0, "max_velocity": 1000.0})
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # per_frame: each frame its own seeded generator (the same video for any windowing or mesh);
     # diffusers: one generator seeded with `seed`, one draw of the whole window per window, exactly as
@@ -247,7 +248,8 @@ def _int(v) -> bool:
 def validate(cfg: RunConfig) -> None:
     s = cfg.schedule
     _check(_int(cfg.frames) and cfg.frames >= 1, "frames", f"must be a positive integer, got {cfg.frames!r}")
-    _check(_int(cfg.seed), "seed", f"must be an integer, got {cfg.seed!r}")
+    _check(_int(cfg.seed) and SEED_MIN <= cfg.seed <= SEED_MAX, "seed",
+           f"must be an integer from {SEED_MIN} to {SEED_MAX} (signed 64-bit, as the batch manifest stores it), got {cfg.seed!r}")
     _check(_int(cfg.fps) and cfg.fps >= 1, "fps", f"must be a positive integer, got {cfg.fps!r}")
     _check(isinstance(cfg.guidance, (int, float)) and cfg.guidance >= 0, "guidance", f"must be a number >= 0, got {cfg.guidance!r}")
     _check(cfg.solver in SOLVERS, "solver", f"must be one of {', '.join(SOLVERS)}, got {cfg.solver!r}")
@@ -272,9 +274,10 @@ def validate(cfg: RunConfig) -> None:
     check_size(cfg)
     from scopevid.scheduler.predictors import Stability
 
-    unknown = sorted(set(cfg.stability) - {"clip", "explode"})
-    _check(not unknown, f"stability.{unknown[0] if unknown else ''}", "unknown field; allowed: clip, explode")
-    Stability(**cfg.stability)  # its own checks name the field
+    allowed = [f.name for f in fields(Stability)]
+    unknown = sorted(str(k) for k in set(cfg.stability) - set(allowed))
+    _check(not unknown, f"stability.{unknown[0] if unknown else ''}", f"unknown field; allowed: {', '.join(allowed)}")
+    Stability(**cfg.stability)  # its own checks name the field (type and range)
 
 
 # Bytes of the rollout's bookkeeping, measured with tracemalloc (2026-12): a diffusion-forcing plan

@@ -35,6 +35,11 @@ class NonFiniteError(ScopevidError):
     exit_code = 1
 
 
+class AbsurdVelocityError(NonFiniteError):
+    """The model returned finite velocities far beyond any healthy flow-matching model's (over
+    `stability.max_velocity`): corrupt weights as surely as a NaN is, so the run stops the same way."""
+
+
 class Stopped(ScopevidError):
     """SIGTERM or SIGINT (Ctrl-C) ended the run: outputs were closed on the way out (the MP4 and the
     run log are readable up to there)."""
@@ -75,6 +80,25 @@ def write_error(e: OSError, what: object = None) -> OutputWriteError:
     return OutputWriteError(f"cannot write {name}: {reason}; what was written before is kept (the run log "
                             "and the video up to their last whole part); free space, then continue a --checkpoint "
                             "run with --resume or start over with --overwrite")
+
+
+def load_reason(e: BaseException) -> str:
+    """Why a file did not load, in one short line. torch.load's refusal of a pickle (weights_only) is
+    a page of advice that ends in trying weights_only=False, which would run the file's code: say
+    instead what the file is not, and what it holds."""
+    import re
+
+    text = str(e)
+    if "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if found:
+            return f"not a plain tensor checkpoint: it pickles an object of class {found.group(1)} (not unpickled, as that could run code)"
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        return f"not a plain tensor checkpoint ({detail.group(1).strip() if detail else 'unreadable as one'})"
+    if isinstance(e, EOFError):
+        return "the file ends early (empty or truncated)"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 class StopRequested(Stopped):

@@ -1,9 +1,11 @@
-"""Hostile inputs and events against `scopevid generate`, as a markdown table.
+"""Hostile inputs and events against the `scopevid` CLI (generate, batch, train), as a markdown table.
 
 Each case runs the real CLI in a fresh process and is judged as a user would: the exit code (2 bad
 input, 1 runtime failure, 0 only with a complete video), whether stderr is one line without a
-traceback, and the line itself. Nothing is mocked; the NaN case writes a real safetensors file
-with one poisoned weight, the full-disk case mounts a real 300 KB tmpfs (needs root; skipped
+traceback, and the line itself. A case that names its expected exit code is bad when the code
+differs; the others are bad when they exit 0. Nothing is mocked; the NaN case writes a real
+safetensors file with one poisoned weight, the corrupt SkyReels-V2 case flips real bytes of a real
+(tiny) diffusers checkpoint, the full-disk case mounts a real 300 KB tmpfs (needs root; skipped
 otherwise). The same behaviours are pinned by tests; this script is the overview.
 
     .venv/bin/python scripts/red_team.py [--out DIR]
@@ -60,6 +62,125 @@ def nan_weights(tmp: Path) -> str:
     return str(dst)
 
 
+def tiny_json(tmp: Path, name: str, over: dict) -> str:
+    """The bundled tiny weights beside a copy of their JSON with `over` set in it ("model.dim": "big")."""
+    src = ROOT / "scopevid" / "weights" / "tiny.safetensors"
+    d = tmp / name
+    d.mkdir(exist_ok=True)
+    shutil.copy(src, d / "tiny.safetensors")
+    meta = json.loads(src.with_suffix(".json").read_text())
+    for key, value in over.items():
+        *parents, last = key.split(".")
+        node = meta
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    (d / "tiny.json").write_text(json.dumps(meta))
+    return str(d / "tiny.safetensors")
+
+
+def skyreels(tmp: Path) -> Path:
+    """The tiny random SkyReels-V2 diffusers checkpoint the tests build (tests/test_skyreels_v2.py)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_skyreels_v2 import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp / "skyreels")
+
+
+def sky_config(tmp: Path, name: str, path: Path, **model) -> Path:
+    raw = {"model": {"kind": "skyreels_v2", "path": str(path), "height": 32, "width": 32, "max_sequence_length": 16, **model},
+           "prompt": "a red fox runs in the snow", "guidance": 5.0, "frames": 29, "fps": 16, "seed": 0, "solver": "unipc",
+           "schedule": {"kind": "diffusion_forcing", "steps": 6, "base_num_frames": 13, "overlap_history": 5, "ar_step": 2,
+                        "causal_block_size": 2, "selective": "off"},
+           "policy": "original", "policy_presets": str(ROOT / "configs" / "policies" / "skyreels_v2.yaml")}
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def sky_variant(src: Path, tmp: Path, name: str, flip: int = 0, scheduler: dict | None = None) -> Path:
+    """A copy of the SkyReels-V2 checkpoint with `flip` bytes of its DiT weights inverted (seeded: the
+    red team's draw, finite but absurd velocities) or its scheduler config updated."""
+    import random
+    import struct
+
+    d = Path(shutil.copytree(src, tmp / name))
+    if flip:
+        w = d / "transformer" / "diffusion_pytorch_model.safetensors"
+        data = bytearray(w.read_bytes())
+        start = 8 + struct.unpack("<Q", data[:8])[0]  # after the header: tensor bytes only
+        for i in random.Random(1).sample(range(start, len(data)), flip):
+            data[i] ^= 0xFF
+        w.write_bytes(bytes(data))
+    if scheduler:
+        f = d / "scheduler" / "scheduler_config.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), **scheduler}))
+    return d
+
+
+def magi_hf_cache(tmp: Path, entry: str | None = None) -> Path:
+    """The MAGI-1 test checkpoint laid out as a Hugging Face cache snapshot: every file a symlink to
+    ../../../blobs/<sha256>. `entry`: one weight_map entry replaced (e.g. a path out of the checkpoint)."""
+    import hashlib
+
+    src = ROOT / "tests" / "fixtures" / "magi1" / "dit" / "inference_weight.distill"
+    repo = tmp / ("hub-bad" if entry else "hub") / "models--sand-ai--MAGI-1-tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd" / "inference_weight.distill"
+    snap.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        data = f.read_bytes()
+        if entry and f.name.endswith(".index.json"):
+            index = json.loads(data)
+            index["weight_map"][next(iter(index["weight_map"]))] = entry
+            data = json.dumps(index).encode()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        (snap / f.name).symlink_to(Path("..", "..", "..", "blobs", blob))
+    return snap.parent
+
+
+def magi_config(tmp: Path, name: str, **model) -> Path:
+    fx = ROOT / "tests" / "fixtures" / "magi1"
+    raw = yaml.safe_load((ROOT / "configs" / "bench" / "magi1_tiny_fixture.yaml").read_text())
+    raw["model"].update({"arch": str(fx / "tiny_4.5B_style.json"), "weights": str(fx / "dit"),
+                         "special_tokens": str(fx / "special_tokens.npz"), "vae": str(fx / "vae"), **model})
+    raw.update(policy_presets=str(ROOT / "configs" / "policies" / "magi1.yaml"), frames=24, policy="original")
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def pickled_t5(tmp: Path) -> Path:
+    """A T5 encoder directory (config, tokenizer) whose pytorch_model.bin pickles an object besides
+    its tensors: torch.load(weights_only=True), which transformers uses, refuses it."""
+    import argparse
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config
+
+    d = tmp / "t5"
+    T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2).save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "fox": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(d)
+    torch.save({"shared.weight": torch.zeros(8, 8), "note": argparse.Namespace(trained="elsewhere")}, d / "pytorch_model.bin")
+    return d
+
+
+def pickled_train_checkpoint(tmp: Path) -> Path:
+    """A training run directory whose ckpt.pt pickles an object: a file from elsewhere, not ours."""
+    import argparse
+
+    import torch
+
+    d = tmp / "train-pickle"
+    d.mkdir()
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, d / "ckpt.pt")
+    return d
+
+
 def run(args: list[str], *, signal_after: float | None = None, sig=signal.SIGTERM) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "scopevid", *args]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -103,6 +224,28 @@ def cases(tmp: Path):
     yield "non-empty --out without --overwrite", gen(good, "o25"), {}
     yield "SIGTERM mid-run", gen(config(tmp, "long", frames=257), "o26"), {"signal_after": 3.0}
     yield "SIGINT mid-run", gen(config(tmp, "long2", frames=257), "o27"), {"signal_after": 3.0, "sig": signal.SIGINT}
+    # issue 21: training options, absurd velocities, seeds, typed sections, checkpoint files (expected exit codes)
+    train = lambda out, *a: ["train", "--out", str(tmp / out), "--steps", "1", *a]  # noqa: E731
+    yield "train --steps -5", ["train", "--out", str(tmp / "t1"), "--steps", "-5"], {"expect": 2}
+    yield "train --lr nan", train("t2", "--lr", "nan"), {"expect": 2}
+    yield "train --seed -1", train("t3", "--seed", "-1"), {"expect": 2}
+    yield "train --dim 30 --heads 4", train("t4", "--dim", "30", "--heads", "4"), {"expect": 2}
+    yield "train --dim 32 --heads 8 (head dim 4)", train("t5", "--dim", "32", "--heads", "8"), {"expect": 2}
+    yield "train --resume, ckpt.pt pickles an object", ["train", "--out", str(pickled_train_checkpoint(tmp)), "--resume"], {"expect": 2}
+    sky = skyreels(tmp)
+    yield "SkyReels-V2 fixture (control)", gen(sky_config(tmp, "sky-ok", sky), "s1"), {"expect": 0}
+    yield "SkyReels-V2, 4000 flipped weight bytes", gen(sky_config(tmp, "sky-flip", sky_variant(sky, tmp, "sky-flip", flip=4000)), "s2"), {"expect": 1}
+    yield "SkyReels-V2 flow_shift: -1 (scheduler)", gen(sky_config(tmp, "sky-fs", sky_variant(sky, tmp, "sky-fs", scheduler={"flow_shift": -1.0})), "s3"), {"expect": 2}
+    yield "SkyReels-V2 model shift: -1", gen(sky_config(tmp, "sky-shift", sky, shift=-1.0), "s4"), {"expect": 2}
+    yield "--seed 2**64", gen(good, "s5", "--seed", str(2**64)), {"expect": 2}
+    prompts = raw(tmp, "seeds.jsonl", (json.dumps({"prompt": "blue square moving left", "seed": 2**64}) + "\n").encode())
+    yield "batch row seed 2**64", ["batch", "--config", str(good), "--prompts", str(prompts), "--out", str(tmp / "s6"), "--frames", "9"], {"expect": 2}
+    yield "stability: {clip: 'x'}", gen(config(tmp, "clipx", stability={"clip": "x"}), "s7"), {"expect": 2}
+    yield "tiny JSON model.dim: \"big\"", gen(config(tmp, "jdim", model={"weights": tiny_json(tmp, "jdim", {"model.dim": "big"})}), "s8"), {"expect": 2}
+    yield "tiny JSON shift: 0", gen(config(tmp, "jshift", model={"weights": tiny_json(tmp, "jshift", {"shift": 0})}), "s9"), {"expect": 2}
+    yield "MAGI-1 weights in a HF cache snapshot", gen(magi_config(tmp, "magi-hf", weights=str(magi_hf_cache(tmp))), "s10"), {"expect": 0}
+    yield "MAGI-1 index entry ../../etc/passwd", gen(magi_config(tmp, "magi-bad", weights=str(magi_hf_cache(tmp, "../../etc/passwd"))), "s11"), {"expect": 2}
+    yield "MAGI-1 T5 .bin pickles an object", gen(magi_config(tmp, "magi-t5", text_encoder=str(pickled_t5(tmp))), "s12"), {"expect": 2}
 
 
 def full_disk(tmp: Path):
@@ -131,15 +274,20 @@ def main() -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, args, kw in cases(tmp):
+        expect = kw.pop("expect", None)
         rc, err = run(args, **kw)
-        rows.append((name, rc, *judge(rc, err)))
+        rows.append((name, rc, expect, *judge(rc, err)))
     res = full_disk(tmp)
     if res is not None:
-        rows.append(("full disk (300 KB tmpfs)", res[0], *judge(*res)))
-    print("| case | exit | one line | message |\n|---|---|---|---|")
-    for name, rc, one, msg in rows:
-        print(f"| {name} | {rc} | {one} | {msg.replace('|', '/')} |")
-    bad = [r for r in rows if r[2] != "yes" or (r[1] == 0 and r[0] not in ("dtype bfloat16 (CPU)", "dtype float16 (CPU)"))]
+        rows.append(("full disk (300 KB tmpfs)", res[0], None, *judge(*res)))
+    print("| case | exit | expected | one line | message |\n|---|---|---|---|---|")
+    bad = []
+    for name, rc, expect, one, msg in rows:
+        wrong = rc != expect if expect is not None else rc == 0 and name not in ("dtype bfloat16 (CPU)", "dtype float16 (CPU)")
+        if one != "yes" or wrong:
+            bad.append(name)
+        print(f"| {name} | {rc} | {'-' if expect is None else expect} | {one} | {msg.replace('|', '/')} |")
+    print(f"\n{len(bad)} bad case(s) of {len(rows)}" + (f": {'; '.join(bad)}" if bad else ""))
     return 1 if bad else 0
 
 

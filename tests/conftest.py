@@ -153,3 +153,23 @@ def write_poisoned_tiny(tmp: Path, word: str = "blue", **over) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     path.with_suffix(".json").write_text(json.dumps({"model": mcfg.to_dict(), "shift": 3.0}))
     return write_tiny_config(tmp, model={"kind": "tiny", "weights": str(path)}, **over)
+
+
+def hf_cache_snapshot(src: Path, repo: Path, subdir: str = "", edit=None) -> Path:
+    """`src`'s files laid out as a Hugging Face cache (hub/models--org--name): each file once under
+    blobs/<sha256>, and snapshots/<rev>/<subdir>/<name> a relative link to it (../../blobs/<hash>,
+    one more ../ per subdir level), as `huggingface_hub` downloads them. `edit(name, bytes) -> bytes`
+    changes a file on the way. Returns the snapshot directory (what a user points a config at)."""
+    import hashlib
+    import os
+
+    snap = repo / "snapshots" / "0123abcd"
+    target = snap / subdir if subdir else snap
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True)
+    for f in sorted(p for p in src.iterdir() if p.is_file()):
+        data = f.read_bytes() if edit is None else edit(f.name, f.read_bytes())
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (target / f.name).symlink_to(os.path.relpath(blob, target))
+    return snap

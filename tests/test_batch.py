@@ -97,6 +97,34 @@ def test_jsonl_rows_set_seed_frames_policy_and_name(setup, tmp_path):
         "scopevid batch: error: prompts line 1: sede: unknown field; allowed: prompt, seed, frames, policy, name"]
 
 
+def test_seeds_beyond_signed_64_bit_are_bad_input_before_any_work(tmp_path):
+    """A row's seed (JSONL, or a Parquet uint64 column) and --seed fit a signed 64-bit integer, as
+    `generate`'s `seed:` must: 2**64 used to reach an OverflowError when the manifest was written."""
+    import pyarrow as pa
+
+    from scopevid.jobs import requests
+
+    cfg = write_tiny_config(tmp_path, frames=FRAMES)
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "blue square moving left", "seed": 2**64}) + "\n")
+    r = _batch(cfg, f, tmp_path / "a")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "scopevid batch: error: prompts line 1: seed: Input should be less than or equal to 9223372036854775807 "
+        "(got 18446744073709551616)"], r.stderr[-2000:]
+    assert not (tmp_path / "a").exists()
+    table = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "seed": pa.array([2**64 - 1], pa.uint64())}), table)
+    with pytest.raises(requests.ConfigError, match=r"^prompts row 0: seed: Input should be less than or equal to"):
+        requests.read(table)
+    f.write_text(json.dumps({"prompt": "a", "seed": 2**63 - 1}) + "\n" + json.dumps({"prompt": "b", "seed": -(2**63)}) + "\n")
+    assert [x.seed for x in requests.read(f)] == [2**63 - 1, -(2**63)]
+    f.write_text("blue square moving left\n")
+    r = _batch(cfg, f, tmp_path / "b", "--seed", str(2**64))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "scopevid batch: error: seed: must be an integer from -9223372036854775808 to 9223372036854775807 (signed 64-bit, "
+        "as the batch manifest stores it), got 18446744073709551616"], r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=lambda s: s.name)
 def test_interrupted_batch_resumes_and_skips_what_is_done(setup, tmp_path, sig):
     tmp, cfg, _, ref_out, _ = setup

@@ -38,6 +38,13 @@ def _edit(path, **changes):
         ({"dtype": "int8"}, "dtype", "float32"),
         ({"bogus": 1}, "bogus", "unknown field"),
         ({"schedule.bogus": 1}, "schedule.bogus", "unknown field"),
+        ({"seed": 2**64}, "seed", "from -9223372036854775808 to 9223372036854775807 (signed 64-bit"),
+        ({"seed": -(2**63) - 1}, "seed", "signed 64-bit"),
+        ({"stability": {"clip": "x"}}, "stability.clip", "must be a finite ratio > 0, got 'x'"),
+        ({"stability": {"explode": None}}, "stability.explode", "must be a finite ratio > 0, got None"),
+        ({"stability": {"max_velocity": 0}}, "stability.max_velocity", "must be a finite number > 0, got 0"),
+        ({"stability": {"max_velocity": True}}, "stability.max_velocity", "must be a finite number > 0, got True"),
+        ({"stability": {"bogus": 1}}, "stability.bogus", "unknown field; allowed: clip, explode, max_velocity"),
     ],
 )
 def test_bad_values_name_the_field(tiny_config, change, field, allowed):
@@ -48,6 +55,69 @@ def test_bad_values_name_the_field(tiny_config, change, field, allowed):
     assert msg.startswith(field), msg
     assert allowed in msg, msg
     assert "\n" not in msg
+
+
+def test_seeds_at_the_signed_64_bit_edges_are_accepted(tiny_config):
+    for seed in (-(2**63), 2**63 - 1):
+        assert config_lib.load(_edit(tiny_config(), seed=seed)).seed == seed
+
+
+def _tiny_weights_with(tmp_path, **changes) -> str:
+    """The bundled tiny weights beside a copy of their JSON, `changes` set in it ("model__dim" -> model.dim)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "scopevid" / "weights" / "tiny.safetensors"
+    shutil.copy(src, tmp_path / "tiny.safetensors")
+    meta = json.loads(src.with_suffix(".json").read_text())
+    for key, value in changes.items():
+        *parents, last = key.split("__")
+        node = meta
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    (tmp_path / "tiny.json").write_text(json.dumps(meta))
+    return str(tmp_path / "tiny.safetensors")
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"model__dim": "big"}, "model.dim: Input should be a valid integer (got 'big')"),
+    ({"model__heads": 5}, "model.heads: dim 128 must divide by heads 5"),
+    ({"model__depth": 0}, "model.depth: must be a positive integer, got 0"),
+    ({"model__colour": 1}, "model.colour: unknown field for the tiny model; allowed: channels, size"),
+    ({"shift": 0}, "shift: must be a number from 0.001 to 1000 (the flow time shift), got 0"),
+    ({"shift": "3"}, "shift: must be a number from 0.001 to 1000 (the flow time shift), got '3'"),
+])
+def test_tiny_weights_json_is_typed_and_names_file_and_field(tmp_path, capsys, changes, says):
+    """The JSON beside tiny weights (architecture and shift) is checked before the network is built:
+    `dim: "big"` and `shift: 0` used to end in a traceback from torch or from the noise table."""
+    from scopevid import adapters
+    from scopevid.errors import CheckpointError
+
+    weights = _tiny_weights_with(tmp_path, **changes)
+    with pytest.raises(CheckpointError) as e:
+        adapters.load({"kind": "tiny", "weights": weights})
+    assert str(e.value).startswith(f"{tmp_path / 'tiny.json'}: {says}"), str(e.value)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"kind": "tiny", "weights": weights}, "prompt": "red square moving left",
+                                   "frames": 5, "schedule": {"steps": 2}}))
+    assert main(["generate", "--config", str(cfg), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("scopevid generate: error: ") and says in err, err
+
+
+@pytest.mark.parametrize("arch, says", [
+    ({"dim": 30, "heads": 4}, r"^model.arch.heads: dim 30 must divide by heads 4 "),
+    ({"dim": 32, "heads": 8}, r"^model.arch.heads: the head dim \(dim 32 / heads 8 = 4\) must be even and at least 6"),
+    ({"size": 18}, r"^model.arch.patch: frame size 18 must be a multiple of patch 4$"),
+    ({"dim": "big"}, r"^model.arch.dim: Input should be a valid integer \(got 'big'\)$"),
+])
+def test_random_tiny_arch_is_checked(arch, says):
+    from scopevid import adapters
+
+    with pytest.raises(ConfigError, match=says):
+        adapters.load({"kind": "tiny", "weights": "random", "arch": arch})
 
 
 def test_plan_level_errors_name_the_field(tiny_config, tmp_path):

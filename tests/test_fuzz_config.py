@@ -20,7 +20,7 @@ JUNK = st.one_of(
 FIELDS = {  # field path -> values worth trying besides junk
     "frames": st.sampled_from([1, 2, 5, 9, 0, -1]),
     "guidance": st.sampled_from([1.0, 2.0, 0.0, math.inf, -1.0, 1e30]),
-    "seed": st.sampled_from([0, 1, -5, 2**40]),
+    "seed": st.sampled_from([0, 1, -5, 2**40, 2**63 - 1, 2**64, -(2**63) - 1]),
     "fps": st.sampled_from([1, 8, 0]),
     "prompt": st.sampled_from(["red square moving left", "", "purple dragon", "red " * 40]),
     "policy": st.sampled_from(["original", "scope-fast", "teacache-fast", "nope"]),
@@ -40,8 +40,11 @@ FIELDS = {  # field path -> values worth trying besides junk
     "model.weights": st.sampled_from(["random", "bundled", "/nonexistent.safetensors"]),
     "model.shift": st.sampled_from([3.0, 0.0, -1.0, math.nan]),
     "model.weigths": st.just("typo"),
+    "model.arch": st.sampled_from([{"size": 16, "patch": 4, "dim": 24, "depth": 1, "heads": 2}, {"dim": 30, "heads": 4},
+                                   {"dim": 32, "heads": 8}, {"dim": "big"}, {"size": 18}]),
     "bogus": st.just(1),
-    "stability": st.sampled_from([{"clip": 1.0, "explode": 4.0}, {"clip": 0.0}, {"bogus": 1}, {"explode": math.inf}]),
+    "stability": st.sampled_from([{"clip": 1.0, "explode": 4.0}, {"clip": 0.0}, {"bogus": 1}, {"explode": math.inf},
+                                  {"clip": "x"}, {"explode": None}, {"max_velocity": 0}, {"max_velocity": 20.0}]),
 }
 
 
@@ -65,7 +68,7 @@ def _apply(path, changes: dict) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=edits(), extra=st.lists(st.sampled_from(["--frames", "--steps", "--seed", "--policy", "--selective"]),
-                                         max_size=1), extra_value=st.sampled_from(["3", "0", "-2", "abc", "1e3", ""]))
+                                         max_size=1), extra_value=st.sampled_from(["3", "0", "-2", "abc", "1e3", "", str(2**64)]))
 def test_any_config_runs_or_fails_in_one_line(tmp_path_factory, capsys, changes, extra, extra_value):
     import imageio.v3 as iio
     import numpy as np

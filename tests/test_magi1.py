@@ -237,6 +237,76 @@ def test_other_checkpoint_problems_are_clear(tmp_path):
         Magi1Adapter.from_config({**fixture_spec(), "arch": str(FX / "tiny_24B_style.json")})
 
 
+def _hf_snapshot(tmp_path, entry: str | None = None) -> Path:
+    """The fixture's DiT as a Hugging Face cache snapshot (every file a link into blobs/); `entry`
+    replaces the first weight_map entry of the index."""
+    from conftest import hf_cache_snapshot
+
+    def edit(name: str, data: bytes) -> bytes:
+        if entry is None or not name.endswith(".index.json"):
+            return data
+        index = json.loads(data)
+        index["weight_map"][next(iter(index["weight_map"]))] = entry
+        return json.dumps(index).encode()
+
+    repo = tmp_path / "hub" / "models--sand-ai--MAGI-1-tiny"
+    return hf_cache_snapshot(FX / "dit" / "inference_weight.distill", repo, "inference_weight.distill", edit)
+
+
+def test_weights_in_a_hugging_face_cache_snapshot_load_and_run(tmp_path):
+    """A snapshot's files are links to ../../../blobs/<hash>, outside the snapshot once resolved: the
+    containment check judges the path as laid out, so they load (they used to be refused as outside
+    the checkpoint), the same tensors as the plain copy, and `generate` runs on them."""
+    from conftest import write_magi_fixture_config
+
+    from scopevid import cli
+
+    snap = _hf_snapshot(tmp_path)
+    shard = snap / "inference_weight.distill" / "model-00001-of-00002.safetensors"
+    assert shard.is_symlink() and snap not in shard.resolve().parents  # the layout this test is about
+    linked, plain = fixture_adapter(weights=str(snap)), fixture_adapter()
+    for (name, a), (_, b) in zip(linked.model.state_dict().items(), plain.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    raw = yaml.safe_load(write_magi_fixture_config(tmp_path, frames=8).read_text())
+    raw["model"]["weights"] = str(snap)
+    raw["policy"] = "original"
+    (tmp_path / "hf.yaml").write_text(yaml.safe_dump(raw))
+    assert cli.main(["generate", "--config", str(tmp_path / "hf.yaml"), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("entry", ["../../etc/passwd", "../../../blobs/x", "/etc/passwd"])
+def test_a_snapshot_index_still_cannot_name_files_outside_it(tmp_path, entry):
+    snap = _hf_snapshot(tmp_path, entry)
+    with pytest.raises(CheckpointError, match=rf"shard '{entry}' points outside the checkpoint directory"):
+        fixture_adapter(weights=str(snap))
+
+
+def test_a_t5_file_that_pickles_objects_is_one_short_line(tmp_path):
+    """transformers reads pytorch_model.bin with torch.load(weights_only=True); a file that pickles an
+    object used to end in a traceback of torch's advice to retry with weights_only=False."""
+    import argparse
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config
+
+    d = tmp_path / "t5"
+    T5Config(vocab_size=8, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2).save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2, "fox": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(d)
+    torch.save({"shared.weight": torch.zeros(8, 8), "note": argparse.Namespace(x=1)}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        fixture_adapter(text_encoder=str(d))
+    assert str(e.value) == (f"{d}: cannot load the T5 encoder (not a plain tensor checkpoint: it pickles an object of class "
+                            "argparse.Namespace (not unpickled, as that could run code))")
+
+
+def test_the_fixture_stays_far_below_the_velocity_bound(tmp_path):
+    """The fixture's velocities (peak |v| ~3.6) pass a bound 50x tighter than the default."""
+    cfg = load_config(_yaml(tmp_path, frames=16, policy="original", stability={"max_velocity": 20.0}))
+    assert generate(cfg, tmp_path / "out", progress=False)["frames"] == 16
+
+
 def test_decoding_without_vae_weights_says_what_is_missing(adapter, tmp_path, ref):
     with pytest.raises(CheckpointError, match="no weights configured"):
         adapter.decode(ref["final_latents"][:, :CW].permute(1, 0, 2, 3))

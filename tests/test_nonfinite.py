@@ -1,6 +1,7 @@
 """Non-finite values never become output: a NaN in the model (a NaN weight, `guidance: inf`) stops
 the run with one line and exit 1, keeping the frames finished before it, instead of writing a black
-video with exit 0; a non-finite prediction is recomputed."""
+video with exit 0; so does a finite but absurd velocity (over `stability.max_velocity`); a
+non-finite prediction is recomputed."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ from conftest import ROOT, TINY_ARCH, write_tiny_config
 from scopevid import adapters
 from scopevid import config as config_lib
 from scopevid.engine import runner
-from scopevid.errors import NonFiniteError
+from scopevid.errors import AbsurdVelocityError, NonFiniteError
 
 
-def _tiny_weights(tmp_path, poison: bool):
-    """A tiny checkpoint in the bundled layout (safetensors + its JSON), one weight NaN if `poison`."""
+def _tiny_weights(tmp_path, poison: bool, scale_out: float = 1.0):
+    """A tiny checkpoint in the bundled layout (safetensors + its JSON), one weight NaN if `poison`,
+    the output layer's weights times `scale_out` (finite, absurd velocities)."""
     from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
 
     torch.manual_seed(0)
@@ -34,6 +36,7 @@ def _tiny_weights(tmp_path, poison: bool):
                 torch.nn.init.normal_(p, std=0.02)
         if poison:
             next(iter(model.blocks[0].parameters())).view(-1)[0] = float("nan")
+        model.out.weight.mul_(scale_out)
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     path.with_suffix(".json").write_text(json.dumps({"model": cfg.to_dict(), "shift": 3.0}))
@@ -65,6 +68,36 @@ def test_the_same_checkpoint_without_the_nan_runs(tmp_path):
     cfg_path = write_tiny_config(tmp_path, model={"kind": "tiny", "weights": str(_tiny_weights(tmp_path, poison=False))})
     p = _cli(cfg_path, tmp_path / "out")
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_finite_but_absurd_velocities_stop_in_one_line_with_exit_1(tmp_path):
+    """Output weights scaled by 1e6 (a corrupt checkpoint whose numbers stay finite) used to run to
+    exit 0 with latents around 1e5; the bound on |v| ends the run at the first forward."""
+    cfg_path = write_tiny_config(tmp_path, model={"kind": "tiny", "weights": str(_tiny_weights(tmp_path, False, 1e6))})
+    p = _cli(cfg_path, tmp_path / "out")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr[-2000:]
+    assert lines[0].startswith("scopevid generate: error: the model returned a velocity of ") and \
+        "at window 0, iteration 0 (serial 0)" in lines[0] and "over the bound 2000 (stability.max_velocity x guidance" in lines[0]
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0, 7.5])
+def test_the_bundled_model_stays_far_below_the_velocity_bound(tmp_path, guidance):
+    """The trained model's velocities (peak |v| ~6 at guidance 3) pass a bound 50x tighter than the
+    default, at the shipped guidance and well above it: the default cannot trip on a healthy run."""
+    cfg = config_lib.load(ROOT / "configs" / "tiny.yaml").with_overrides(
+        frames=17, guidance=guidance, policy="original", stability={"max_velocity": 20.0})
+    summary = runner.generate(cfg, tmp_path / "out", progress=False)
+    assert summary["frames"] == 17
+
+
+def test_velocity_bound_scales_with_guidance():
+    from scopevid.scheduler.predictors import Stability
+
+    s = Stability()
+    assert (s.max_velocity, s.velocity_bound(0.0), s.velocity_bound(1.0), s.velocity_bound(5.0)) == (1000.0, 1000.0, 1000.0, 5000.0)
+    assert issubclass(AbsurdVelocityError, NonFiniteError)  # every rank stops together, as for a NaN
 
 
 class _BitFlip:

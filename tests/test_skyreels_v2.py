@@ -265,6 +265,7 @@ def test_scope_runner_modes_intervals_compare(ckpt, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     assert cli.main(["generate", "--config", str(tmp_path / "run.yaml"), "--compare", "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""  # diffusers' and transformers' loading bars stay off stderr
     s = json.loads((out / "summary.json").read_text())
     rows = pq.read_table(out / "steps.parquet").to_pylist()
     assert {r["mode"] for r in rows} == {"cache", "predict", "recompute"}, s["counts"]
@@ -537,3 +538,74 @@ def test_model_spec_is_typed_and_strict_before_any_file_is_read(tmp_path):
     with pytest.raises(ConfigError, match=r"^model.path: required: the SkyReels-V2 checkpoint directory"):
         SkyReelsV2Adapter.from_config({"kind": "skyreels_v2"})
     check_spec(base)  # valid: the missing directory is the load's business
+
+
+# ----------------------------------------------------------------------------- hostile checkpoints
+def _run_yaml(tmp_path, path: Path, name: str = "run.yaml", **top) -> Path:
+    raw = {"model": {"kind": "skyreels_v2", "path": str(path), "height": H, "width": W, "max_sequence_length": TEXT_LEN},
+           "prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance": 5.0, "frames": 29, "fps": 16, "seed": 0, "solver": "unipc",
+           "schedule": {"kind": "diffusion_forcing", "steps": 6, "base_num_frames": 13, "overlap_history": 5, "ar_step": 2,
+                        "causal_block_size": 2, "selective": "off"},
+           "policy": "original", "policy_presets": str(ROOT / "configs" / "policies" / "skyreels_v2.yaml"), **top}
+    (tmp_path / name).write_text(yaml.safe_dump(raw))
+    return tmp_path / name
+
+
+def _flip_bytes(ckpt, tmp_path, count: int = 4000, seed: int = 1) -> Path:
+    """A copy of the checkpoint with `count` bytes of the DiT's tensor data inverted. The red team's
+    draw (seed 1) leaves every value finite but some absurd: velocities near 1e9, latents near 1e8."""
+    import random
+    import struct
+
+    d = Path(shutil.copytree(ckpt, tmp_path / "flipped"))
+    w = d / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(w.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # past the JSON header
+    for i in random.Random(seed).sample(range(start, len(data)), count):
+        data[i] ^= 0xFF
+    w.write_bytes(bytes(data))
+    return d
+
+
+def test_flipped_weight_bytes_stop_the_run_in_one_line(ckpt, tmp_path):
+    """4,000 flipped bytes used to run to exit 0 with latents around 1e5: the velocity bound ends the
+    run at the first forward, exit 1, one line, no summary."""
+    import subprocess
+    import sys
+
+    cfg = _run_yaml(tmp_path, _flip_bytes(ckpt, tmp_path))
+    p = subprocess.run([sys.executable, "-m", "scopevid", "generate", "--config", str(cfg), "--out", str(tmp_path / "o"),
+                        "--no-progress"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr[-2000:]
+    assert lines[0].startswith("scopevid generate: error: the model returned a velocity of ") and \
+        "over the bound 5000 (stability.max_velocity x guidance" in lines[0], lines[0]
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_the_fixture_stays_far_below_the_velocity_bound(ckpt, tmp_path):
+    """The healthy fixture (random weights, guidance 5; peak |v| ~2.6) passes a bound 50x tighter
+    than the default: the default cannot trip on it."""
+    from scopevid.config import load
+    from scopevid.engine.runner import generate
+
+    cfg = load(_run_yaml(tmp_path, ckpt, stability={"max_velocity": 20.0}))
+    assert generate(cfg, tmp_path / "o", progress=False)["frames"] == 29
+
+
+def test_flow_shift_must_be_positive(ckpt, tmp_path):
+    """A scheduler config with flow_shift -1 used to end in a traceback from the solver's table; it is
+    refused naming the file (or, for a direct override, model.shift)."""
+    from scopevid.adapters.skyreels_v2 import SkyReelsV2Adapter
+
+    d = _copy(ckpt, tmp_path)
+    f = d / "scheduler" / "scheduler_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "flow_shift": -1.0}))
+    with pytest.raises(CheckpointError, match=rf"^{f}: flow_shift: must be a number > 0 and at most 1000 .*got -1.0$"):
+        make_adapter(d)
+    ad = make_adapter(d, shift=8.0)  # a valid override wins over the file
+    assert ad.shift == 8.0
+    with pytest.raises(ConfigError, match=r"^model.shift: must be a number > 0 and at most 1000 .*got 0.0$"):
+        SkyReelsV2Adapter(ad.parts, height=H, width=W, shift=0.0)
+    with pytest.raises(ConfigError, match=r"^model.shift: Input should be greater than 0 \(got -1.0\)$"):
+        make_adapter(ckpt, shift=-1.0)

@@ -6,6 +6,8 @@ import argparse
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from safetensors.torch import load_file
 
 from scopevid.adapters.base import ForwardSpec
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
+from scopevid.errors import CheckpointError, ConfigError
 from scopevid.train import command, detector, world
 from scopevid.train.evaluate import sample_joint, sample_rollout, sigmas
 from scopevid.train.loop import PackedAttention, Trainer, TrainConfig, packed_forward, prompt_vectors
@@ -126,6 +129,58 @@ def test_train_step_resume_and_export(tmp_path):
     x = sample_joint(m, "red square moving left", 3, steps=2)
     y = sample_rollout(m, "red square moving left", 6, chunk=2, window=4, steps=2)
     assert x.shape == (3, 3, 16, 16) and y.shape == (6, 3, 16, 16) and torch.isfinite(y).all()
+
+
+BAD_OPTIONS = [
+    (("--steps", "-5"), r"^--steps: must be a positive integer, got -5$"),
+    (("--steps", "0"), r"^--steps: must be a positive integer"),
+    (("--threads", "0"), r"^--threads: must be a positive integer"),
+    (("--batch", "0"), r"^--batch: must be a positive integer"),
+    (("--depth", "0"), r"^--depth: must be a positive integer"),
+    (("--frames", "1"), r"^--frames: must be at least 2"),
+    (("--lr", "nan"), r"^--lr: must be a finite number > 0, got nan$"),
+    (("--lr=-1e-3",), r"^--lr: must be a finite number > 0"),
+    (("--ckpt-minutes", "0"), r"^--ckpt-minutes: must be a finite number > 0"),
+    (("--seed", "-1"), r"^--seed: must be an integer from 0 to 9223372036854775807, got -1$"),
+    (("--anneal-start", "-1"), r"^--anneal-start: must be an integer >= 0"),
+    (("--anneal-steps", "-2"), r"^--anneal-steps: must be an integer >= 0"),
+    (("--shift", "0"), r"^--shift: must be a number from 0.001 to 1000"),
+    (("--sprite", "15"), r"^--sprite: must leave the square room to move"),
+    (("--size", "18"), r"^--patch: frame size 18 must be a multiple of patch 4$"),
+    (("--dim", "30", "--heads", "4"), r"^--heads: dim 30 must divide by heads 4 "),
+    (("--dim", "32", "--heads", "8"), r"^--heads: the head dim \(dim 32 / heads 8 = 4\) must be even and at least 6: the 3D RoPE"),
+]
+
+
+@pytest.mark.parametrize("extra, says", BAD_OPTIONS, ids=[" ".join(e) for e, _ in BAD_OPTIONS])
+def test_bad_numeric_options_are_refused_before_any_work(tmp_path, extra, says):
+    """Every numeric option is range-checked and the model's shape rules hold before a run starts (a
+    negative --steps used to export untrained weights with exit 0): nothing is written."""
+    with pytest.raises(ConfigError, match=says):
+        command.main(tiny_args(tmp_path / "run", *extra))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_option_through_the_cli_is_one_line_and_exit_2(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "scopevid", "train", "--out", str(tmp_path / "run"), "--steps", "-5"],
+                       capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stderr) == (2, "scopevid train: error: --steps: must be a positive integer, got -5\n")
+
+
+def test_resume_refuses_a_checkpoint_that_pickles_objects(tmp_path):
+    """ckpt.pt is read as tensors and plain values only: a file that pickles an object is one short
+    line saying what it is not (never torch's advice to load it with weights_only=False)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, run / "ckpt.pt")
+    with pytest.raises(CheckpointError) as e:
+        command.main(tiny_args(run, "--resume"))
+    msg = str(e.value)
+    assert msg == f"{run / 'ckpt.pt'}: not a plain tensor checkpoint: it pickles an object of class argparse.Namespace " \
+                  "(not unpickled, as that could run code)"
+    torch.save({"model": {}}, run / "ckpt.pt")  # tensors and plain values, but not ours
+    with pytest.raises(CheckpointError, match=r"ckpt.pt: not a checkpoint of `scopevid train` \('train_cfg'\)$"):
+        command.main(tiny_args(run, "--resume"))
 
 
 def test_warm_start_from_exported_weights(tmp_path, capsys):

@@ -9,6 +9,7 @@ baselines' executors (engine.reuse) call it; neither touches the adapter or the 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -18,7 +19,7 @@ import torch
 from scopevid.adapters.base import Adapter, Conditioning, ForwardHooks, ForwardSpec, NoiseSchedule
 from scopevid.engine.state import RolloutState
 from scopevid.engine.topology import FrameKeyed, Topology
-from scopevid.errors import NonFiniteError, ConfigError
+from scopevid.errors import AbsurdVelocityError, ConfigError, NonFiniteError
 from scopevid.scheduler.plan import Iteration
 from scopevid.scheduler.policies import Discrepancy, Mode
 from scopevid.scheduler.signals import Feature
@@ -65,8 +66,10 @@ class Timings:
 class ForwardRunner:
     def __init__(self, adapter: Adapter, cond: Conditioning, topology: Topology, schedule: NoiseSchedule,
                  state: RolloutState, device: torch.device, dtype: torch.dtype, *, batched_branches: bool = False,
-                 kernel: str = "sdpa"):
+                 kernel: str = "sdpa", max_velocity: float = math.inf):
+        """max_velocity: the largest |v| element a forward may return (Stability.velocity_bound)."""
         self.adapter, self.cond, self.topo, self.schedule, self.state = adapter, cond, topology, schedule, state
+        self.max_velocity = max_velocity
         self.device, self.dtype = device, dtype
         self.causal = adapter.capabilities.causal
         h, w = adapter.latent_hw
@@ -180,17 +183,27 @@ class ForwardRunner:
         self.forwards[(n_pad, bool(spec.store), rows[0])] += 1
         vel = self.topo.gather(out, len(seq))
         self.timings.forward += time.perf_counter() - t0
-        if not bool(torch.isfinite(vel).all()):  # gathered: every rank takes this branch together
-            raise NonFiniteError(
-                f"the model returned NaN or inf velocities at window {it.window}, iteration {it.index} "
-                f"(serial {it.serial}), frames {seq[0]}..{seq[-1]}: check the weights and the guidance; "
-                "frames finished before it are kept")
+        self._check(vel, it, seq)
         v = {f: vel[i] for i, f in enumerate(seq) if f not in fill_set}
         branches = self.cond.branches
         if hooks is not None and hooks.blocks_run is not None:  # frames counted by the share of blocks run
             ran = round(len(seq) * hooks.blocks_run / max(hooks.depth, 1))
             return ForwardResult(v, seq, ran, self.adapter.flops(len(seq), len(spec.context), hooks.blocks_run, branches))
         return ForwardResult(v, seq, len(seq), self.adapter.flops(len(seq), len(spec.context), None, branches))
+
+    def _check(self, vel: torch.Tensor, it: Iteration, seq: list[int]) -> None:
+        """End the run on a NaN, inf or absurd velocity. One reduction (NaN and inf propagate into the
+        max), on the gathered velocities: every rank takes the same branch."""
+        peak = float(torch.linalg.vector_norm(vel, ord=math.inf)) if vel.numel() else 0.0
+        where = f"window {it.window}, iteration {it.index} (serial {it.serial}), frames {seq[0]}..{seq[-1]}"
+        if not math.isfinite(peak):
+            raise NonFiniteError(f"the model returned NaN or inf velocities at {where}: check the weights and the guidance; "
+                                 "frames finished before it are kept")
+        if peak > self.max_velocity:
+            raise AbsurdVelocityError(
+                f"the model returned a velocity of {peak:.3g} at {where}, over the bound {self.max_velocity:g} "
+                "(stability.max_velocity x guidance; healthy flow-matching velocities are O(1)): the weights look corrupt, "
+                "check the checkpoint; frames finished before it are kept")
 
     def _context(self, it: Iteration, context_to: int | None) -> tuple[list[int], list[int]]:
         """(clean frames attended as cached K/V, clean frames forwarded first to write theirs): the

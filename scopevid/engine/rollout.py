@@ -188,7 +188,8 @@ class Rollout:
             components["reuse"] = self.reuse
         self.state = RolloutState(components)
         self.runner = ForwardRunner(adapter, cond, self.topo, self.schedule, self.state, self.device, dtype,
-                                    batched_branches=batched_branches and self.reuse is None, kernel=kernel)
+                                    batched_branches=batched_branches and self.reuse is None, kernel=kernel,
+                                    max_velocity=stability.velocity_bound(cond.guidance))
         self.chunk = (policy.chunk or plan.unit) if policy.chunk_sums else None
 
     # --- per-frame helpers -------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from scopevid.config import SEED_MAX, SEED_MIN
 from scopevid.errors import ConfigError
 from scopevid.validation import Section, parse
 
@@ -24,7 +25,7 @@ class Row(Section):
     """One row of a JSONL or Parquet prompt file."""
 
     prompt: str = Field(min_length=1, description="the text prompt")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # signed 64-bit, like `seed:` (the manifest's int64 column)
     frames: int | None = Field(None, ge=1)
     policy: str | None = Field(None, min_length=1)
     name: str | None = Field(None, min_length=1, max_length=80, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -106,18 +106,29 @@ class Stability:
     so every rank reaches the same verdict). A non-finite prediction, or one whose change from
     v_k exceeds `explode` * |v_k|, is rejected (the step falls back to Recompute); a change above
     `clip` * |v_k| is scaled down to that size (conservative clipping).
+
+    `max_velocity` bounds what a forward may return: the largest |v| element, per unit of guidance
+    scale (`velocity_bound`). A flow-matching velocity eps - x0 is O(1) in latent units (healthy
+    models stay below ~10 per unit of guidance); far above it the weights are corrupt and the run
+    stops (docs/DESIGN_NOTES.md).
     """
 
     clip: float = 1.0
     explode: float = 4.0
+    max_velocity: float = 1000.0
 
     def __post_init__(self) -> None:
         from scopevid.errors import ConfigError
 
-        for field in ("clip", "explode"):
+        for field, what in (("clip", "ratio"), ("explode", "ratio"), ("max_velocity", "number")):
             value = getattr(self, field)
-            if not (0.0 < value < math.inf):
-                raise ConfigError(f"stability.{field}: must be a finite ratio > 0, got {value}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
+                raise ConfigError(f"stability.{field}: must be a finite {what} > 0, got {value!r}")
+
+    def velocity_bound(self, guidance: float) -> float:
+        """The largest |v| element a forward may return: classifier-free guidance scales the guided
+        velocity's branch difference by `guidance`, so the bound scales with it (never below 1x)."""
+        return self.max_velocity * max(1.0, float(guidance))
 
     def verdict(self, delta_sq: float, ref_sq: float, nonfinite: float) -> tuple[bool, float]:
         """(accept, scale for the delta) from reduced sums: |v̂-v_k|^2, |v_k|^2, count of non-finite."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -23,10 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from scopevid.adapters.tiny.adapter import load_tiny
+from scopevid.adapters.tiny.adapter import SHIFT_RANGE, load_tiny
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
 from scopevid.engine.files import atomic_save_safetensors
-from scopevid.errors import CheckpointError
+from scopevid.errors import CheckpointError, ConfigError
 from scopevid.train import world as W
 from scopevid.train.loop import Trainer, TrainConfig
 
@@ -54,6 +55,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", type=float, default=1.0, help="sigma shift to record for inference")
     p.add_argument("--export-only", action="store_true", help="only export the EMA weights of RUN_DIR")
     p.add_argument("--weights-dir", default=None, help="export target (default RUN_DIR/export)")
+
+
+POSITIVE = ("steps", "threads", "batch", "dim", "depth", "heads", "size", "patch", "sprite")
+SEED_LIMIT = 2**63  # numpy's generator takes no negative seed; torch's takes seed + 1 below 2^64
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every numeric option in its range, and the model's shape rules, before any work: a negative
+    --steps used to export untrained weights with exit 0, --dim 30 --heads 4 to fail deep in the
+    first step. One ConfigError line names the option and what is allowed."""
+    for name in POSITIVE:
+        _need(args, name, getattr(args, name) >= 1, "must be a positive integer")
+    _need(args, "frames", args.frames >= 2, "must be at least 2 (a clip may hold a clean prefix and a noisy rest)")
+    for name in ("anneal_start", "anneal_steps"):
+        _need(args, name, getattr(args, name) is None or getattr(args, name) >= 0, "must be an integer >= 0")
+    _need(args, "seed", 0 <= args.seed < SEED_LIMIT, f"must be an integer from 0 to {SEED_LIMIT - 1}")
+    for name in ("lr", "ckpt_minutes"):
+        _need(args, name, 0 < getattr(args, name) < math.inf, "must be a finite number > 0")
+    lo, hi = SHIFT_RANGE
+    _need(args, "shift", lo <= args.shift <= hi, f"must be a number from {lo:g} to {hi:g}")
+    fastest = max(W.WorldConfig().speeds)
+    _need(args, "sprite", args.sprite <= args.size - fastest,
+          f"must leave the square room to move: at most --size minus the fastest speed ({args.size} - {fastest})")
+    problem = TinyDiTConfig(size=args.size, patch=args.patch, dim=args.dim, depth=args.depth, heads=args.heads).problem()
+    if problem:
+        raise ConfigError(f"--{problem[0]}: {problem[1]}")
+
+
+def _need(args: argparse.Namespace, name: str, ok: bool, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{name.replace('_', '-')}: {why}, got {getattr(args, name)!r}")
 
 
 def export(trainer: Trainer, weights_dir: str, shift: float) -> str:
@@ -104,6 +136,7 @@ def warm_start_source(weights_dir: str) -> tuple[TinyDiT, dict, dict]:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_args(args)
     torch.set_num_threads(args.threads)
     ckpt = os.path.join(args.out, "ckpt.pt")
     if args.init_from and (args.resume or args.export_only):

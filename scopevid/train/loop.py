@@ -32,6 +32,7 @@ import torch
 from scopevid.adapters.base import ForwardSpec, local_attention
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
 from scopevid.engine.files import atomic_torch_save, atomic_write_table, atomic_write_text
+from scopevid.errors import CheckpointError, load_reason
 from scopevid.train import world as W
 
 
@@ -128,6 +129,18 @@ def loss_fn(model, x0, tokens, g: torch.Generator, cfg: TrainConfig, attn: Packe
     return (err * w).sum() / w.sum().clamp(min=1)
 
 
+def _read_checkpoint(path: str) -> dict:
+    """ckpt.pt as tensors and plain values only (weights_only): a file from elsewhere that pickles
+    objects is refused in one line instead of being unpickled, which could run its code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for files that are not its checkpoints
+        raise CheckpointError(f"{path}: {load_reason(e)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of `scopevid train` (it holds a {type(state).__name__}, not a mapping)")
+    return state
+
+
 class Trainer:
     """One run directory: config.json, ckpt.pt (latest), loss.parquet."""
 
@@ -183,16 +196,20 @@ class Trainer:
         bad = sorted(set(schedule) - {"anneal_start", "anneal_steps", "anneal_floor"})
         if bad:
             raise ValueError(f"resume can only change the lr anneal, not {', '.join(bad)}")
-        state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-        tcfg = TrainConfig(**{**state["train_cfg"], **schedule})
-        t = cls(out, TinyDiTConfig.from_dict(state["model_cfg"]), tcfg, W.WorldConfig.from_dict(state["world_cfg"]))
-        t.model.load_state_dict(state["model"])
-        t.ema.load_state_dict(state["ema"])
-        t.opt.load_state_dict(state["opt"])
-        t.step, t.wall = state["step"], state["wall"]
-        t.rng.bit_generator.state = state["rng"]
-        t.gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
+        path = os.path.join(out, "ckpt.pt")
+        state = _read_checkpoint(path)
+        try:
+            tcfg = TrainConfig(**{**state["train_cfg"], **schedule})
+            t = cls(out, TinyDiTConfig.from_dict(state["model_cfg"]), tcfg, W.WorldConfig.from_dict(state["world_cfg"]))
+            t.model.load_state_dict(state["model"])
+            t.ema.load_state_dict(state["ema"])
+            t.opt.load_state_dict(state["opt"])
+            t.step, t.wall = state["step"], state["wall"]
+            t.rng.bit_generator.state = state["rng"]
+            t.gen.set_state(state["gen"])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a checkpoint of `scopevid train` ({load_reason(e)})") from None
         return t
 
     def warm_start(self, model: TinyDiT, init: dict) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scopevid.errors import CheckpointError, ConfigError
+from scopevid.adapters.hub import quiet_progress
+from scopevid.errors import CheckpointError, ConfigError, load_reason
 
 # rows of other_tokens (the official SPECIAL_TOKEN_DICT)
 OTHER_ROW = {
@@ -111,10 +112,11 @@ class T5Encoder:
         try:
             from transformers import AutoTokenizer, T5EncoderModel
 
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self.model = T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32).eval().to(device)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot load the T5 encoder ({str(e).splitlines()[0]})") from None
+            with quiet_progress():
+                self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                self.model = T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32).eval().to(device)
+        except Exception as e:  # transformers raises OSError, ValueError, and torch.load's UnpicklingError
+            raise CheckpointError(f"{path}: cannot load the T5 encoder ({load_reason(e)})") from None
         self.max_length, self.device = max_length, device
 
     @torch.no_grad()

@@ -33,11 +33,12 @@ from scopevid.adapters.base import (Adapter, Attention, AttentionShape, Capabili
 from scopevid.adapters.skyreels_v2.loader import Components, build_on_meta, load_checkpoint
 from scopevid.adapters.skyreels_v2.model import DFTransformer
 from scopevid.adapters.skyreels_v2.vae import LatentNorm, StreamDecoder
-from scopevid.errors import ConfigError
+from scopevid.errors import CheckpointError, ConfigError
 from scopevid.validation import Section, parse
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NOT_STARTED_T, CLEAN_T = 999, 0  # the step matrix's boundary timesteps
+MAX_SHIFT = 1e3  # flow shifts beyond this leave no step at low noise
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -49,7 +50,7 @@ class SkyReelsV2Spec(Section):
     path: str = Field(min_length=1, description="the SkyReels-V2 checkpoint directory, diffusers layout (see docs/skyreels_v2.md)")
     height: int = Field(544, ge=16, le=4096, multiple_of=16)  # pixels (540P: 544)
     width: int = Field(960, ge=16, le=4096, multiple_of=16)  # pixels (540P: 960)
-    shift: float | None = Field(None, gt=0, le=1e3)  # flow shift (T2V: 8); default: the scheduler config's
+    shift: float | None = Field(None, gt=0, le=MAX_SHIFT)  # flow shift (T2V: 8); default: the scheduler config's
     fps: int = Field(24, ge=1, le=240)  # fps embedding input (16 -> 0, else 1); 24 like both pipelines
     addnoise_condition: float = Field(0.0, ge=0, lt=1000)  # noise level a (timesteps) on the overlap prefix; official 20
     # 'frame': seeded per frame and window iteration (deterministic, shard- and call-independent);
@@ -63,6 +64,16 @@ class SkyReelsV2Spec(Section):
     text_encoder_device: str | None = None  # default: the run device
 
 
+
+
+def _flow_shift(value: object, override: bool, path: Path) -> float:
+    """The scheduler's flow shift as a number > 0 (the spec's bound): a negative or zero shift makes
+    the sigma table non-monotone or divide by zero deep inside diffusers. Names where it came from."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_SHIFT:
+        return float(value)
+    where = "model.shift" if override else f"{Path(path) / 'scheduler' / 'scheduler_config.json'}: flow_shift"
+    error = ConfigError if override else CheckpointError
+    raise error(f"{where}: must be a number > 0 and at most {MAX_SHIFT:g} (SkyReels-V2 T2V uses 8), got {value!r}")
 
 
 @dataclass
@@ -138,7 +149,7 @@ class SkyReelsV2Adapter(Adapter):
         sc = self.scheduler.config
         if not (sc.use_flow_sigmas and sc.prediction_type == "flow_prediction"):
             raise ConfigError("model: the scheduler config must use flow sigmas with flow_prediction (SkyReels-V2 DF)")
-        self.shift = float(sc.flow_shift)
+        self.shift = _flow_shift(sc.flow_shift, shift is not None, parts.path)
         # per video (prepare):
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # (sigmas float64, timesteps long)
         self._prefix_len: dict[int, int] = {}  # window origin -> clean prefix frames

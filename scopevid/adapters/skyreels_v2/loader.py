@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from scopevid.adapters.hub import quiet_progress
 from scopevid.adapters.paths import shard_path
-from scopevid.errors import CheckpointError
+from scopevid.errors import CheckpointError, load_reason
 
 TRANSFORMER_CLASS = "SkyReelsV2Transformer3DModel"
 VAE_CLASS = "AutoencoderKLWan"
@@ -71,7 +72,8 @@ def load_checkpoint(
     vae = _load(AutoencoderKLWan, root / "vae", vae_dtype)
     text_encoder = _load(text_cls, root / "text_encoder", text_dtype or dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+        with quiet_progress():
+            tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
     except Exception as e:  # tokenizers raise many types
         raise CheckpointError(f"{root / 'tokenizer'}: cannot load the tokenizer ({_first_line(e)})") from None
     transformer.to(device).eval().requires_grad_(False)
@@ -174,8 +176,7 @@ def _json(path: Path) -> dict:
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return load_reason(e)
 
 
 def _weight_files(folder: Path, single: str) -> list[Path]:
@@ -272,6 +273,7 @@ def _check_text_encoder(folder: Path) -> None:
 
 def _load(model_cls, folder: Path, dtype: torch.dtype):
     try:
-        return model_cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        with quiet_progress():
+            return model_cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     except Exception as e:
         raise CheckpointError(f"{folder}: cannot load {model_cls.__name__} ({_first_line(e)})") from None

@@ -19,9 +19,10 @@ from scopevid.adapters.base import (Adapter, Attention, AttentionShape, Capabili
                                     NoiseSchedule, VideoFacts, local_attention)
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
 from scopevid.errors import CheckpointError, ConfigError
-from scopevid.validation import Section, parse
+from scopevid.validation import Section, build, parse
 
 BUNDLED = Path(__file__).resolve().parents[2] / "weights"  # scopevid/weights
+SHIFT_RANGE = (1e-3, 1e3)  # flow time shifts the noise table is built for (0 would divide by zero)
 
 
 class TinySpec(Section):
@@ -30,7 +31,7 @@ class TinySpec(Section):
     kind: Literal["tiny"]
     weights: str = Field("bundled", min_length=1)  # bundled | random | path to a .safetensors with its .json
     init_seed: int = 0  # seed of `weights: random`
-    shift: float | None = Field(None, ge=1e-3, le=1e3)  # flow time shift; default: the weights' own (3 for random)
+    shift: float | None = Field(None, ge=SHIFT_RANGE[0], le=SHIFT_RANGE[1])  # flow time shift; default: the weights' own (3 for random)
     arch: dict | None = None  # TinyDiTConfig fields of `weights: random`
 
 
@@ -69,7 +70,7 @@ class TinyAdapter(Adapter):
         spec = parse(TinySpec, raw, "model.", "tiny")  # a typo (`weigths:`) must not silently run the bundled weights
         weights = spec.weights
         if weights == "random":
-            cfg = TinyDiTConfig.from_dict(spec.arch or {})
+            cfg = tiny_arch(spec.arch or {}, "model.arch.")
             torch.manual_seed(spec.init_seed)
             model = TinyDiT(cfg)
             with torch.no_grad():  # adaLN-zero would make a random model output zero: perturb
@@ -166,14 +167,33 @@ def tiny_metadata(raw: dict) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """(heads,), vocabulary of a tiny spec from its JSON (or arch), without loading weights."""
     spec = parse(TinySpec, raw, "model.", "tiny")
     if spec.weights == "random":
-        cfg = TinyDiTConfig.from_dict(spec.arch or {})
+        cfg = tiny_arch(spec.arch or {}, "model.arch.")
     else:
         meta_path = weights_path(raw).with_suffix(".json")
         try:
-            cfg = TinyDiTConfig.from_dict(json.loads(meta_path.read_text())["model"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            cfg = tiny_arch(json.loads(meta_path.read_text())["model"], "")
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ConfigError):
             return None, None  # the load names the problem with the weights
     return (cfg.heads,), tuple(cfg.vocab[1:])
+
+
+def tiny_arch(raw: object, where: str) -> TinyDiTConfig:
+    """TinyDiTConfig from a mapping (a weights JSON's `model`, or `arch:`), typed and shape-checked,
+    so a bad value is one line naming `where` + the field, not a traceback from inside the network."""
+    cfg = build(TinyDiTConfig, raw, where, "the tiny model")
+    problem = cfg.problem()
+    if problem:
+        raise ConfigError(f"{where}{problem[0]}: {problem[1]}")
+    return cfg
+
+
+def check_shift(shift: object, where: str) -> float:
+    """A weights JSON's flow time shift: a number in SHIFT_RANGE (0 divides by zero in shifted_sigmas)."""
+    lo, hi = SHIFT_RANGE
+    ok = isinstance(shift, (int, float)) and not isinstance(shift, bool) and lo <= shift <= hi
+    if not ok:
+        raise ConfigError(f"{where}: must be a number from {lo:g} to {hi:g} (the flow time shift), got {shift!r}")
+    return float(shift)
 
 
 def weights_path(spec: dict) -> Path:
@@ -194,9 +214,14 @@ def load_tiny(path: Path) -> tuple[TinyDiT, dict]:
         raise CheckpointError(f"tiny weights {path} lack their config {meta_path}")
     try:
         meta = json.loads(meta_path.read_text())
-        cfg = TinyDiTConfig.from_dict(meta["model"])
+        section = meta["model"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{meta_path}: not a tiny model config ({e})") from None
+    try:
+        cfg = tiny_arch(section, f"{meta_path}: model.")
+        check_shift(meta.get("shift", 3.0), f"{meta_path}: shift")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises several types for corrupt files

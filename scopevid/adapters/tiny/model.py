@@ -43,6 +43,28 @@ class TinyDiTConfig:
     def head_dim(self) -> int:
         return self.dim // self.heads
 
+    def problem(self) -> tuple[str, str] | None:
+        """(field, why) for the first shape rule the network cannot be built with, else None.
+
+        Types are the caller's check (scopevid.validation); sizes are positive, patches tile the frame, heads split dim evenly, and the head dim is even with room for one RoPE
+        pair per axis (rope_tables splits its pairs over frames, rows and columns)."""
+        for name in ("channels", "size", "patch", "dim", "depth", "heads", "max_prompt"):
+            if getattr(self, name) < 1:
+                return name, f"must be a positive integer, got {getattr(self, name)!r}"
+        for name in ("mlp_ratio", "rope_theta"):
+            if not 0 < getattr(self, name) < math.inf:
+                return name, f"must be a finite number > 0, got {getattr(self, name)!r}"
+        if not self.vocab:
+            return "vocab", "must hold at least the null prompt (index 0)"
+        if self.size % self.patch:
+            return "patch", f"frame size {self.size} must be a multiple of patch {self.patch}"
+        if self.dim % self.heads:
+            return "heads", f"dim {self.dim} must divide by heads {self.heads} (each head takes dim / heads channels)"
+        if self.head_dim % 2 or self.head_dim < 6:
+            return "heads", (f"the head dim (dim {self.dim} / heads {self.heads} = {self.head_dim}) must be even and at "
+                             "least 6: the 3D RoPE rotates pairs of channels, at least one pair each for frames, rows and columns")
+        return None
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["vocab"] = list(self.vocab)
