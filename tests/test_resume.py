@@ -324,18 +324,35 @@ def test_resume_refuses_a_damaged_run_directory(tmp_path, damage):
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_a_job_that_cannot_be_placed_says_what_it_waits_for(ray_head, job_config, tmp_path):
+    """Bundles the cluster could hold, but other work holds them now: the driver says what it waits for,
+    gives up after --placement-timeout, and ends at once on SIGTERM while waiting."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, ray; ray.init(address=sys.argv[1], log_to_driver=False); "
+        "pg = ray.util.placement_group([{'CPU': 2}]); ray.get(pg.ready()); print('held', flush=True); time.sleep(600)"),
+        ray_head.address], env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _placement_waits(ray_head, job_config, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _placement_waits(ray_head, job_config, tmp_path):
     out = tmp_path / "job"
-    r = run_driver(ray_head, "--config", str(job_config), "--world-size", "2", "--cpus-per-rank", "2",
-                   "--placement-timeout", "5", "--out", str(out), timeout=60)
+    r = run_driver(ray_head, "--config", str(job_config), "--world-size", "2", "--placement-timeout", "5", "--out", str(out),
+                   timeout=60)
     lines = r.stdout.strip().splitlines()
     assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
-    waiting = [ln for ln in lines if "waiting for 2 bundles of {'CPU': 2.0}" in ln]
-    assert waiting and "free CPU" in waiting[0] and "of 2" in waiting[0] and "giving up after 5 s" in waiting[0], lines
+    waiting = [ln for ln in lines if "waiting for 2 bundles of {'CPU': 1.0}" in ln]
+    assert waiting and "free CPU 0 of 2" in waiting[0] and "giving up after 5 s" in waiting[0], lines
     err = [ln for ln in r.stderr.strip().splitlines() if "INFO worker.py" not in ln]  # Ray's own connect lines
-    assert len(err) == 1 and "placement: 2 bundles of {'CPU': 2.0} not available within 5 s" in err[0], r.stderr
-    assert "free CPU 2 of 2" in err[0] and "--placement-timeout" in err[0]
+    assert len(err) == 1 and "placement: 2 bundles of {'CPU': 1.0} not available within 5 s" in err[0], r.stderr
+    assert "free CPU 0 of 2" in err[0] and "--placement-timeout" in err[0]
+    job = json.loads((out / "job.json").read_text())
+    assert (job["status"], job["error"]) == ("failed", err[0].split("error: ", 1)[1]), job
     # SIGTERM while waiting (no limit): the driver ends at once, saying so
-    proc = subprocess.Popen(driver(ray_head, "--config", str(job_config), "--world-size", "2", "--cpus-per-rank", "2",
+    proc = subprocess.Popen(driver(ray_head, "--config", str(job_config), "--world-size", "2",
                                    "--placement-timeout", "0", "--out", str(tmp_path / "job2")),
                             env=ray_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -358,7 +375,7 @@ def test_a_job_that_cannot_be_placed_says_what_it_waits_for(ray_head, job_config
     assert json.loads((tmp_path / "job2" / "job.json").read_text())["status"] == "stopped"
     # a resume that would change what the job computes is refused in one line (exit 2), before Ray is asked
     for args, says in [(["--world-size", "1"], "runs on 2 ranks (checkpoints are per rank); resume it with --world-size 2"),
-                       (["--frames", "96"], "frames differ(s) from the job")]:
+                       (["--frames", "96"], "frames differ(s) from the job")]:  # noqa: E501
         r = run_driver(ray_head, "--resume", str(tmp_path / "job2"), *args, timeout=60)
         err = [ln for ln in r.stderr.strip().splitlines() if "INFO worker.py" not in ln]
         assert r.returncode == 2 and len(err) == 1 and says in err[0], r.stderr
@@ -419,7 +436,7 @@ def _killed_run(tmp_path, **over):
     ("latest-list", r"LATEST: not a checkpoint record \(a JSON list, not an object\)"),
     ("latest-no-log-parts", r"LATEST: damaged \(log_parts missing or not of its type\)"),
     ("settings-deleted", r"settings.json is missing while .*LATEST is there: the run directory was damaged"),
-    ("rank-file-not-torch", r"rank-00000.pt: cannot read \(not a checkpoint this build wrote\)"),
+    ("rank-file-not-torch", r"rank-00000.pt: cannot read \(not a plain tensor checkpoint: it pickles an object of class "),
 ])
 def test_a_damaged_checkpoint_is_one_clear_line(tmp_path, damage, needle):
     from scopevid.engine import runner

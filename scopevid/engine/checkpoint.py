@@ -45,7 +45,7 @@ from scopevid.engine.rollout import STEP_SCHEMA, RolloutObserver, StepRecord
 from scopevid.engine.shards import OutputShards, read_frames, read_latents  # noqa: F401  (re-exported)
 from scopevid.engine.state import compact, to_device
 from scopevid.config import describe_differences, differences
-from scopevid.errors import CheckpointError, ConfigError, StopRequested
+from scopevid.errors import CheckpointError, ConfigError, StopRequested, load_reason
 
 FORMAT = 2  # 2: the rollout state is engine.state.RolloutState (format 1 is not read)
 LATEST = "LATEST"
@@ -188,9 +188,7 @@ def _load(path: Path, advice: str = "") -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files, with long advice of its own
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        why = "not a checkpoint this build wrote" if "weights only" in first.lower() or "weights_only" in first else first
-        raise CheckpointError(f"{path}: cannot read ({why[:160]}){advice}") from None
+        raise CheckpointError(f"{path}: cannot read ({load_reason(e)}){advice}") from None
 
 
 # --- when to save ---------------------------------------------------------------------------------
