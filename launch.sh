@@ -94,23 +94,26 @@ ADDRESS=$HEAD_IP:$PORT
 HEAD_PID=""
 WORKERS_PID=""
 DRIVER_PID=""
-stop_pid() {  # [wait for it to end on its own,] TERM (ray start --block stops its children), wait, KILL
-  local pid=$1 own=${2:-0} i
+stop_pid() {  # TERM, wait up to $2 seconds (default 10), KILL
+  local pid=$1 secs=${2:-10} i
   [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 0
-  for i in $(seq 1 $((own * 5))); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
   kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  for i in $(seq 1 $((secs * 5))); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
   kill -KILL "$pid" 2>/dev/null || true
 }
 teardown() {
   local rc=$?
   trap - EXIT INT TERM
   echo "launch.sh: tearing down the Ray cluster" >&2
-  # scancel and Ctrl-C signal the driver too: give it 4 s to stop its ranks, record the job and print its
-  # one line (a second SIGTERM would end it at once); only then signal it ourselves
-  stop_pid "$DRIVER_PID" 4
-  stop_pid "$WORKERS_PID"
-  stop_pid "$HEAD_PID"
+  # the driver stops its ranks, records the job and prints its one line (Slurm does not always signal
+  # it, so we do; a second SIGTERM is ignored by it); SIGKILL if it is not done in 10 s
+  stop_pid "$DRIVER_PID"
+  # then the Ray nodes: everything worth keeping is written by now, and `ray start --block` can take
+  # tens of seconds to stop busy workers (scancel would leave the job completing that long): this job's
+  # Ray processes on this node (they name its private temp dir) and their workers are killed outright
+  "$PY" -m scopevid.cluster.raycluster kill "$RAY_TMP" 2>/dev/null || true
+  stop_pid "$WORKERS_PID" 1
+  stop_pid "$HEAD_PID" 1
   if [[ $MODE == local && -n "$HEAD_PID" ]]; then  # leftovers of our own session only
     for p in $(ps -eo pid=,sid= | awk -v s="$HEAD_PID" '$2 == s {print $1}'); do kill -KILL "$p" 2>/dev/null || true; done
   fi
@@ -157,7 +160,9 @@ fi
 
 # in the background + wait, so a TERM/INT to this script is handled at once (teardown stops the driver)
 set +e
-"$PY" -m scopevid.cluster.driver --address "$ADDRESS" "${ARGS[@]}" &
+# --stop-grace 0.5: after scancel the ranks get half a second to close their outputs (the MP4 and the run log
+# are readable without it), so the job leaves squeue within seconds
+"$PY" -m scopevid.cluster.driver --address "$ADDRESS" --stop-grace 0.5 "${ARGS[@]}" &
 DRIVER_PID=$!
 wait "$DRIVER_PID"
 rc=$?

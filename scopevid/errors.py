@@ -42,9 +42,11 @@ class AbsurdVelocityError(NonFiniteError):
 
 class Stopped(ScopevidError):
     """SIGTERM or SIGINT (Ctrl-C) ended the run: outputs were closed on the way out (the MP4 and the
-    run log are readable up to there)."""
+    run log are readable up to there). `reported`: its one line was already printed (a driver says it
+    as soon as the stop is decided)."""
 
     exit_code = 1
+    reported = False
 
 
 class OutputWriteError(ScopevidError):

@@ -301,6 +301,7 @@ def test_scancel_ends_the_job_within_seconds_with_one_line(slurm, tmp_path):
     finally:
         slurm.run("scancel", jid)
         leftovers = _reap(slurm.root / "ray")
+    print(f"scancel: the job left squeue after {left:.2f} s")
     assert left < 5.0, f"the cancelled job stayed in squeue for {left:.1f} s" + _tail(log)
     assert not leftovers, f"Ray processes of the job survived: {leftovers}"
     text = log.read_text(errors="replace")

@@ -115,7 +115,9 @@ def run(spec, record: BatchRecord, out: Path, world: int) -> Manifest:
             msg = (f"the batch was stopped by {e} ({local.done_line(manifest)}); the finished videos are kept; "
                    f"continue with: python -m scopevid.cluster.driver --resume {out}")
             job.finish("stopped", stopped=msg, counts=manifest.counts())
-            raise Stopped(msg) from None
+            stop = Stopped(msg)
+            rayjob.report(stop)  # at once: the rest of the way out may outlive a Ray head stopped with us
+            raise stop from None
         except BaseException as e:
             job.finish("failed", error=str(e) if isinstance(e, ScopevidError) else f"{type(e).__name__}: {e}",
                        counts=manifest.counts())

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from scopevid.cluster.jobspec import JobSpec, with_overrides
-from scopevid.cluster.rayjob import clip, connect, say
+from scopevid.cluster.rayjob import clip, connect, report, say
 from scopevid.errors import ConfigError, DistributedError, ScopevidError, Stopped
 
 
@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-seconds", type=float, default=0.0,
                    help="and at most once per this many seconds (0: no limit)")
     p.add_argument("--progress-every", type=float, default=2.0, help="seconds between progress lines")
+    p.add_argument("--stop-grace", type=float, default=2.5,
+                   help="on SIGTERM / Ctrl-C, seconds the ranks get to stop and close their outputs (`ray job stop` "
+                        "kills the driver after 3 s; launch.sh gives 0.5)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -105,6 +108,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         placement_timeout_s=args.placement_timeout, dist_timeout_s=args.dist_timeout or defaults.dist_timeout_s,
         checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
         progress_every_s=args.progress_every, address=args.address, quiet=args.quiet,
+        stop_grace_s=max(0.1, args.stop_grace),
         extra={"given": {("dist_timeout_s" if k == "dist_timeout" else k) for k in given}},
     )
 
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
         job = run_job(spec)
     except Stopped as e:  # a user's stop is not an error: what was kept, and how to go on
-        print(f"scopevid driver: stopped: {e}", file=sys.stderr, flush=True)
+        report(e)
         return e.exit_code
     except ScopevidError as e:
         print(f"scopevid driver: error: {e}", file=sys.stderr, flush=True)

@@ -99,6 +99,33 @@ def pids_mentioning(text: str) -> list[int]:
     return out
 
 
+def kill_tree(text: str) -> int:
+    """SIGKILL every live process whose command line mentions `text` (a job's private Ray temp dir: its
+    head, raylet, GCS) and every descendant of them (Ray workers rename themselves, e.g.
+    `ray::RankWorker`, so their command line no longer says whose they are). The tree is read before
+    any kill, while the workers still have their raylet as parent. Returns how many were killed."""
+    parent: dict[int, int] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    parent[int(p)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    victims = set(pids_mentioning(text))
+    grew = True
+    while grew:
+        more = {pid for pid, pp in parent.items() if pp in victims} - victims - {os.getpid()}
+        victims |= more
+        grew = bool(more)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return len(victims)
+
+
 class LocalHead:
     """A single-node Ray cluster on 127.0.0.1 for tests: start(), .address, .dashboard, stop()."""
 
@@ -218,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--num-cpus", type=int)
     worker.add_argument("--temp-dir")
     worker.add_argument("--node-ip-address")
+    kill = sub.add_parser("kill", help="SIGKILL the processes mentioning TEXT (a private Ray temp dir) and their descendants")
+    kill.add_argument("text")
     wait = sub.add_parser("wait", help="wait until a Ray cluster has N alive nodes")
     wait.add_argument("address")
     wait.add_argument("--nodes", type=int, default=1)
@@ -225,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "ports":
         print(" ".join(map(str, free_ports(args.n, args.host))))
+        return 0
+    if args.cmd == "kill":
+        kill_tree(args.text)
         return 0
     if args.cmd == "worker":
         exec_worker(args.address, num_cpus=args.num_cpus, temp_dir=args.temp_dir, node_ip=args.node_ip_address)

@@ -151,10 +151,14 @@ _STOP: list[str] = []
 
 def stop_on_signals():
     """SIGTERM (`ray job stop`, scancel) and SIGINT (Ctrl-C) are noted, and acted on at the next
-    stop_point (within a second); a second one ends the process. Returns the undo function."""
+    stop_point (within a second). A second Ctrl-C ends the process; a second SIGTERM is ignored: under
+    scancel the driver gets one from Slurm and one from launch.sh, and its stop is bounded anyway
+    (launch.sh sends SIGKILL if it is not done). Returns the undo function."""
     def on_term(signum, frame):
-        signal.signal(signum, signal.SIG_DFL)
-        _STOP.append(signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
+        if not _STOP:
+            _STOP.append(signal.Signals(signum).name)
 
     previous = {}
     _STOP.clear()
@@ -164,6 +168,16 @@ def stop_on_signals():
         except ValueError:  # not the main thread
             pass
     return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+
+
+def report(e: Stopped) -> None:
+    """The driver's one line for a stop, printed as soon as the stop is decided (the rest of the stop is
+    bounded but may outlive a Ray head that scancel stops at the same moment); printed once."""
+    import sys
+
+    if not e.reported:
+        e.reported = True
+        print(f"scopevid driver: stopped: {e}", file=sys.stderr, flush=True)
 
 
 def stop_point() -> None:
@@ -306,10 +320,11 @@ def release(actors: list, pg, wait_s: float = 3.0) -> None:
                 ray.kill(a, no_restart=True)
             except Exception:
                 pass
-        try:
-            remove_placement_group(pg)
-        except Exception:
-            pass
+        if pg is not None:
+            try:
+                remove_placement_group(pg)
+            except Exception:
+                pass
 
     t = threading.Thread(target=run, name="scopevid-release", daemon=True)
     t.start()

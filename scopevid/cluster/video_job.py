@@ -15,7 +15,7 @@ from pathlib import Path
 from scopevid.cluster import ranklog
 from scopevid.cluster.jobspec import CONFIG_FILE, JobSpec, resolve_config, write_config
 from scopevid.cluster.rayjob import (JOB_FILE, NAMESPACE, JobRecord, actor_name, cause, clip, connect, no_other_job,
-                                     release, say, stop_on_signals, stop_point, wait_for_placement)
+                                     release, report, say, stop_on_signals, stop_point, wait_for_placement)
 from scopevid.cluster.rayjob import update_job as _update_job
 from scopevid.errors import CheckpointError, ConfigError, DistributedError, ScopevidError, Stopped
 
@@ -161,10 +161,15 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path, job: JobRecord) -> di
         results = _wait(spec, refs, ranks, board, out)
         return _complete(spec, cfg, out, results, time.perf_counter() - t_start, job)
     except Stopped as e:
-        _stop_ranks(spec, board, refs)
+        # said and recorded first: under scancel the Ray head is going down with us, and the Ray client
+        # ends this process a few seconds after it goes; then the ranks are asked to close their outputs
         msg = f"stopped by {e}; " + _kept(out)
         job.finish("stopped", stopped=msg)
-        raise Stopped(msg) from None
+        stop = Stopped(msg)
+        report(stop)
+        _stop_ranks(spec, board, refs, actors, pg)
+        actors, board, pg = [], None, None  # released (or the cluster is gone)
+        raise stop from None
     except BaseException as e:
         job.finish("failed", error=str(e) if isinstance(e, ScopevidError) else f"{type(e).__name__}: {e}")
         raise
@@ -173,25 +178,26 @@ def _run_on_ray(spec: JobSpec, cfg, world: int, out: Path, job: JobRecord) -> di
         restore()
 
 
-def _stop_ranks(spec: JobSpec, board, refs: list) -> None:
-    """Ask every rank to stop at its next iteration (they close their outputs) and give them a moment,
-    bounded: under scancel the Ray head is going down with us, and its calls would block."""
+def _stop_ranks(spec: JobSpec, board, refs: list, actors: list, pg) -> None:
+    """Ask every rank to stop at its next iteration (they close their outputs), give them a moment, then
+    release the actors and the placement group: all of it within `stop_grace_s`, as under scancel the
+    Ray head is going down with us and its calls would block."""
     import threading
 
     import ray
 
-    def ask() -> None:
+    def stop() -> None:
         try:
-            board.request_stop.remote()
-            ray.wait(refs, num_returns=len(refs), timeout=spec.stop_grace_s)
+            if board is not None and refs:
+                board.request_stop.remote()
+                ray.wait(refs, num_returns=len(refs), timeout=max(0.1, spec.stop_grace_s - 0.3))
         except Exception:  # the cluster is gone: nothing to ask
             pass
+        release(actors + ([board] if board is not None else []), pg, wait_s=0.5)
 
-    if board is None or not refs:
-        return
-    t = threading.Thread(target=ask, name="scopevid-stop", daemon=True)
+    t = threading.Thread(target=stop, name="scopevid-stop", daemon=True)
     t.start()
-    t.join(spec.stop_grace_s + 0.5)
+    t.join(spec.stop_grace_s)
 
 
 def _complete(spec: JobSpec, cfg, out: Path, results: list, wall: float, job: JobRecord) -> dict:
@@ -274,7 +280,7 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
     deadline = None  # after a failure: how long the others get to end on their own
     while pending:
         stop_point()
-        done, pending = ray.wait(pending, num_returns=1, timeout=min(1.0, spec.progress_every_s))
+        done, pending = ray.wait(pending, num_returns=1, timeout=min(0.25, spec.progress_every_s))  # stops seen at once
         for ref in done:
             r = rank_of[ref]
             try:
@@ -288,7 +294,8 @@ def _wait(spec: JobSpec, refs: list, ranks: list, board, out: Path) -> list:
         if time.monotonic() - last_print >= spec.progress_every_s:
             last_print = time.monotonic()
             try:
-                tracker.extend(ray.get(board.since.remote(tracker.last_time), timeout=5))
+                stop_point()  # a stop first: when the head goes down the board does not answer
+                tracker.extend(ray.get(board.since.remote(tracker.last_time), timeout=1.0))
             except ray.exceptions.RayError:
                 pass
             if tracker.latest is not None:
