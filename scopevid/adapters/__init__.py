@@ -11,6 +11,7 @@ KINDS = ("tiny", "skyreels_v2", "magi1")
 
 def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
     _check_device(str(device))
+    require_extras(spec)
     kind = spec.get("kind")
     if kind == "tiny":
         from scopevid.adapters.tiny.adapter import TinyAdapter
@@ -37,11 +38,26 @@ def preflight(cfg, world: int = 1, *, batch: bool = False, parallel=None):
     from scopevid.mesh import MeshLayout
 
     check_spec(cfg.model)
+    require_extras(cfg.model)
     heads, words = _metadata(cfg.model)
     layout = MeshLayout.resolve(parallel or cfg.parallel, world, heads=tuple(heads or ()), guided=cfg.guided, batch=batch)
     if words is not None:
         check_prompt(cfg.model, cfg.prompt)
     return layout
+
+
+def require_extras(spec: dict) -> None:
+    """The optional packages the model's spec needs, or one line naming the extra to install
+    (scopevid.extras): SkyReels-V2 is diffusers' transformer and VAE with transformers' UMT5; MAGI-1
+    needs transformers only for a T5 text encoder read from a directory; the tiny model needs neither."""
+    from scopevid.extras import require
+
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "skyreels_v2":
+        for module in ("diffusers", "transformers"):
+            require(module, "skyreels", "model.kind: skyreels_v2 (SkyReels-V2)")
+    elif kind == "magi1" and spec.get("text_encoder") not in (None, "random"):
+        require("transformers", "magi1", "model.text_encoder (MAGI-1's T5 encoder from a directory)")
 
 
 def check_prompt(spec: dict, prompt: str) -> None:

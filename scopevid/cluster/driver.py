@@ -41,8 +41,6 @@ from scopevid.cluster.rayjob import clip, connect, say
 from scopevid.errors import ConfigError, DistributedError, ScopevidError
 
 
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="model preset YAML, e.g. configs/tiny.yaml (not needed with --resume)")
     p.add_argument("--out", help="output directory (new or empty; on a filesystem every node sees)")
@@ -140,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     try:
+        from scopevid.extras import require
+
+        require("ray", "ray", "python -m scopevid.cluster.driver (jobs on a Ray cluster)")
         spec = spec_from_args(args)
         if args.batch:
             return run_batch_job(spec, args.batch)

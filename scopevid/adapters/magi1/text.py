@@ -108,9 +108,11 @@ class T5Encoder:
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"T5 encoder directory not found: {path} (DeepFloyd/t5-v1_1-xxl: config.json, spiece.model, weights)")
-        try:
-            from transformers import AutoTokenizer, T5EncoderModel
+        from scopevid.extras import require
 
+        transformers = require("transformers", "magi1", f"model.text_encoder: {path} (MAGI-1's T5 encoder)")
+        AutoTokenizer, T5EncoderModel = transformers.AutoTokenizer, transformers.T5EncoderModel
+        try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             self.model = T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32).eval().to(device)
         except OSError as e:
