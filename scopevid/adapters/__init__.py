@@ -9,7 +9,9 @@ from scopevid.errors import ConfigError
 KINDS = ("tiny", "skyreels_v2", "magi1")
 
 
-def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32, weights=None):
+    """The adapter of `spec` on `device`; `weights` (adapters.weights.WeightSource, default this process's
+    own reads) says who reads the checkpoint files: a rank group's topology passes one reader per node."""
     _check_device(str(device))
     require_extras(spec)
     kind = spec.get("kind")
@@ -20,11 +22,11 @@ def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
     if kind == "skyreels_v2":
         from scopevid.adapters.skyreels_v2 import SkyReelsV2Adapter
 
-        return SkyReelsV2Adapter.from_config(spec, device, dtype)
+        return SkyReelsV2Adapter.from_config(spec, device, dtype, weights=weights)
     if kind == "magi1":
         from scopevid.adapters.magi1 import Magi1Adapter
 
-        return Magi1Adapter.from_config(spec, device, dtype)
+        return Magi1Adapter.from_config(spec, device, dtype, weights=weights)
     raise ConfigError(f"model.kind: unknown {kind!r}; allowed: {', '.join(KINDS)}")
 
 

@@ -59,7 +59,7 @@ class GroupWorker:
 
             env = DistEnv(self.rank, self.world, 0 if self.device == "cuda" else self.rank, master[0], int(master[1]))
             self.group, self.topo = start(env, cfg, timeout_s=dist_timeout_s)
-        self.adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
+        self.adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype], weights=self.topo.weights if self.topo else None)
 
     def video(self, cfg, out: str) -> dict:
         from scopevid.engine.runner import generate

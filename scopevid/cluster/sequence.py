@@ -40,6 +40,7 @@ from scopevid.adapters.base import ForwardSpec, local_attention
 from scopevid.cluster import consensus
 from scopevid.cluster.groups import ParallelState
 from scopevid.cluster.ulysses import UlyssesAttention
+from scopevid.cluster.weights import NodeShared
 from scopevid.engine.topology import FrameKeyed
 from scopevid.errors import ConfigError
 
@@ -72,6 +73,7 @@ class MeshTopology:
         self.sp_world = self.group.world
         self.heads_split = self.uly.world
         self.branch = state.branch
+        self.weights = NodeShared(state.node)  # adapters.weights.WeightSource: one rank per node reads the checkpoint
         self.migrated_frames = 0  # per-frame states handed to another rank (stats)
         self.handovers = 0  # hand-over rounds that issued collectives
         self.local_attention_seconds = 0.0  # attention compute inside the Ulysses all-to-alls (stats)

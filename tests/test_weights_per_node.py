@@ -1,0 +1,77 @@
+"""Weights read once per node (cluster.weights.NodeShared) on real gloo processes: on one node only the
+first rank reads the checkpoint files and its peers receive every tensor, ending bit-equal to it; on two
+(simulated) nodes each node's first rank reads. SkyReels-V2 (diffusers' and transformers' loaders) and
+MAGI-1 (our own loader) fixtures."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from conftest import ROOT, write_magi_fixture_config
+from scopevid.cluster.launch import spawn
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+ENV = {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+
+
+def _load(topo, cfg_path: str) -> dict:
+    """Runs on every rank: the adapter through the topology's weight source; a digest of every tensor."""
+    from scopevid import adapters
+    from scopevid import config as config_lib
+    from scopevid.engine.runner import DTYPES
+
+    cfg = config_lib.load(cfg_path)
+    ad = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype], weights=topo.weights)
+    h = hashlib.sha256()
+    for role, m in sorted(ad.modules().items()):
+        for name, t in [*m.named_parameters(), *m.named_buffers()]:
+            h.update(f"{role}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return {"digest": h.hexdigest(), **topo.weights.stats.to_dict(), "node": topo.state.node.ranks or (0,)}
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+    sky = pytest.importorskip("test_skyreels_v2")  # its tiny-checkpoint builder (diffusers + transformers)
+    from test_cluster_skyreels import case_config
+
+    tmp = tmp_path_factory.mktemp("weights")
+    ckpt = sky.build_tiny_checkpoint(tmp / "SkyReels-V2-DF-tiny")
+    files = [*ckpt.glob("*/*.safetensors")]
+    return {"skyreels": (case_config(sky, ckpt, tmp / "sky.yaml", "original", 0, "off"), sum(f.stat().st_size for f in files)),
+            "magi1": (str(write_magi_fixture_config(tmp)), None)}
+
+
+def _one_process(cfg_path: str) -> dict:
+    from scopevid.engine.topology import LocalTopology
+
+    topo = LocalTopology()
+
+    class View:  # the same loader through a one-process topology
+        weights = topo.weights
+        state = type("S", (), {"node": type("N", (), {"ranks": (0,)})()})()
+
+    return _load(View, cfg_path)
+
+
+@pytest.mark.parametrize("model", ["skyreels", "magi1"])
+def test_one_node_reads_once_and_its_peers_receive(configs, model):
+    path, size = configs[model]
+    one = _one_process(path)
+    two = spawn("test_weights_per_node:_load", 2, args=(path,), timeout_s=300, env=ENV)
+    assert one["bytes_read"] > 0 and (size is None or one["bytes_read"] == size)
+    assert two[0]["bytes_read"] == one["bytes_read"] and two[0]["bytes_received"] == 0
+    assert two[1]["bytes_read"] == 0 and two[1]["files_read"] == 0 and two[1]["bytes_received"] > 0
+    assert two[0]["digest"] == two[1]["digest"] == one["digest"]  # every tensor, dtype and buffer the same
+
+
+def test_two_nodes_each_read_once(configs):
+    path, _ = configs["magi1"]
+    four = spawn("test_weights_per_node:_load", 4, args=(path,), timeout_s=400, env=ENV, nodes=2)
+    assert [r["node"] for r in four] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    readers = [r["bytes_read"] > 0 for r in four]
+    assert readers == [True, False, True, False]
+    assert len({r["digest"] for r in four}) == 1
