@@ -20,7 +20,7 @@ from conftest import ROOT
 def dry(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "gc"
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     return out
 
