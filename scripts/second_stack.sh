@@ -3,7 +3,8 @@
 # the torch pinned in constraints/second_stack.txt (the newest the registry served), the package installed
 # from this checkout with its test extra only (no diffusers, transformers, DeepSpeed or Ray), the core test
 # subset, and the device check's dry mode taking diffusers from carried wheels (.whl/) as on a GPU image.
-#   scripts/second_stack.sh [PYTHON] [VENV]        (defaults: python3.12, .venv-py312)
+#   scripts/second_stack.sh [PYTHON] [VENV] [TORCH]   (defaults: python3.12, .venv-py312, the pinned torch;
+#                                                     TORCH=2.11.0 checks the floor of the range)
 # This machine's pip configuration caps torch below that release; the venv's installs ignore it
 # (PIP_CONFIG_FILE=/dev/null). About 5.5 GB of downloads (torch with its CUDA libraries) on a fresh cache.
 set -euo pipefail
@@ -16,8 +17,10 @@ CORE=(tests/test_config.py tests/test_extras.py tests/test_schedules.py tests/te
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
 [[ -x "$VENV/bin/python" ]] || "$PYBIN" -m venv "$VENV"
 PY="$VENV/bin/python"
-"$PY" -m pip install -q -c constraints/second_stack.txt torch
-"$PY" -m pip install -q -c constraints/second_stack.txt '.[test]'
+PINS=constraints/second_stack.txt
+if [[ -n "${3:-}" ]]; then PINS="$(mktemp)"; echo "torch==$3" > "$PINS"; fi
+"$PY" -m pip install -q -c "$PINS" torch
+"$PY" -m pip install -q -c "$PINS" '.[test]'
 "$PY" - <<'PYEOF'
 import importlib.util, sys, torch
 present = [m for m in ("diffusers", "transformers", "deepspeed", "ray") if importlib.util.find_spec(m)]
