@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The package on a second stack, as a user's cluster would have it: a fresh venv of another Python with
 # the torch pinned in constraints/second_stack.txt (the newest the registry served), the package installed
-# from this checkout with its test extra only (no diffusers, transformers, DeepSpeed or Ray), the core test
-# subset, and the device check's dry mode taking diffusers from carried wheels (.whl/) as on a GPU image.
+# from this checkout with its test extra only (no diffusers, DeepSpeed or Ray), the core test subset, and
+# the device check's dry mode taking diffusers from carried wheels (.whl/), beside the transformers and
+# accelerate that the GPU image has (docs/GPU.md), as on that image.
 #   scripts/second_stack.sh [PYTHON] [VENV] [TORCH]   (defaults: python3.12, .venv-py312, the pinned torch;
 #                                                     TORCH=2.11.0 checks the floor of the range)
 # This machine's pip configuration caps torch below that release; the venv's installs ignore it
@@ -21,10 +22,11 @@ PINS=constraints/second_stack.txt
 if [[ -n "${3:-}" ]]; then PINS="$(mktemp)"; echo "torch==$3" > "$PINS"; fi
 "$PY" -m pip install -q -c "$PINS" torch
 "$PY" -m pip install -q -c "$PINS" '.[test]'
+"$PY" -m pip install -q -c "$PINS" transformers accelerate   # what the GPU image brings; diffusers stays absent
 "$PY" - <<'PYEOF'
 import importlib.util, sys, torch
-present = [m for m in ("diffusers", "transformers", "deepspeed", "ray") if importlib.util.find_spec(m)]
-print(f"second stack: Python {sys.version.split()[0]}, torch {torch.__version__}; absent: diffusers, transformers, deepspeed, ray"
+present = [m for m in ("diffusers", "deepspeed", "ray") if importlib.util.find_spec(m)]
+print(f"second stack: Python {sys.version.split()[0]}, torch {torch.__version__}; absent: diffusers, deepspeed, ray"
       if not present else f"second stack: unexpectedly present: {present}")
 sys.exit(1 if present else 0)
 PYEOF

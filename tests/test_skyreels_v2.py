@@ -31,6 +31,11 @@ H = W = 32  # pixels -> 4x4 latents -> 2x2 tokens per frame
 TEXT_LEN = 16
 from scopevid.adapters.skyreels_v2.fixture import WORDS  # noqa: E402  (the fixture checkpoint's vocabulary)
 
+# SkyReels-V2 is the `skyreels` extra: on a stack without it this module (and every test that builds its
+# checkpoint through `importorskip("test_skyreels_v2")`) is skipped
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():

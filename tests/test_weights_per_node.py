@@ -35,14 +35,19 @@ def _load(topo, cfg_path: str) -> dict:
 
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory):
-    sky = pytest.importorskip("test_skyreels_v2")  # its tiny-checkpoint builder (diffusers + transformers)
-    from test_cluster_skyreels import case_config
-
     tmp = tmp_path_factory.mktemp("weights")
-    ckpt = sky.build_tiny_checkpoint(tmp / "SkyReels-V2-DF-tiny")
-    files = [*ckpt.glob("*/*.safetensors")]
-    return {"skyreels": (case_config(sky, ckpt, tmp / "sky.yaml", "original", 0, "off"), sum(f.stat().st_size for f in files)),
-            "magi1": (str(write_magi_fixture_config(tmp)), None)}
+    return {"magi1": (str(write_magi_fixture_config(tmp)), None), "tmp": tmp}
+
+
+def _config(configs, model: str):
+    if model == "skyreels" and "skyreels" not in configs:
+        sky = pytest.importorskip("test_skyreels_v2")  # its tiny-checkpoint builder (the skyreels extra)
+        from test_cluster_skyreels import case_config
+
+        ckpt = sky.build_tiny_checkpoint(configs["tmp"] / "SkyReels-V2-DF-tiny")
+        size = sum(f.stat().st_size for f in ckpt.glob("*/*.safetensors"))
+        configs["skyreels"] = (case_config(sky, ckpt, configs["tmp"] / "sky.yaml", "original", 0, "off"), size)
+    return configs[model]
 
 
 def _one_process(cfg_path: str) -> dict:
@@ -59,7 +64,7 @@ def _one_process(cfg_path: str) -> dict:
 
 @pytest.mark.parametrize("model", ["skyreels", "magi1"])
 def test_one_node_reads_once_and_its_peers_receive(configs, model):
-    path, size = configs[model]
+    path, size = _config(configs, model)
     one = _one_process(path)
     two = spawn("test_weights_per_node:_load", 2, args=(path,), timeout_s=300, env=ENV)
     assert one["bytes_read"] > 0 and (size is None or one["bytes_read"] == size)
