@@ -80,3 +80,37 @@ def test_two_nodes_each_read_once(configs):
     readers = [r["bytes_read"] > 0 for r in four]
     assert readers == [True, False, True, False]
     assert len({r["digest"] for r in four}) == 1
+
+
+def _load_error(topo, cfg_path: str) -> tuple[str, str] | None:
+    from scopevid.errors import ScopevidError
+
+    try:
+        _load(topo, cfg_path)
+    except ScopevidError as e:
+        return type(e).__name__, str(e)
+    return None
+
+
+def test_a_load_that_fails_on_the_first_rank_fails_its_peers_in_the_same_line(configs, tmp_path):
+    """Only the leader runs the loader (and its checks): a tensor of the wrong shape, found there, reaches the
+    node's other rank as the same one-line error, not as a wait for the collective timeout."""
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    dit = tmp_path / "dit"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "magi1" / "dit", dit)
+    shard = sorted(dit.rglob("*.safetensors"))[0]
+    state = load_file(str(shard))
+    name = sorted(state)[0]
+    state[name] = torch.zeros(*(s + 1 for s in state[name].shape), dtype=state[name].dtype)
+    save_file(state, str(shard))
+    raw = yaml.safe_load(open(configs["magi1"][0]))
+    raw["model"]["weights"] = str(dit)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    got = spawn("test_weights_per_node:_load_error", 2, args=(str(path),), timeout_s=300, env=ENV, dist_timeout_s=120)
+    assert got[0] is not None and got[0][0] == "CheckpointError" and "has shape" in got[0][1], got
+    assert got[1] == got[0]

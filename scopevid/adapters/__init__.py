@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from scopevid.adapters.weights import WeightSource
 from scopevid.errors import ConfigError
 
 KINDS = ("tiny", "skyreels_v2", "magi1")
 
 
-def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32, weights=None):
+def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32, weights: WeightSource | None = None):
     """The adapter of `spec` on `device`; `weights` (adapters.weights.WeightSource, default this process's
     own reads) says who reads the checkpoint files: a rank group's topology passes one reader per node."""
     _check_device(str(device))

@@ -8,8 +8,8 @@ group (gloo on CPU; nccl between the GPUs of a node, which is NVLink where there
 with the leader's tensors, dtypes and ties exactly, whatever the loader did, and read no weight file.
 
 Which ranks share a node: ParallelState.node (cluster.groups.node_group: the host name, unless SCOPEVID_NODE
-says otherwise). The leader's failure to load (a
-missing file, a damaged checkpoint) reaches its followers as the same one-line error.
+says otherwise). The leader's failure to load (a missing file, a damaged checkpoint) reaches its followers
+as the same one-line error instead of a wait for the collective timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from scopevid import errors
 from scopevid.adapters.weights import WeightStats
 from scopevid.cluster.groups import Group
+
 
 class NodeShared:
     """adapters.weights.WeightSource for one rank of a node group (`group`: the ranks of this node, its
@@ -52,8 +53,11 @@ class NodeShared:
 
         try:
             m = self._read(load, files)
-        except errors.ScopevidError as e:
-            self._announce(("error", type(e).__name__, str(e)))
+        except Exception as e:  # the followers are waiting for the header: tell them, then fail here too
+            kind = type(e).__name__ if isinstance(e, errors.ScopevidError) else "CheckpointError"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self._announce(("error", kind, first if isinstance(e, errors.ScopevidError) else f"{name}: the node's first rank "
+                            f"could not load it ({type(e).__name__}: {first})"))
             raise
         tensors = _tensors(m)
         self._announce(("ok", [(n, kind, tuple(t.shape), t.dtype, t.device.type) for n, kind, t in tensors]))
