@@ -22,7 +22,7 @@ PINS=constraints/second_stack.txt
 if [[ -n "${3:-}" ]]; then PINS="$(mktemp)"; echo "torch==$3" > "$PINS"; fi
 "$PY" -m pip install -q -c "$PINS" torch
 "$PY" -m pip install -q -c "$PINS" '.[test]'
-"$PY" -m pip install -q -c "$PINS" transformers accelerate   # what the GPU image brings; diffusers stays absent
+"$PY" -m pip install -q -c "$PINS" transformers accelerate requests   # what the GPU image brings; diffusers stays absent
 "$PY" - <<'PYEOF'
 import importlib.util, sys, torch
 present = [m for m in ("diffusers", "deepspeed", "ray") if importlib.util.find_spec(m)]

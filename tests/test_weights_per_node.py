@@ -83,11 +83,11 @@ def test_two_nodes_each_read_once(configs):
 
 
 def _load_error(topo, cfg_path: str) -> tuple[str, str] | None:
-    from scopevid.errors import ScopevidError
+    from scopevid.errors import CheckpointError
 
     try:
         _load(topo, cfg_path)
-    except ScopevidError as e:
+    except CheckpointError as e:  # anything else (a collective's timeout) fails the rank, with its own message
         return type(e).__name__, str(e)
     return None
 
@@ -111,6 +111,6 @@ def test_a_load_that_fails_on_the_first_rank_fails_its_peers_in_the_same_line(co
     raw["model"]["weights"] = str(dit)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
-    got = spawn("test_weights_per_node:_load_error", 2, args=(str(path),), timeout_s=300, env=ENV, dist_timeout_s=120)
+    got = spawn("test_weights_per_node:_load_error", 2, args=(str(path),), timeout_s=500, env=ENV, dist_timeout_s=300)
     assert got[0] is not None and got[0][0] == "CheckpointError" and "has shape" in got[0][1], got
     assert got[1] == got[0]
