@@ -32,5 +32,5 @@ sys.exit(1 if present else 0)
 PYEOF
 PYV="$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
 bash scripts/gpu_wheels.sh "$PYV" >/dev/null
-"$PY" -m pytest -q -p no:cacheprovider "${CORE[@]}"
+"$PY" -m pytest -p no:cacheprovider "${CORE[@]}"   # pyproject adds -q: one summary line
 PYTHON="$PY" bash scripts/gpu_check.sh --dry "${OUT:-out/gpu_check_second_stack}"
