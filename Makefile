@@ -4,9 +4,11 @@ STAMP := .venv/.installed
 
 .PHONY: demo test venv clean
 
-$(STAMP): pyproject.toml
+# Every integration, with the exact pins of the development stack (constraints/cpu.txt); the package
+# itself asks only for ranges (pyproject.toml). deepspeed: the reference of tests/test_ulysses.py.
+$(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints/cpu.txt -e '.[all,deepspeed,test]'
 	touch $(STAMP)
 
 venv: $(STAMP)

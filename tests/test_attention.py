@@ -59,7 +59,8 @@ def test_a_rollout_under_math_equals_sdpa(tmp_path):
 
 
 @pytest.mark.parametrize("value,msg", [
-    ("flash", "attention: flash needs the flash-attn package, which is not installed; use sdpa (torch picks its fastest kernel itself)"),
+    ("flash", "attention: flash needs the flash-attn package, which is not installed (pip install flash-attn "
+              "--no-build-isolation, on a CUDA machine); use sdpa (torch picks its fastest kernel itself)"),
     ("fast", "attention: must be one of sdpa, math, flash, xformers, got 'fast'"),
 ])
 def test_a_backend_that_cannot_run_is_one_line(tmp_path, value, msg):

@@ -80,7 +80,7 @@ def test_shard_rule(n, world):
 
 def test_heads_must_divide_world_size():
     topo = MeshTopology.__new__(MeshTopology)  # no group needed: the check comes before any traffic
-    topo._ds = object()
+    topo._ulysses = object()
     topo.uly = type("G", (), {"world": 2})()  # the Ulysses group: heads split 2 ways
     q = torch.zeros(1, 16, 3, 8)
     with pytest.raises(ConfigError, match="parallel.ulysses: .* 3 query / 3 key heads, not divisible by 2 ranks"):

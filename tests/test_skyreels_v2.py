@@ -29,7 +29,12 @@ PLAN_DF = DiffusionForcingPlan(latent_frames=8, window=8, num_steps=4)
 PROMPT, NEGATIVE = "a red fox runs in the snow", "blue sky"
 H = W = 32  # pixels -> 4x4 latents -> 2x2 tokens per frame
 TEXT_LEN = 16
-WORDS = ["<pad>", "</s>", "<unk>"] + "a red fox runs in the snow blue sky".split()
+from scopevid.adapters.skyreels_v2.fixture import WORDS  # noqa: E402  (the fixture checkpoint's vocabulary)
+
+# SkyReels-V2 is the `skyreels` extra: on a stack without it this module (and every test that builds its
+# checkpoint through `importorskip("test_skyreels_v2")`) is skipped
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,28 +47,9 @@ def _one_thread():
 
 
 def build_tiny_checkpoint(path: Path) -> Path:
-    from diffusers import (AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Transformer3DModel,
-                           UniPCMultistepScheduler)
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+    from scopevid.adapters.skyreels_v2.fixture import build_checkpoint
 
-    torch.manual_seed(0)
-    transformer = SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32, inject_sample_info=True,
-    )
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                               relative_attention_num_buckets=8, relative_attention_max_distance=16))
-    scheduler = UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction")
-    SkyReelsV2DiffusionForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                                       scheduler=scheduler).save_pretrained(path)
-    return path
+    return build_checkpoint(path)  # 2 heads x 12, 2 layers; UMT5 d_model 32, 2 layers; the WordLevel WORDS
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from scopevid.adapters.weights import WeightSource
 from scopevid.errors import ConfigError
 
 KINDS = ("tiny", "skyreels_v2", "magi1")
 
 
-def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32, weights: WeightSource | None = None):
+    """The adapter of `spec` on `device`; `weights` (adapters.weights.WeightSource, default this process's
+    own reads) says who reads the checkpoint files: a rank group's topology passes one reader per node."""
     _check_device(str(device))
+    require_extras(spec)
     kind = spec.get("kind")
     if kind == "tiny":
         from scopevid.adapters.tiny.adapter import TinyAdapter
@@ -19,11 +23,11 @@ def load(spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
     if kind == "skyreels_v2":
         from scopevid.adapters.skyreels_v2 import SkyReelsV2Adapter
 
-        return SkyReelsV2Adapter.from_config(spec, device, dtype)
+        return SkyReelsV2Adapter.from_config(spec, device, dtype, weights=weights)
     if kind == "magi1":
         from scopevid.adapters.magi1 import Magi1Adapter
 
-        return Magi1Adapter.from_config(spec, device, dtype)
+        return Magi1Adapter.from_config(spec, device, dtype, weights=weights)
     raise ConfigError(f"model.kind: unknown {kind!r}; allowed: {', '.join(KINDS)}")
 
 
@@ -37,11 +41,26 @@ def preflight(cfg, world: int = 1, *, batch: bool = False, parallel=None):
     from scopevid.mesh import MeshLayout
 
     check_spec(cfg.model)
+    require_extras(cfg.model)
     heads, words = _metadata(cfg.model)
     layout = MeshLayout.resolve(parallel or cfg.parallel, world, heads=tuple(heads or ()), guided=cfg.guided, batch=batch)
     if words is not None:
         check_prompt(cfg.model, cfg.prompt)
     return layout
+
+
+def require_extras(spec: dict) -> None:
+    """The optional packages the model's spec needs, or one line naming the extra to install
+    (scopevid.extras): SkyReels-V2 is diffusers' transformer and VAE with transformers' UMT5; MAGI-1
+    needs transformers only for a T5 text encoder read from a directory; the tiny model needs neither."""
+    from scopevid.extras import require
+
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind == "skyreels_v2":
+        for module in ("diffusers", "transformers"):
+            require(module, "skyreels", "model.kind: skyreels_v2 (SkyReels-V2)")
+    elif kind == "magi1" and spec.get("text_encoder") not in (None, "random"):
+        require("transformers", "magi1", "model.text_encoder (MAGI-1's T5 encoder from a directory)")
 
 
 def check_prompt(spec: dict, prompt: str) -> None:

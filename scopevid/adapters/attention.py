@@ -77,13 +77,13 @@ def unavailable(name: str, device: str = "cpu", dtype: torch.dtype = torch.float
         return f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}"
     if name == "flash":
         if importlib.util.find_spec("flash_attn") is None:
-            return "flash needs the flash-attn package, which is not installed"
+            return "flash needs the flash-attn package, which is not installed (pip install flash-attn --no-build-isolation, on a CUDA machine)"
         if not str(device).startswith("cuda"):
             return f"flash runs on CUDA GPUs only, not {device}"
         if dtype not in (torch.float16, torch.bfloat16):
             return f"flash runs in float16 or bfloat16, not {str(dtype).replace('torch.', '')}"
     if name == "xformers" and importlib.util.find_spec("xformers") is None:
-        return "xformers needs the xformers package, which is not installed"
+        return "xformers needs the xformers package, which is not installed (pip install 'scopevid[gpu]')"
     return None
 
 

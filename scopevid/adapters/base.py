@@ -7,7 +7,7 @@ Adapters never import engine or cluster: what they need from them arrives as arg
 - a `ForwardSpec` says which absolute frames the forward covers, what clean context it attends
   from the KV cache and which of its frames' K/V to store;
 - an `Attention` callable does the attention. The default (`local_attention`) runs SDPA on one
-  process; cluster.sequence wraps the same function in DeepSpeed's Ulysses all-to-all, so the model
+  process; cluster.sequence wraps the same function in the Ulysses all-to-all (cluster.ulysses), so the model
   code is identical on one rank or many.
 
 Shapes: latents of one forward are [F, C, H, W] (no batch axis: one video at a time); attention

@@ -65,7 +65,7 @@ class GroupWorker:
             with self.log.phase(f"joining group {self.group_index}'s process group at {master[0]}:{master[1]}"):
                 self.group, self.topo = start(env, cfg, timeout_s=dist_timeout_s, layout=self.layout.group_mesh())
         with self.log.phase("loading the model"):
-            self.adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
+            self.adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype], weights=self.topo.weights if self.topo else None)
 
     def video(self, cfg, out: str) -> dict:
         from scopevid.engine.runner import generate

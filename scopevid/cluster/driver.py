@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     args = p.parse_args(argv)
     try:
+        from scopevid.extras import require
+
+        require("ray", "ray", "python -m scopevid.cluster.driver (jobs on a Ray cluster)")
         spec = spec_from_args(args)
         if args.batch or (spec.resume and (spec.out / BATCH_FILE).is_file()):
             return run_batch_job(spec, args.batch)

@@ -34,6 +34,7 @@ from scopevid.mesh import MeshLayout
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "SCOPEVID_DIST_TIMEOUT"
+NODE_ENV = "SCOPEVID_NODE"  # a node id of the launcher's; default: the host name (cluster.weights reads once per node)
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,9 @@ class ParallelState:
     Groups (cluster.groups.Group): `video` every rank of this video (control flags, digests, the
     writer), `sp` the ranks of one forward (its shards), `cfg` the rank with the other guidance
     branch of the same shard, `ulysses` the ranks of one all-to-all, `ring` the ranks the K/V blocks
-    pass round. Groups with the same members are one Group; a group of one has no process group."""
+    pass round. Groups with the same members are one Group; a group of one has no process group.
+    `node`: the ranks on this rank's machine, lowest global rank first (weights are read once per node,
+    cluster.weights); not a mesh axis, and not among `groups()` (it carries no rollout traffic)."""
 
     layout: MeshLayout
     world: Group
@@ -334,6 +337,7 @@ class ParallelState:
     cfg: Group
     ulysses: Group
     ring: Group
+    node: Group
 
     @property
     def rank(self) -> int:
@@ -390,4 +394,30 @@ def build_state(world: Group, layout: MeshLayout) -> ParallelState:
             if world.rank in members:
                 made[members] = replace(world.sub(list(members)), pg=pg) if pg is not world.pg else world
     mine = {kind: made[layout.group(kind, world.rank)] for kind in GROUPS}
-    return ParallelState(layout, world, **mine)
+    return ParallelState(layout, world, **mine, node=node_group(world))
+
+
+def node_key() -> str:
+    return os.environ.get(NODE_ENV) or socket.gethostname()
+
+
+def node_group(world: Group) -> Group:
+    """This rank's node group: the ranks gather their node keys and the ranks of each node form one group
+    (every rank creates all of them, in one order, as new_group requires), members in global rank order."""
+    import torch.distributed as dist
+
+    keys = [node_key()] * world.world
+    if world.world > 1:
+        with world.collective("gathering node names"):
+            dist.all_gather_object(keys, node_key(), group=world.pg)
+    nodes: dict[str, list[int]] = {}
+    for r, k in enumerate(keys):
+        nodes.setdefault(k, []).append(r)
+    mine = world
+    for members in nodes.values():
+        if len(members) == world.world:
+            continue
+        pg = dist.new_group(members, timeout=timedelta(seconds=world.timeout_s)) if len(members) > 1 else None
+        if world.rank in members:
+            mine = replace(world.sub(members), pg=pg)
+    return mine

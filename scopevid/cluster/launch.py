@@ -23,7 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
-from scopevid.cluster.groups import TIMEOUT_ENV, free_port
+from scopevid.cluster.groups import NODE_ENV, TIMEOUT_ENV, free_port
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -51,8 +51,9 @@ def rank_env(rank: int, world: int, port: int, *, threads: int | None = 1, dist_
 
 def spawn(target: str, world: int, args: tuple = (), kwargs: dict | None = None, *, timeout_s: float = 300,
           threads: int | None = 1, dist_timeout_s: float | None = 60, env: dict | None = None,
-          mesh=None) -> list:
-    """`mesh`: a config.ParallelConfig for the topology (default: Ulysses over all ranks)."""
+          mesh=None, nodes: int | None = None) -> list:
+    """`mesh`: a config.ParallelConfig for the topology (default: Ulysses over all ranks). `nodes`: split
+    the ranks, in order, into that many simulated nodes (SCOPEVID_NODE per rank; default: this host is one)."""
     import torch
 
     with tempfile.TemporaryDirectory(prefix="scopevid-spawn-") as tmp:
@@ -64,7 +65,8 @@ def spawn(target: str, world: int, args: tuple = (), kwargs: dict | None = None,
             log = open(tmp / f"{r}.log", "wb")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "scopevid.cluster.launch", str(tmp)],
-                env=rank_env(r, world, port, threads=threads, dist_timeout_s=dist_timeout_s, extra=env),
+                env=rank_env(r, world, port, threads=threads, dist_timeout_s=dist_timeout_s,
+                             extra={**(env or {}), **({NODE_ENV: f"node{r * nodes // world}"} if nodes else {})}),
                 stdout=log, stderr=subprocess.STDOUT,
             ))
             log.close()

@@ -9,8 +9,9 @@ all-to-all needs equal shards), at most W - 1 padding frames are computed in tot
 last ranks carry padding (a rank may hold padding only, e.g. n = 1). The host feature uses the same
 rule without computing padding (a rank whose slots are all padding contributes zero sums).
 
-Attention (`MeshTopology.attention`): DeepSpeed's `DistributedAttention(local_attention, group,
-scatter_idx=2, gather_idx=1)`. Each rank's q/k/v [B, S_local, H, D] are exchanged by all-to-all into
+Attention (`MeshTopology.attention`): Ulysses (cluster.ulysses, torch's all_to_all_single; the layout of
+DeepSpeed's `DistributedAttention(scatter_idx=2, gather_idx=1)`, bit for bit). Each rank's q/k/v
+[B, S_local, H, D] are exchanged by all-to-all into
 [B, S_full, H / W, D]; `local_attention` runs on the whole padded sequence for H / W heads (this is
 where the KV cache is written and read, so every rank caches its own heads for every frame and no
 K/V ever moves between ranks); a second all-to-all returns [B, S_local, H, D]. H must be divisible by
@@ -31,17 +32,18 @@ either and no collective is issued (every rank takes the same branch: the lists 
 
 from __future__ import annotations
 
-import os
 import time
-from datetime import timedelta
 
 import torch
 
 from scopevid.adapters.base import ForwardSpec, local_attention
 from scopevid.cluster import consensus
-from scopevid.cluster.groups import Group, ParallelState
+from scopevid.cluster.groups import ParallelState
+from scopevid.cluster.ulysses import UlyssesAttention
+from scopevid.cluster.weights import NodeShared
 from scopevid.engine.topology import FrameKeyed
 from scopevid.errors import ConfigError
+
 
 class _LocalFailure(Exception):
     """Carries an error raised inside local attention past `Group.collective` unchanged."""
@@ -49,26 +51,6 @@ class _LocalFailure(Exception):
     def __init__(self, original: BaseException):
         super().__init__(str(original))
         self.original = original
-
-
-def init_deepspeed(group: Group) -> None:
-    """deepspeed.init_distributed on top of the torch group already started (DeepSpeed's Ulysses
-    layer asserts "DeepSpeed backend not set" without it). DeepSpeed's shared-memory all-reduce op is
-    skipped (we never all-reduce through DeepSpeed; building it JIT-compiles C++ for 20 s to minutes):
-    set SCOPEVID_DS_SHM=1 to keep it."""
-    if group.backend == "gloo":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no probing for GPUs on a gloo run
-    import deepspeed
-    import deepspeed.comm as ds_comm
-
-    if ds_comm.is_initialized():
-        return
-    if os.environ.get("SCOPEVID_DS_SHM", "0") != "1":
-        import importlib
-
-        # `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm re-exports it)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend=group.backend, verbose=False, timeout=timedelta(seconds=group.timeout_s))
 
 
 class MeshTopology:
@@ -91,22 +73,18 @@ class MeshTopology:
         self.sp_world = self.group.world
         self.heads_split = self.uly.world
         self.branch = state.branch
+        self.weights = NodeShared(state.node)  # adapters.weights.WeightSource: one rank per node reads the checkpoint
         self.migrated_frames = 0  # per-frame states handed to another rank (stats)
         self.handovers = 0  # hand-over rounds that issued collectives
         self.local_attention_seconds = 0.0  # attention compute inside the Ulysses all-to-alls (stats)
-        self._ds = None
-        if self.uly.world > 1:
-            init_deepspeed(state.world)
-            from deepspeed.sequence.layer import DistributedAttention
-
-            self._ds = DistributedAttention(self._local, self.uly.pg, scatter_idx=2, gather_idx=1)
+        self._ulysses = UlyssesAttention(self._local, self.uly.pg, self.uly.world) if self.uly.world > 1 else None
 
     # --- Topology protocol --------------------------------------------------------------------
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
         return self.state.shard(n)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spec: ForwardSpec) -> torch.Tensor:
-        if self._ds is None:
+        if self._ulysses is None:
             return self._local(q, k, v, layer, spec, direct=True)
         heads, uw = q.shape[2], self.uly.world
         if heads % uw or k.shape[2] % uw:
@@ -118,7 +96,7 @@ class MeshTopology:
         sent = (uw - 1) * (2 * q.numel() + k.numel() + v.numel()) * q.element_size() // uw
         try:
             with self.uly.collective(f"Ulysses all-to-all of attention layer {layer}", "ulysses", sent):
-                return self._ds(q, k, v, 0, None, layer, spec)
+                return self._ulysses(q, k, v, layer, spec)
         except _LocalFailure as f:
             raise f.original
 

@@ -178,7 +178,7 @@ def collect_rollout(topology, cfg, policy: str | None = None, *, check_decisions
         cfg = config_lib.load(cfg)
     name = policy or cfg.policy
     dtype = runner.DTYPES[cfg.dtype]
-    adapter = adapters.load(cfg.model, cfg.device, dtype)
+    adapter = adapters.load(cfg.model, cfg.device, dtype, weights=topology.weights)
     plan = runner.build_plan(cfg, adapter)
     spec = cfg.policy_spec(name)
     cond = adapter.encode_prompt(cfg.prompt, cfg.negative_prompt, cfg.guidance)

@@ -1,4 +1,4 @@
-"""`scopevid bench [policies|sp|scaling|memory|comm] ...`: side-by-side benchmarks.
+"""`scopevid bench [policies|sp|scaling|memory|comm|coldstart] ...`: side-by-side benchmarks.
 
 `bench` (or `bench policies`) runs Original and the given policies in one process on the same seeds
 and prompt and writes DIR/bench.parquet (one row per run), DIR/steps/*.parquet (per-iteration logs),
@@ -24,7 +24,7 @@ from pathlib import Path
 from scopevid.errors import ConfigError
 
 KINDS = {"policies": None, "sp": "scopevid.commands.bench_sp", "scaling": "scopevid.commands.bench_scaling",
-         "comm": "scopevid.commands.bench_comm",
+         "comm": "scopevid.commands.bench_comm", "coldstart": "scopevid.commands.bench_coldstart",
          "memory": "scopevid.commands.bench_memory"}
 
 

@@ -87,6 +87,9 @@ def main(args: argparse.Namespace) -> int:
 
     from scopevid import adapters
     from scopevid import config as config_lib
+    from scopevid.extras import require
+
+    require("ray", "ray", "scopevid bench scaling (batches on a Ray cluster)")
     from scopevid.cluster import batch, jobspec, rayjob
     from scopevid.engine.sinks import prepare_out_dir, write_json
     from scopevid.jobs.manifest import Status

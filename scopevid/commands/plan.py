@@ -6,7 +6,8 @@ rank: weights, text-encoder activations, the rollout's peak (activations, latent
 the K/V cache, VAE decode, the total; FLOPs per video under Original and the SCOPE presets at their
 measured share (configs/bench/plan.yaml); bytes per iteration on every mesh axis; and a verdict for
 24 / 48 / 80 / 141 GB GPUs. Model paths need only the checkpoint's configs (configs/arch/ has the
-official layouts). `--steps N` runs the dry run with fewer denoising steps (same shapes, faster);
+official layouts; a shipped model preset whose checkpoint is not downloaded is planned with the
+official layout of its model there, and the first line says so). `--steps N` runs the dry run with fewer denoising steps (same shapes, faster);
 FLOPs always use the config's steps.
 """
 
@@ -14,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import yaml
 
 from scopevid.errors import ConfigError
 
-SHARES = Path(__file__).resolve().parents[2] / "configs" / "bench" / "plan.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+SHARES = ROOT / "configs" / "bench" / "plan.yaml"
+LAYOUTS = ROOT / "configs" / "arch" / "checkpoints.yaml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
     from scopevid.mesh import parse
 
     cfg = config_lib.load(args.config)
+    cfg, note = official_layout(cfg)
     if args.frames is not None:
         if args.frames < 1:
             raise ConfigError(f"--frames: must be >= 1, got {args.frames}")
@@ -53,9 +58,13 @@ def main(args: argparse.Namespace) -> int:
     p = plan(cfg, config_name=args.config, mesh=mesh, steps=args.steps, shares=shares, text_on_device=text)
     d = p.to_dict()
     if args.json:
-        print(json.dumps(d, indent=2))
+        if note:
+            print(f"scopevid plan: {note}", file=sys.stderr, flush=True)
+        print(json.dumps({**({"layout_note": note} if note else {}), **d}, indent=2))
         return 0
     gib = lambda v: f"{v:.2f} GiB"  # noqa: E731
+    if note:
+        print(note)
     print(f"{args.config}: {d['model']}, {d['frames']} frames, {d['dtype']}, mesh {d['mesh']} (per rank)")
     for k, v in d["weights_gib"].items():
         off = "" if d["text_on_device"] or k != "text_encoder" else " (off the GPU)"
@@ -70,3 +79,19 @@ def main(args: argparse.Namespace) -> int:
         print("  bytes/iteration  " + ", ".join(f"{k} {v:.0f} MiB" for k, v in d["comm_mib_per_iteration"].items()))
     print("  verdict          " + "; ".join(f"{k}: {v}" for k, v in d["verdicts"].items()))
     return 0
+
+
+def official_layout(cfg):
+    """(cfg, None), or, when the model's checkpoint directory is absent and configs/arch/checkpoints.yaml
+    knows its released name, (cfg planned with that configuration-only layout, the line saying so)."""
+    kind, path = cfg.model.get("kind"), cfg.model.get("path")
+    if kind != "skyreels_v2" or not path or Path(path).expanduser().is_dir():
+        return cfg, None
+    known = (yaml.safe_load(LAYOUTS.read_text()) or {}).get(kind, {})
+    name = known.get(Path(path).name)
+    if name is None:
+        return cfg, None  # the loader names the missing directory
+    arch = ROOT / "configs" / "arch" / name
+    note = (f"{path} is not a directory: planning with the official layout configs/arch/{name} "
+            "(configuration only; a plan needs no weights)")
+    return cfg.with_overrides(model={**cfg.model, "path": str(arch)}), note

@@ -25,6 +25,7 @@ class RankView(LocalTopology):
     rank = 0
 
     def __init__(self, mesh: MeshLayout):
+        super().__init__()
         self.mesh = mesh.group_mesh()  # one video's ranks (dp groups hold the same)
         self.U, self.R = self.mesh.ulysses, self.mesh.ring
         self.sp = self.mesh.seq

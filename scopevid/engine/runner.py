@@ -195,8 +195,8 @@ def _generate(cfg: RunConfig, out: Path, compare: bool, topo: Topology, progress
     writes = topo.rank == 0
     if adapter is None:
         with interrupts.interruptible():  # loading writes nothing: a signal may end it at once
-            adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
-    summary = {"config": cfg.to_dict(), "model": adapter.name, "world_size": topo.world}
+            adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype], weights=topo.weights)
+    summary = {"config": cfg.to_dict(), "model": adapter.name, "world_size": topo.world, "weights": topo.weights.stats.to_dict()}
     reference = None
     if compare:
         # the reference is the official pipeline: every iteration forwards the whole valid interval

@@ -13,6 +13,7 @@ from typing import Callable, Hashable, MutableMapping, Protocol
 import torch
 
 from scopevid.adapters.base import Attention, local_attention
+from scopevid.adapters.weights import Files, WeightSource
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Topology(Protocol):
     attention: Attention
     heads_split: int  # ranks one forward's attention heads are split over (Ulysses)
     branch: str | None  # the guidance branch this process computes ("cond" / "uncond"); None: both
+    weights: WeightSource  # who reads the checkpoint files (this process, or one rank per node for its peers)
 
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
         """For n frames: (padded length of the full sequence, this process's [lo, hi) of it)."""
@@ -74,6 +76,9 @@ class LocalTopology:
     branch = None
     comm_seconds = 0.0
     attention: Attention = staticmethod(local_attention)
+
+    def __init__(self) -> None:
+        self.weights = Files()
 
     def layout(self, n: int) -> tuple[int, tuple[int, int]]:
         return n, (0, n)

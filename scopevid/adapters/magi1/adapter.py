@@ -38,7 +38,9 @@ from scopevid.adapters.magi1 import checkpoint as ckpt
 from scopevid.adapters.magi1.config import PRESETS, Magi1Arch, Magi1Recipe, read_official_config, recipe_from_official
 from scopevid.adapters.magi1.model import Magi1DiT
 from scopevid.adapters.magi1.text import Magi1Prompt, SpecialTokens, chunk_caption, make_text_encoder
-from scopevid.adapters.magi1.vae import Tiling, load_decoder, tiled_decode
+from scopevid.adapters.magi1.vae import WEIGHTS as VAE_WEIGHTS
+from scopevid.adapters.magi1.vae import Tiling, decoder_on_meta, load_decoder, tiled_decode
+from scopevid.adapters.weights import Files, WeightSource
 from scopevid.errors import CheckpointError, ConfigError
 from scopevid.validation import Section, parse
 
@@ -123,7 +125,8 @@ class Magi1Adapter(Adapter):
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "Magi1Adapter":
+    def from_config(cls, spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                    weights: WeightSource | None = None) -> "Magi1Adapter":
         """model: {kind: magi1, arch: 4.5B | 24B | {fields} | path/to/official.json, weights: DIR | random,
         recipe: {...}, special_tokens: NPZ, text_encoder: T5 DIR | random, vae: DIR, height, width (pixels),
         host_feature: embed | modulated, init_seed}"""
@@ -137,15 +140,24 @@ class Magi1Adapter(Adapter):
                 model = Magi1DiT(arch).to(dtype)
             return cls(model, recipe, special_tokens=SpecialTokens.on_meta(arch.caption_channels) if recipe.special_tokens else None,
                        latent_hw=(sp.height // 8, sp.width // 8), host_feature=sp.host_feature, device="meta", dtype=dtype)
-        vae = load_decoder(sp.vae, dtype=dtype, device=str(device)) if sp.vae else None  # problems show at load, not at the first decode
-        model = build_model(arch, sp.weights, dtype, arch_name=arch_name, init_seed=sp.init_seed, distill=recipe.distill)
+        source = weights or Files()
+        vae = None
+        if sp.vae:  # problems show at load, not at the first decode
+            vae = source.module("vae", lambda: load_decoder(sp.vae, dtype=dtype, device=str(device)),
+                                lambda: decoder_on_meta(sp.vae, dtype), [Path(sp.vae) / VAE_WEIGHTS])
+        if sp.weights == "random":  # every rank draws the same weights from the seed: nothing to read or share
+            model = build_model(arch, sp.weights, dtype, arch_name=arch_name, init_seed=sp.init_seed, distill=recipe.distill)
+        else:
+            model = source.module(
+                "dit", lambda: build_model(arch, sp.weights, dtype, arch_name=arch_name, init_seed=sp.init_seed, distill=recipe.distill),
+                lambda: _meta_dit(arch, dtype), sorted(set(ckpt.weight_map(ckpt.resolve_dir(sp.weights, recipe.distill)).values())))
         special = None
         if recipe.special_tokens:
             if sp.special_tokens is None:
                 raise ConfigError("model.special_tokens: path to the official special_tokens.npz is required "
                                   "(or set model.recipe.special_tokens: [])")
             special = SpecialTokens.load(sp.special_tokens, arch.caption_channels)
-        text = make_text_encoder(sp.text_encoder, arch.caption_channels, arch.caption_max_length)
+        text = make_text_encoder(sp.text_encoder, arch.caption_channels, arch.caption_max_length, weights=source)
         ad = cls(model, recipe, text_encoder=text, special_tokens=special, vae_path=sp.vae,
                  latent_hw=(sp.height // 8, sp.width // 8), host_feature=sp.host_feature, device=device, dtype=dtype)
         ad._vae = vae
@@ -400,6 +412,11 @@ def _arch(spec) -> tuple[Magi1Arch, str, dict]:
         arch, flat = read_official_config(spec)
         return arch, Path(spec).name, flat
     raise ConfigError(f"model.arch: one of {', '.join(PRESETS)}, a mapping of MAGI-1 model_config fields, or an official config .json; got {spec!r}")
+
+
+def _meta_dit(arch: Magi1Arch, dtype: torch.dtype) -> Magi1DiT:
+    with torch.device("meta"):
+        return Magi1DiT(arch).to(dtype)
 
 
 def expected_shapes(arch: Magi1Arch) -> dict[str, tuple[int, ...]]:

@@ -105,16 +105,31 @@ def clean_prompt(text: str) -> str:
 class T5Encoder:
     """T5 v1.1 XXL encoder from a local Hugging Face directory (tokenizer + weights), float32 on CPU."""
 
-    def __init__(self, path: str | Path, max_length: int, device: str = "cpu"):
+    def __init__(self, path: str | Path, max_length: int, device: str = "cpu", weights=None):
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"T5 encoder directory not found: {path} (DeepFloyd/t5-v1_1-xxl: config.json, spiece.model, weights)")
-        try:
-            from transformers import AutoTokenizer, T5EncoderModel
+        from scopevid.extras import require
 
+        transformers = require("transformers", "magi1", f"model.text_encoder: {path} (MAGI-1's T5 encoder)")
+        AutoTokenizer, T5EncoderModel = transformers.AutoTokenizer, transformers.T5EncoderModel
+        try:
             with quiet_progress():
                 self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-                self.model = T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32).eval().to(device)
+            files = sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])
+
+            def skeleton():
+                config = transformers.T5Config.from_pretrained(str(path), local_files_only=True)
+                with torch.device("meta"):
+                    return T5EncoderModel(config).float()
+
+            def load():
+                with quiet_progress():
+                    return T5EncoderModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32).to(device)
+
+            self.model = (weights.module("text_encoder", load, skeleton, files) if weights is not None else load()).eval()
+        except CheckpointError:
+            raise
         except Exception as e:  # transformers raises OSError, ValueError, and torch.load's UnpicklingError
             raise CheckpointError(f"{path}: cannot load the T5 encoder ({load_reason(e)})") from None
         self.max_length, self.device = max_length, device
@@ -144,10 +159,11 @@ class RandomText:
         return torch.stack(vecs)
 
 
-def make_text_encoder(spec, channels: int, max_length: int):
-    """model.text_encoder: 'random' or a path to a local T5 directory."""
+def make_text_encoder(spec, channels: int, max_length: int, weights=None):
+    """model.text_encoder: 'random' or a path to a local T5 directory (read through `weights`, an
+    adapters.weights.WeightSource, when given)."""
     if spec in (None, "random"):
         return RandomText(channels, max_length)
     if isinstance(spec, (str, Path)):
-        return T5Encoder(spec, max_length)
+        return T5Encoder(spec, max_length, weights=weights)
     raise ConfigError(f"model.text_encoder: a path to a T5 directory or 'random', got {spec!r}")

@@ -210,6 +210,14 @@ def tiled_decode(dec: ViTDecoder, z: torch.Tensor, tiling: Tiling = Tiling()) ->
     return torch.cat(rows_t, dim=2)
 
 
+def decoder_on_meta(path: str | Path, dtype: torch.dtype = torch.float32) -> ViTDecoder:
+    """The decoder `load_decoder` builds, on the meta device (a rank that receives its weights from a peer)."""
+    cfg_file = Path(path) / "config.json"
+    raw = json.loads(cfg_file.read_text())
+    with torch.device("meta"):
+        return ViTDecoder(VaeConfig.from_ddconfig(raw.get("ddconfig", raw), cfg_file)).to(dtype).eval()
+
+
 def load_decoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ViTDecoder:
     """The decoder from an official `vae/` directory; a CheckpointError names what is missing."""
     path = Path(path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +34,7 @@ from scopevid.adapters.base import (Adapter, Attention, AttentionShape, Capabili
 from scopevid.adapters.skyreels_v2.loader import Components, build_on_meta, load_checkpoint
 from scopevid.adapters.skyreels_v2.model import DFTransformer
 from scopevid.adapters.skyreels_v2.vae import LatentNorm, StreamDecoder
+from scopevid.adapters.weights import WeightSource
 from scopevid.errors import CheckpointError, ConfigError
 from scopevid.validation import Section, parse
 
@@ -157,10 +159,11 @@ class SkyReelsV2Adapter(Adapter):
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "SkyReelsV2Adapter":
+    def from_config(cls, spec: dict, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                    weights: WeightSource | None = None) -> "SkyReelsV2Adapter":
         sp = parse(SkyReelsV2Spec, spec, "model.", "skyreels_v2")
         text_default = torch.float32 if dtype == torch.float16 else dtype
-        load = load_checkpoint if str(device) != "meta" else lambda path, **kw: build_on_meta(
+        load = partial(load_checkpoint, weights=weights) if str(device) != "meta" else lambda path, **kw: build_on_meta(
             path, dtype=kw["dtype"], vae_dtype=kw["vae_dtype"], text_dtype=kw["text_dtype"])
         parts = load(
             Path(sp.path),

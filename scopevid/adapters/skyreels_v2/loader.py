@@ -27,6 +27,7 @@ import torch
 
 from scopevid.adapters.hub import quiet_progress
 from scopevid.adapters.paths import shard_path
+from scopevid.adapters.weights import Files, WeightSource
 from scopevid.errors import CheckpointError, load_reason
 
 TRANSFORMER_CLASS = "SkyReelsV2Transformer3DModel"
@@ -55,8 +56,10 @@ def load_checkpoint(
     vae_dtype: torch.dtype = torch.float32,
     text_dtype: torch.dtype | None = None,
     text_device: str | torch.device | None = None,
+    weights: WeightSource | None = None,
 ) -> Components:
-    """Check the directory completely, then load every component (eval mode, no grad)."""
+    """Check the directory completely, then load every component (eval mode, no grad). `weights` says who
+    reads the weight files (adapters.weights: this process, or one rank per node for its peers)."""
     root = Path(path).expanduser()
     check_checkpoint(root)
     from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel
@@ -68,17 +71,27 @@ def load_checkpoint(
         from transformers import T5EncoderModel
 
         text_cls = T5EncoderModel
-    transformer = _load(SkyReelsV2Transformer3DModel, root / "transformer", dtype)
-    vae = _load(AutoencoderKLWan, root / "vae", vae_dtype)
-    text_encoder = _load(text_cls, root / "text_encoder", text_dtype or dtype)
+    source = weights or Files()
+    meta: list[Components] = []
+
+    def skeleton(role: str) -> torch.nn.Module:  # the module trees on meta, built once, only by ranks that receive
+        if not meta:
+            meta.append(build_on_meta(root, dtype=dtype, vae_dtype=vae_dtype, text_dtype=text_dtype or dtype))
+        return getattr(meta[0], role)
+
+    def part(role: str, cls, dt: torch.dtype, dev, single: str) -> torch.nn.Module:
+        m = source.module(role, lambda: _load(cls, root / role, dt).to(dev), lambda: skeleton(role),
+                          _weight_files(root / role, single))
+        return m.eval().requires_grad_(False)
+
+    transformer = part("transformer", SkyReelsV2Transformer3DModel, dtype, device, DIFFUSERS_WEIGHTS)
+    vae = part("vae", AutoencoderKLWan, vae_dtype, device, DIFFUSERS_WEIGHTS)
+    text_encoder = part("text_encoder", text_cls, text_dtype or dtype, text_device or device, TRANSFORMERS_WEIGHTS)
     try:
         with quiet_progress():
             tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
     except Exception as e:  # tokenizers raise many types
         raise CheckpointError(f"{root / 'tokenizer'}: cannot load the tokenizer ({_first_line(e)})") from None
-    transformer.to(device).eval().requires_grad_(False)
-    vae.to(device).eval().requires_grad_(False)
-    text_encoder.to(text_device or device).eval().requires_grad_(False)
     sched = _json(root / "scheduler" / "scheduler_config.json")
     return Components(transformer, vae, text_encoder, tokenizer, sched, root)
 
