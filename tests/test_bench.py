@@ -70,6 +70,59 @@ def test_bench_accepts_explicit_kind_and_rejects_unknown_policy(tiny_config, tmp
     assert "nope" in capsys.readouterr().err
 
 
+def test_bench_ablation_varies_one_part_of_scope_at_a_time(tiny_config, tmp_path):
+    out = tmp_path / "abl"
+    rc = cli.main(["bench", "ablation", "--config", _config(tiny_config, tmp_path), "--policies", "teacache-x",
+                   "--frames", "12", "--seeds", "5", "--horizons", "2", "--decays", "1", "--threads", "1",
+                   "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rows = {r["policy"]: r for r in pq.read_table(out / "bench.parquet").to_pylist()}
+    modes = ["no-predict", "cache-not-predict", "no-cache", "selective-only"]
+    features = ["embed", "temb", "temb_mod"]  # the tiny model's signals besides host
+    assert set(rows) == {"original", "teacache-x", "scope-fast", "scope-fast[selective=off]", "scope-fast[H=2]",
+                         "scope-fast[decay=1]"} | {f"scope-fast[{m}]" for m in modes} | {
+                         f"scope-fast[predictor={p}]" for p in ("taylor1", "newton2", "momentum", "auto")} | {
+                         f"scope-fast[feature={f}]" for f in features}
+    # each mode switched off is the preset's thresholds rewritten by hand (tau_c 0.18, tau_p 0.42)
+    th = {m: (rows[f"scope-fast[{m}]"]["tau_c"], rows[f"scope-fast[{m}]"]["tau_p"]) for m in modes}
+    assert th == {"no-predict": (0.18, 0.18), "cache-not-predict": (0.42, 0.42), "no-cache": (0.0, 0.42),
+                  "selective-only": (0.0, 0.0)}
+    assert rows["scope-fast[no-predict]"]["predict"] == 0 and rows["scope-fast[cache-not-predict]"]["predict"] == 0
+    assert rows["scope-fast[no-cache]"]["cache"] == 0
+    only = rows["scope-fast[selective-only]"]
+    assert only["cache"] == only["predict"] == 0 and only["selective"] == "causal" and only["psnr"] == 100.0
+    assert rows["scope-fast[selective=off]"]["selective"] == "off" and rows["scope-fast[decay=1]"]["decay"] == 1.0
+    # the signal of Eq. 4 really changes: d per iteration differs from the host feature's
+    d = {f: pq.read_table(out / "steps" / f"scope-fast_feature={f}___12__5.parquet").column("d").to_pylist() for f in features}
+    d["host"] = pq.read_table(out / "steps" / "scope-fast__12__5.parquet").column("d").to_pylist()
+    assert all(rows[f"scope-fast[feature={f}]"]["feature"] == f for f in features)
+    assert len({tuple(round(x or 0, 9) for x in v) for v in d.values()}) == 4
+    assert (out / "ablation.png").stat().st_size > 1000
+    md = (out / "summary.md").read_text()
+    assert "One mode off" in md and "Signal of Eq. 4" in md and "worst seed" in md and "`no-cache`" in md
+
+
+def test_bench_ablation_refuses_a_signal_the_model_lacks_and_a_baseline_base(tiny_config, tmp_path, capsys):
+    cfg = _config(tiny_config, tmp_path)
+    assert cli.main(["bench", "--config", cfg, "--policies", "scope-fast", "--features", "nope", "--frames", "9",
+                     "--out", str(tmp_path / "a")]) == 2
+    assert "feature" in capsys.readouterr().err
+    assert cli.main(["bench", "ablation", "--config", cfg, "--base", "teacache-x", "--out", str(tmp_path / "b")]) == 2
+    assert "varies a scope preset" in capsys.readouterr().err
+
+
+def test_calibrate_predict_family_never_caches(tiny_config, tmp_path):
+    out = tmp_path / "cal"
+    rc = cli.main(["calibrate", "--config", _config(tiny_config, tmp_path, frames=12), "--family", "predict",
+                   "--target-psnr", "60", "--frames", "12", "--seeds", "0", "--horizons", "3", "--steps", "4",
+                   "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "calibrate.json").read_text())
+    assert all(e["tau_c"] == 0.0 and e["tau_p"] == round(e["x"], 6) for e in report["evaluations"])
+    preset = yaml.safe_load((out / "preset.yaml").read_text())["scope-calibrated"]
+    assert preset["tau_c"] == 0.0 and preset["tau_p"] == report["pick"]["tau_p"] and min(report["pick"]["psnr"]) >= 60
+
+
 def test_calibrate_hits_psnr_target_on_a_held_out_seed(tiny_config, tmp_path, capsys):
     out = tmp_path / "cal"
     target = 62.0

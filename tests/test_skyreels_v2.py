@@ -29,7 +29,6 @@ PLAN_DF = DiffusionForcingPlan(latent_frames=8, window=8, num_steps=4)
 PROMPT, NEGATIVE = "a red fox runs in the snow", "blue sky"
 H = W = 32  # pixels -> 4x4 latents -> 2x2 tokens per frame
 TEXT_LEN = 16
-from scopevid.adapters.skyreels_v2.fixture import WORDS  # noqa: E402  (the fixture checkpoint's vocabulary)
 
 # SkyReels-V2 is the `skyreels` extra: on a stack without it this module (and every test that builds its
 # checkpoint through `importorskip("test_skyreels_v2")`) is skipped

@@ -1,8 +1,11 @@
 """Search SCOPE's (tau_c, tau_p, H) for a quality or a speed target on short calibration rollouts.
 
 The paper names per-model threshold calibration as SCOPE's limitation; this removes the hand work.
-Thresholds move along the ray tau_p = ratio * tau_c of a base preset (the paper's pairs keep
-tau_p / tau_c ~ 2.2-2.5), so one scalar per H is searched: speed rises and quality falls with tau_c,
+One scalar per H is searched. Family `ray`: thresholds move along the ray tau_p = ratio * tau_c of
+a base preset (the paper's pairs keep tau_p / tau_c ~ 2.2-2.5). Family `predict`: tau_c = 0 (no
+Cache) and tau_p is searched; on models whose per-step discrepancy is nearly constant Cache fires
+every other iteration as soon as tau_c passes it and costs most of the quality (`bench ablation`,
+docs/BENCHMARKS.md), so only Predict is left to trade. Either way: speed rises and quality falls with tau_c,
 and a bisection in log(tau_c) finds the boundary of the target for every candidate H. Targets are
 met on the *worst* calibration seed, not the mean, so that they transfer to unseen seeds. Speed is
 the FLOPs speedup against Original (deterministic and machine-independent, unlike wall time on a
@@ -26,8 +29,12 @@ from scopevid.engine.sinks import FrameStore
 from scopevid.errors import ConfigError
 
 
+FAMILIES = ("ray", "predict")
+
+
 @dataclass
 class Evaluation:
+    x: float  # the searched scalar: tau_c (family ray) or tau_p (family predict)
     tau_c: float
     tau_p: float
     horizon: int
@@ -57,10 +64,13 @@ class Result:
 
 class Calibrator:
     def __init__(self, cfg: RunConfig, adapter, base: str, frames: int, seeds: list[int], workdir: Path,
-                 selective: str | None = None):
+                 selective: str | None = None, family: str = "ray"):
         spec = cfg.policy_spec(base)
         if spec.get("kind") != "scope":
             raise ConfigError(f"--base: {base} is not a scope preset")
+        if family not in FAMILIES:
+            raise ConfigError(f"--family: {' or '.join(FAMILIES)}, got {family!r}")
+        self.family = family
         self.cfg, self.adapter, self.base_spec = cfg, adapter, spec
         self.ratio = spec["tau_p"] / spec["tau_c"] if spec.get("tau_c") else 2.3
         self.frames, self.seeds, self.workdir = frames, seeds, Path(workdir)
@@ -89,11 +99,13 @@ class Calibrator:
             self.refs[key] = (store, res.summary["flops"])
         return self.refs[key]
 
-    def spec(self, tau_c: float, horizon: int) -> dict:
-        return {**self.base_spec, "tau_c": round(tau_c, 6), "tau_p": round(tau_c * self.ratio, 6), "horizon": int(horizon)}
+    def spec(self, x: float, horizon: int) -> dict:
+        if self.family == "predict":
+            return {**self.base_spec, "tau_c": 0.0, "tau_p": round(x, 6), "horizon": int(horizon)}
+        return {**self.base_spec, "tau_c": round(x, 6), "tau_p": round(x * self.ratio, 6), "horizon": int(horizon)}
 
-    def evaluate(self, tau_c: float, horizon: int, seeds: list[int] | None = None) -> Evaluation:
-        spec = self.spec(tau_c, horizon)
+    def evaluate(self, x: float, horizon: int, seeds: list[int] | None = None) -> Evaluation:
+        spec = self.spec(x, horizon)
         psnr, speed = [], []
         t0 = time.process_time()
         for seed in seeds or self.seeds:
@@ -102,11 +114,11 @@ class Calibrator:
             self.rollouts += 1
             psnr.append(res.summary["psnr"])
             speed.append(ref_flops / res.summary["flops"])
-        return Evaluation(spec["tau_c"], spec["tau_p"], int(horizon), psnr, speed, time.process_time() - t0)
+        return Evaluation(x, spec["tau_c"], spec["tau_p"], int(horizon), psnr, speed, time.process_time() - t0)
 
     def search(self, target: str, value: float, horizons: list[int], lo: float = 0.005, hi: float = 1.0,
                steps: int = 7) -> Result:
-        """Per H: bisect log(tau_c) for the boundary of the target; pick the best H by the other metric."""
+        """Per H: bisect log(x) for the boundary of the target; pick the best H by the other metric."""
         if target not in ("psnr", "speedup"):
             raise ConfigError(f"target: psnr or speedup, got {target!r}")
         t0 = time.perf_counter()
@@ -147,7 +159,7 @@ class Calibrator:
             self.frames = frames
         try:
             for seed in seeds:
-                e = self.evaluate(result.pick.tau_c, result.pick.horizon, [seed])
+                e = self.evaluate(result.pick.x, result.pick.horizon, [seed])
                 out.append({"seed": seed, "frames": self.frames, "psnr": e.psnr[0], "flops_speedup": e.flops_speedup[0]})
         finally:
             self.frames = saved

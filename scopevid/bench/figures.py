@@ -5,6 +5,8 @@ timeline.png   Fig. 6: Cache / Predict / Recompute per iteration, one strip per 
 length.png     Fig. 8: Original vs SCOPE time per video length, speedups annotated
 thresholds.png Table 2: speedup and quality per (tau_c, tau_p)
 horizon.png    Fig. 7: time, 1-LPIPS (or FLOPs speedup without LPIPS), SSIM, PSNR against H
+ablation.png   SCOPE's parts one at a time (modes, predictor, H, lambda, signal) against the baselines:
+               FLOPs speedup vs mean PSNR and vs worst-seed PSNR
 """
 
 from __future__ import annotations
@@ -180,6 +182,43 @@ def horizon(rows: list[dict], out: Path) -> Path | None:
                        "Skip-length sensitivity (Fig. 7 analogue)")
 
 
+SWEEP_MARKERS = {"main": "o", "selective": "s", "mode": "D", "predictor": "^", "horizon": "v", "decay": "P", "feature": "X",
+                 "threshold": "*"}
+
+
+def ablation(rows: list[dict], out: Path) -> Path | None:
+    """One point per variant: FLOPs speedup (deterministic) against mean and worst-seed PSNR."""
+    f = frontier_frames(rows)
+    agg = [a for a in aggregate(rows) if a["frames"] == f and a["psnr"] is not None]
+    if not any(a["sweep"] not in ("main", "selective") for a in agg):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
+    for ax, yk, yl in ((axes[0], "psnr", "PSNR (dB), mean over seeds"), (axes[1], "psnr_min", "PSNR (dB), worst seed")):
+        for a in agg:
+            x, y = a["flops_speedup"], min(a[yk], 80.0)  # lossless runs (100 dB) drawn at the top edge
+            base = a["kind"] != "scope"
+            ax.scatter(x, y, marker="o" if base else SWEEP_MARKERS.get(a["sweep"], "o"), s=50 if base else 40,
+                       color=KIND_COLORS.get(a["kind"], "gray") if base or a["sweep"] == "main" else "tab:orange",
+                       edgecolors="black" if base else None, zorder=3)
+            ax.annotate(a["policy"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        ax.set_xlabel("FLOPs speedup vs Original")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker=m, ls="", color="tab:orange", label=k) for k, m in SWEEP_MARKERS.items()
+               if k not in ("main", "selective") and any(a["sweep"] == k for a in agg)]
+    handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in KIND_COLORS.items()
+                if k != "original" and any(a["kind"] == k for a in agg)]
+    axes[0].legend(handles=handles, fontsize=7, loc="lower left")
+    seeds = sorted({r["seed"] for r in rows})
+    fig.suptitle(f"SCOPE ablation, {rows[0]['model']}, {f} frames, seeds {seeds} (PSNR capped at 80 dB for drawing)")
+    fig.tight_layout()
+    path = out / "ablation.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def all_figures(rows: list[dict], steps_dir: Path, out: Path) -> list[Path]:
-    made = [frontier(rows, out), timeline(rows, steps_dir, out), length(rows, out), thresholds(rows, out), horizon(rows, out)]
+    made = [frontier(rows, out), timeline(rows, steps_dir, out), length(rows, out), thresholds(rows, out), horizon(rows, out),
+            ablation(rows, out)]
     return [p for p in made if p is not None]

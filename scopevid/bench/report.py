@@ -26,6 +26,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         for k in MEAN_KEYS:
             vals = [r[k] for r in rs if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
             agg[k] = sum(vals) / len(vals) if vals else None
+        psnrs = [r["psnr"] for r in rs if r.get("psnr") is not None]
+        agg["psnr_min"] = min(psnrs) if psnrs else None  # the worst seed: what a held-out check must hold
         walls = [r["wall_seconds"] for r in rs]
         mu = sum(walls) / len(walls)
         agg["wall_std"] = (sum((w - mu) ** 2 for w in walls) / max(len(walls) - 1, 1)) ** 0.5 if len(walls) > 1 else 0.0
@@ -93,13 +95,13 @@ def sweep_table(agg: list[dict], sweep: str, title: str, frames: int) -> list[st
     if not any(a["sweep"] == sweep for a in rows):
         return []
     lines = [f"### {title} ({frames} frames)", "",
-             "| Variant | Time (s) | Speedup | CPU speedup | FLOPs speedup | PSNR (dB) | SSIM | LPIPS | Cache/Predict/Recompute |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| Variant | Time (s) | Speedup | CPU speedup | FLOPs speedup | PSNR (dB) | worst seed | SSIM | LPIPS | Cache/Predict/Recompute |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for a in rows:
         if a["policy"] == "original":
             continue
         lines.append(f"| {a['policy']} | {a['wall_seconds']:.1f} | {a['speedup']:.2f}x | {a['cpu_speedup']:.2f}x | {a['flops_speedup']:.2f}x | "
-                     f"{_f(a['psnr'])} | {_f(a['ssim'], '{:.4f}')} | {_f(a['lpips'], '{:.4f}', 'null')} | "
+                     f"{_f(a['psnr'])} | {_f(a.get('psnr_min'))} | {_f(a['ssim'], '{:.4f}')} | {_f(a['lpips'], '{:.4f}', 'null')} | "
                      f"{a['cache']:.0f}/{a['predict']:.0f}/{a['recompute']:.0f} |")
     return lines + [""]
 
@@ -150,7 +152,9 @@ def summary_markdown(rows: list[dict], *, command: str, config: str, figures: li
         out += [f"Pareto check at {ff} frames (SCOPE variant at least as fast and at least as good in PSNR and SSIM):", ""] + pn + [""]
     out += length_table(agg)
     for sweep, title in (("threshold", "Threshold sensitivity (Table 2 analogue)"), ("horizon", "Skip-length H (Fig. 7 analogue)"),
-                         ("predictor", "Predictor ablation"), ("selective", "Selective computation on/off")):
+                         ("predictor", "Predictor ablation"), ("selective", "Selective computation on/off"),
+                         ("mode", "One mode off (Cache, Predict, or every skip)"), ("decay", "Predict decay lambda"),
+                         ("feature", "Signal of Eq. 4 (host feature)")):
         for f in sorted({a["frames"] for a in agg}):
             out += sweep_table(agg, sweep, title, f)
     if figures:

@@ -25,10 +25,11 @@ from scopevid.config import RunConfig, validate
 from scopevid.engine.runner import reference_config, run_once
 from scopevid.engine.sinks import FrameStore
 from scopevid.errors import ConfigError
+from scopevid.scheduler.policies import build as build_policy
 
 ROW_FIELDS = [
     "model", "policy", "base_policy", "kind", "sweep", "frames", "seed", "selective", "predictor", "horizon",
-    "tau_c", "tau_p", "wall_seconds", "speedup", "cpu_seconds", "cpu_speedup", "forwards", "frame_forwards", "flops", "flops_speedup",
+    "tau_c", "tau_p", "decay", "feature", "wall_seconds", "speedup", "cpu_seconds", "cpu_speedup", "forwards", "frame_forwards", "flops", "flops_speedup",
     "psnr", "ssim", "lpips", "peak_memory_mb", "memory_kind", "recompute", "cache", "predict", "fallbacks",
     "iterations", "decision_digest", "threads", "loop_seconds", "forward_seconds", "feature_seconds", "engine_overhead_share",
 ]
@@ -40,7 +41,31 @@ class Variant:
     base: str  # the preset it derives from
     spec: dict = field(hash=False)  # policy spec after the override
     selective: str  # schedule.selective for this run
-    sweep: str = "main"  # main | selective | predictor | horizon | threshold
+    sweep: str = "main"  # main | selective | mode | predictor | horizon | decay | feature | threshold
+
+
+# SCOPE's modes switched off one at a time (the `mode` ablation), as threshold rewrites of a preset:
+# each keeps Eq. 3's bands and lets one band take the other mode's place.
+MODES = {
+    "no-predict": "Predict band -> Recompute (tau_p = tau_c): Cache / Recompute only",
+    "cache-not-predict": "Predict band -> Cache (tau_c = tau_p): the same skips, reused instead of extrapolated",
+    "no-cache": "Cache band -> Predict (tau_c = 0): Predict / Recompute only",
+    "selective-only": "no skipped iteration (tau_c = tau_p = 0): selective computation alone",
+}
+
+
+def mode_spec(spec: dict, mode: str) -> dict:
+    """The preset with one of SCOPE's modes switched off (MODES)."""
+    tc, tp = float(spec["tau_c"]), float(spec["tau_p"])
+    if mode == "no-predict":
+        return {**spec, "tau_p": tc}
+    if mode == "cache-not-predict":
+        return {**spec, "tau_c": tp}
+    if mode == "no-cache":
+        return {**spec, "tau_c": 0.0}
+    if mode == "selective-only":
+        return {**spec, "tau_c": 0.0, "tau_p": 0.0}
+    raise ConfigError(f"--modes: values are {', '.join(MODES)}, got {mode!r}")
 
 
 def selective_mode(cfg: RunConfig, adapter, flag: str) -> str:
@@ -62,6 +87,9 @@ def plan_variants(
     predictors: list[str] = (),
     horizons: list[int] = (),
     thresholds: list[tuple[float, float]] = (),
+    modes: list[str] = (),
+    decays: list[float] = (),
+    features: list[str] = (),
 ) -> list[Variant]:
     out: list[Variant] = []
     scope_names = []
@@ -80,10 +108,16 @@ def plan_variants(
     on = selective_mode(cfg, adapter, "on")
     for name in scope_names:
         spec = cfg.policy_spec(name)
+        for m in modes:
+            out.append(Variant(f"{name}[{m}]", name, mode_spec(spec, m), on, "mode"))
         for p in predictors:
             out.append(Variant(f"{name}[predictor={p}]", name, {**spec, "predictor": p}, on, "predictor"))
         for h in horizons:
             out.append(Variant(f"{name}[H={h}]", name, {**spec, "horizon": int(h)}, on, "horizon"))
+        for lam in decays:
+            out.append(Variant(f"{name}[decay={lam:g}]", name, {**spec, "decay": float(lam)}, on, "decay"))
+        for feat in features:
+            out.append(Variant(f"{name}[feature={feat}]", name, {**spec, "feature": feat}, on, "feature"))
     if thresholds:
         if not scope_names:
             raise ConfigError("--thresholds: needs a scope policy in --policies to sweep")
@@ -92,10 +126,15 @@ def plan_variants(
         for tc, tp in thresholds:
             out.append(Variant(f"scope({tc:g},{tp:g})", base, {**spec, "tau_c": tc, "tau_p": tp}, on, "threshold"))
     seen = set()
+    offered = {"host"} | {f.value for f in adapter.capabilities.features}
     for v in out:
         if v.name in seen:
             raise ConfigError(f"--policies: {v.name} listed twice")
         seen.add(v.name)
+        build_policy(v.spec, v.name)  # a bad value fails here, before the first rollout
+        if v.spec.get("kind") == "scope" and v.spec.get("feature", "host") not in offered:
+            raise ConfigError(f"--features: model {adapter.name} offers {', '.join(sorted(offered))}, "
+                              f"not {v.spec['feature']!r}")
     return out
 
 
@@ -201,6 +240,8 @@ def run_row(cfg: RunConfig, adapter, variant: Variant | None, frames: int, seed:
         "horizon": spec.get("horizon"),
         "tau_c": spec.get("tau_c"),
         "tau_p": spec.get("tau_p"),
+        "decay": spec.get("decay"),
+        "feature": (spec.get("feature") or "host") if spec.get("kind") == "scope" else spec.get("feature"),
         "wall_seconds": s["wall_seconds"],
         "speedup": (ref["wall_seconds"] / s["wall_seconds"]) if ref else 1.0,
         "cpu_seconds": cpu,

@@ -1,4 +1,4 @@
-"""`scopevid bench [policies|sp|scaling|memory|comm|coldstart] ...`: side-by-side benchmarks.
+"""`scopevid bench [policies|ablation|sp|scaling|memory|comm|coldstart] ...`: side-by-side benchmarks.
 
 `bench` (or `bench policies`) runs Original and the given policies in one process on the same seeds
 and prompt and writes DIR/bench.parquet (one row per run), DIR/steps/*.parquet (per-iteration logs),
@@ -25,7 +25,8 @@ from scopevid.errors import ConfigError
 
 KINDS = {"policies": None, "sp": "scopevid.commands.bench_sp", "scaling": "scopevid.commands.bench_scaling",
          "comm": "scopevid.commands.bench_comm", "coldstart": "scopevid.commands.bench_coldstart",
-         "memory": "scopevid.commands.bench_memory"}
+         "memory": "scopevid.commands.bench_memory",
+         "ablation": "scopevid.commands.bench_ablation"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +78,9 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictors", default="", help="predictor ablation for SCOPE: e.g. taylor1,taylor2,momentum,auto")
     p.add_argument("--horizons", default="", help="skip-length ablation for SCOPE (Fig. 7): e.g. 1,3,5,8")
     p.add_argument("--thresholds", default="", help="(tau_c:tau_p) sweep (Table 2): e.g. 0.12:0.30,0.18:0.42")
+    p.add_argument("--modes", default="", help="SCOPE with one mode off: no-predict, cache-not-predict, no-cache, selective-only")
+    p.add_argument("--decays", default="", help="Predict decay (lambda) ablation for SCOPE: e.g. 0.5,0.75,1")
+    p.add_argument("--features", default="", help="signal of Eq. 4 for SCOPE: host and the model's others (temb, temb_mod, embed)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
@@ -110,46 +114,67 @@ def _pair(text: str) -> tuple[float, float]:
 def run_policies(args: argparse.Namespace) -> int:
     if args.report_only:
         return _report(Path(args.out))
-    from dataclasses import replace
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
-    from tqdm import tqdm
-
     from scopevid import adapters
-    from scopevid import config as config_lib
     from scopevid.bench import runs
     from scopevid.engine.runner import DTYPES
-    from scopevid.engine.sinks import FrameStore, prepare_out_dir
+    from scopevid.engine.sinks import prepare_out_dir
+
+    cfg, frames, seeds = load_for_bench(args)
+    policies = _list(args.policies) or list(cfg.policies)
+    for name in policies:
+        cfg.policy_spec(name)  # unknown names fail here, before anything runs
+    out = prepare_out_dir(args.out, args.overwrite)
+
+    adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
+    variants = runs.plan_variants(
+        cfg, adapter, policies, selective=_list(args.selective) or ["on"], predictors=_list(args.predictors),
+        horizons=_list(args.horizons, int), thresholds=[_pair(t) for t in _list(args.thresholds)],
+        modes=_list(args.modes), decays=_list(args.decays, float), features=_list(args.features),
+    )
+    execute(cfg, adapter, variants, frames, seeds, out, threads=args.threads, progress=not args.no_progress)
+    command = "scopevid bench " + " ".join(shlex.quote(a) for a in _argv(args))
+    (out / "bench.json").write_text(json.dumps({"command": command, "config": args.config}, indent=2))
+    return _report(out)
+
+
+def load_for_bench(args: argparse.Namespace):
+    """The config (with --prompt / --steps applied), its frame counts and seeds; sets --threads."""
+    from dataclasses import replace
+
+    import torch
+
+    from scopevid import config as config_lib
 
     cfg = config_lib.load(args.config)
     if args.prompt is not None:
         cfg = replace(cfg, prompt=args.prompt)
     if args.steps is not None:
         cfg = replace(cfg, schedule=replace(cfg.schedule, steps=args.steps))
-    policies = _list(args.policies) or list(cfg.policies)
-    for name in policies:
-        cfg.policy_spec(name)  # unknown names fail here, before anything runs
     frames = _list(args.frames, int) or [cfg.frames]
     seeds = _list(args.seeds, int) or [cfg.seed]
     if any(f < 1 for f in frames):
         raise ConfigError(f"--frames: positive pixel frame counts, got {frames}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    out = prepare_out_dir(args.out, args.overwrite)
+    return cfg, frames, seeds
+
+
+def execute(cfg, adapter, variants, frames: list[int], seeds: list[int], out: Path, *, threads: int | None,
+            progress: bool = True) -> list[dict]:
+    """Original then every variant, per (frames, seed); bench.parquet rewritten after every run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from scopevid.bench import runs
+    from scopevid.engine.sinks import FrameStore
+
     steps_dir = out / "steps"
     steps_dir.mkdir(exist_ok=True)
-
-    adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
-    variants = runs.plan_variants(
-        cfg, adapter, policies, selective=_list(args.selective) or ["on"], predictors=_list(args.predictors),
-        horizons=_list(args.horizons, int), thresholds=[_pair(t) for t in _list(args.thresholds)],
-    )
     lpips = runs.lpips_metric(cfg.device)
     memory = runs.PeakMemory(cfg.device)
     total = len(frames) * len(seeds) * (1 + len(variants))
-    bar = tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True, disable=args.no_progress)
+    bar = tqdm(total=total, desc="bench", unit="run", dynamic_ncols=True, disable=not progress)
     rows: list[dict] = []
     for f in frames:
         for seed in seeds:
@@ -157,7 +182,7 @@ def run_policies(args: argparse.Namespace) -> int:
             shutil.rmtree(ref_dir, ignore_errors=True)
             bar.set_postfix_str(f"{f} frames, seed {seed}: original")
             ref_row, _ = runs.run_row(cfg, adapter, None, f, seed, reference=None, keep_frames=ref_dir,
-                                      steps_dir=steps_dir, memory=memory, threads=args.threads)
+                                      steps_dir=steps_dir, memory=memory, threads=threads)
             rows.append(ref_row)
             bar.update(1)
             reference = FrameStore(ref_dir)
@@ -165,19 +190,17 @@ def run_policies(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(f"{f} frames, seed {seed}: {v.name}")
                 keep = out / "_run" if lpips is not None else None
                 row, _ = runs.run_row(cfg, adapter, v, f, seed, reference=reference, keep_frames=keep, steps_dir=steps_dir,
-                                      memory=memory, lpips=lpips, reference_row=ref_row, threads=args.threads)
+                                      memory=memory, lpips=lpips, reference_row=ref_row, threads=threads)
                 rows.append(row)
                 bar.update(1)
                 _write(rows, out, pa, pq)  # partial results survive an interrupted bench
             shutil.rmtree(ref_dir, ignore_errors=True)
     bar.close()
     _write(rows, out, pa, pq)
-    command = "scopevid bench " + " ".join(shlex.quote(a) for a in _argv(args))
-    (out / "bench.json").write_text(json.dumps({"command": command, "config": args.config}, indent=2))
-    return _report(out)
+    return rows
 
 
-def _report(out: Path) -> int:
+def _report(out: Path, notes: list[str] = ()) -> int:
     import pyarrow.parquet as pq
 
     from scopevid.bench import figures, report
@@ -188,7 +211,7 @@ def _report(out: Path) -> int:
     meta = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
     made = figures.all_figures(rows, out / "steps", out)
     md = report.summary_markdown(rows, command=meta.get("command", "?"), config=meta.get("config", "?"),
-                                 figures=[p.name for p in made])
+                                 figures=[p.name for p in made], notes=notes or meta.get("notes", ()))
     (out / "summary.md").write_text(md)
     print(json.dumps({"rows": len(rows), "parquet": str(out / "bench.parquet"), "summary": str(out / "summary.md"),
                       "figures": [str(p) for p in made]}, indent=2))
@@ -206,7 +229,7 @@ def _schema(pa):
     f64, i64, s = pa.float64(), pa.int64(), pa.string()
     types = {"frames": i64, "seed": i64, "horizon": i64, "recompute": i64, "cache": i64, "predict": i64, "fallbacks": i64,
              "iterations": i64, "threads": i64}
-    strings = {"model", "policy", "base_policy", "kind", "sweep", "selective", "predictor", "memory_kind", "decision_digest"}
+    strings = {"model", "policy", "base_policy", "kind", "sweep", "selective", "predictor", "feature", "memory_kind", "decision_digest"}
     from scopevid.bench.runs import ROW_FIELDS
 
     return pa.schema([(k, s if k in strings else types.get(k, f64)) for k in ROW_FIELDS])
@@ -214,8 +237,8 @@ def _schema(pa):
 
 def _argv(args: argparse.Namespace) -> list[str]:
     out = []
-    for k in ("config", "policies", "frames", "seeds", "prompt", "steps", "selective", "predictors", "horizons",
-              "thresholds", "threads", "out"):
+    for k in ("config", "policies", "frames", "seeds", "prompt", "steps", "selective", "modes", "predictors", "horizons",
+              "decays", "features", "thresholds", "threads", "out"):
         v = getattr(args, k, None)
         if v not in (None, "") and not (k == "selective" and v == "on"):
             out += [f"--{k}", str(v)]

@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", default="", help="seeds to check the pick on afterwards, e.g. 2")
     p.add_argument("--holdout-frames", default="", help="frame counts for the held-out check, e.g. 49,257 (default: --frames)")
     p.add_argument("--horizons", default="2,3,5,8", help="candidate H values (default 2,3,5,8)")
+    p.add_argument("--family", default="ray", choices=("ray", "predict"), help="ray: tau_p = ratio * tau_c of --base; predict: tau_c = 0 (no Cache), "
+                                                   "tau_p searched (default ray)")
     p.add_argument("--base", default="scope-fast", help="preset giving the predictor, decay, warmup and tau_p/tau_c ratio")
     p.add_argument("--name", default="scope-calibrated", help="name of the written preset")
     p.add_argument("--steps", type=int, default=7, help="bisection points per H (default 7)")
@@ -68,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     from scopevid.bench.calibrate import Calibrator, preset_yaml
 
     target, value = ("psnr", args.target_psnr) if args.target_psnr is not None else ("speedup", args.target_speedup)
-    cal = Calibrator(cfg, adapter, args.base, args.frames, seeds, out / "_work")
+    cal = Calibrator(cfg, adapter, args.base, args.frames, seeds, out / "_work", family=args.family)
     result = cal.search(target, value, _ints(args.horizons), steps=args.steps)
     holdout = _ints(args.holdout)
     if result.pick is not None and holdout:
@@ -88,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     if result.pick is None:
         raise ConfigError(f"calibrate: no setting reached {target} {value} on every calibration seed "
                           f"(see {out / 'calibrate.json'}); relax the target or add horizons")
-    spec = cal.spec(result.pick.tau_c, result.pick.horizon)
+    spec = cal.spec(result.pick.x, result.pick.horizon)
     (out / "preset.yaml").write_text(preset_yaml(result, spec, args.name, {"command": command, "seeds": seeds, "frames": args.frames}))
     print(json.dumps({"preset": str(out / "preset.yaml"), "tau_c": spec["tau_c"], "tau_p": spec["tau_p"], "horizon": spec["horizon"],
                       "calibration_psnr": min(result.pick.psnr), "calibration_flops_speedup": min(result.pick.flops_speedup),

@@ -5,6 +5,9 @@ r_k^- = r_{k-1} + d_k with d_k the relative L1 change of the host feature (Eq. 4
 history suffices, else Recompute. Stability controls: after Predict r = lambda * r^-; after Cache
 r = r^-; Recompute resets r to 0; at most H consecutive non-Recompute iterations; the first
 `warmup` iterations of every window always recompute.
+
+`feature` names the signal phi of Eq. 4: the adapter's host feature (the paper's), or another
+pre-forward signal the adapter offers (signals.Feature), for the ablation of the host feature.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from scopevid.errors import ConfigError
 from scopevid.scheduler import predictors
 from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, StepContext
+from scopevid.scheduler.signals import Feature
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class ScopeConfig:
     warmup: int = 2  # iterations per window that always recompute
     eps: float = 1e-8
     predictor: str = "taylor2"
+    feature: str = "host"  # phi of Eq. 4 (signals.Feature); the model must offer it
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.tau_c <= self.tau_p:
@@ -37,6 +42,8 @@ class ScopeConfig:
             raise ConfigError(f"warmup: must be >= 0, got {self.warmup}")
         if self.predictor not in predictors.PREDICTORS:
             raise ConfigError(f"predictor: unknown {self.predictor!r}; allowed: {', '.join(predictors.PREDICTORS)}")
+        if self.feature not in {f.value for f in Feature}:
+            raise ConfigError(f"feature: must be one of {', '.join(f.value for f in Feature)}, got {self.feature!r}")
 
 
 class Scope(Policy):
@@ -46,6 +53,7 @@ class Scope(Policy):
     def __init__(self, cfg: ScopeConfig, name: str = "scope"):
         self.cfg = cfg
         self.name = name
+        self.feature = Feature(cfg.feature)
         self.r = 0.0  # accumulated discrepancy after the last decision
         self.run = 0  # consecutive non-Recompute iterations
         self._pending: float = 0.0  # r^- of the current decision

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from scopevid.errors import ConfigError
 from scopevid.scheduler.policies.base import Decision, Discrepancy, Mode, Policy, StepContext
+from scopevid.scheduler.signals import Feature
 from scopevid.scheduler.policies.scope import ScopeConfig
 
 _SEVERITY = {Mode.CACHE: 0, Mode.PREDICT: 1, Mode.RECOMPUTE: 2}
@@ -43,6 +44,7 @@ class ScopeChunk(Policy):
 
     def __init__(self, cfg: ScopeChunkConfig, name: str = "scope_chunk"):
         self.cfg, self.name = cfg, name
+        self.feature = Feature(cfg.feature)
         self.chunk = cfg.chunk
         self.r: dict[int, float] = {}  # accumulated score per chunk after the last decision
         self.age: dict[int, int] = {}  # iterations a chunk has been scored
