@@ -50,11 +50,14 @@ def main(args: argparse.Namespace) -> int:
     base = cfg.policy_spec(args.base)
     if base.get("kind") != "scope":
         raise ConfigError(f"--base: {args.base} is a {base.get('kind')} preset; the ablation varies a scope preset")
-    others = _list(args.policies) or [n for n in cfg.policies if n not in ("original", args.base)]
+    named = _list(args.policies)
+    others = named or [n for n in cfg.policies if n not in ("original", args.base)]
     for name in others:
         cfg.policy_spec(name)
     out = prepare_out_dir(args.out, args.overwrite)
     adapter = adapters.load(cfg.model, cfg.device, DTYPES[cfg.dtype])
+    skipped = {} if named else _unrunnable(cfg, adapter, others)  # a preset named on purpose must run
+    others = [n for n in others if n not in skipped]
     features = ["host"] + sorted(f.value for f in adapter.capabilities.features)
     factors = runs.plan_variants(
         cfg, adapter, [args.base], modes=list(runs.MODES),
@@ -71,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
     notes = ["## What each factor changes", "", f"Every factor is one change to `{args.base}` ({_spec(base)}); "
              "the other rows are the config's presets as shipped.", ""]
     notes += [f"- `{m}`: {what}" for m, what in runs.MODES.items()]
+    notes += [f"- `{n}` not run: {why}" for n, why in skipped.items()]
     notes += ["- `selective=off`: every iteration forwards the whole window (the temporal modes alone)",
               "- `predictor`, `H`, `decay`: Eq. 6/7 and the stability controls of section 3.5",
               "- `feature`: the signal phi of Eq. 4 (host: the adapter's host feature, the paper's)", ""]
@@ -78,6 +82,22 @@ def main(args: argparse.Namespace) -> int:
             "notes": notes}
     (out / "bench.json").write_text(json.dumps(meta, indent=2))
     return _report(out)
+
+
+def _unrunnable(cfg, adapter, names: list[str]) -> dict[str, str]:
+    """Presets of the config this model cannot run (e.g. FlowCache without a K/V cache), with the reason."""
+    from scopevid.engine import reuse
+    from scopevid.engine.runner import build_plan
+    from scopevid.scheduler.policies import build
+
+    plan = build_plan(cfg, adapter)
+    out = {}
+    for n in names:
+        try:
+            reuse.for_policy(build(cfg.policy_spec(n), n), adapter, plan)
+        except ConfigError as e:
+            out[n] = str(e)
+    return out
 
 
 def _spec(spec: dict) -> str:
