@@ -1,0 +1,444 @@
+"""Train a tiny SkyReels-V2 DF checkpoint (the real diffusers classes) on the bundled world, for CPU.
+
+    python -m scopevid.train.skyreels all --out runs/skyreels_tiny --minutes 30 --decoder-minutes 12 \
+        --dest scopevid/weights/skyreels_v2_tiny
+
+Stages (each resumable; `all` runs them in order; `latents`/`dit`/`decoder`/`export` run one):
+1. components: a seeded tokenizer (WordLevel over the world's words), a seeded random UMT5 encoder
+   (fixed, as in adapters/skyreels_v2/fixture.py) and a Wan VAE whose ENCODER is seeded random and
+   fixed (base_dim 3, the fixture's size) -> RUN/components.pt;
+2. latents: world clips (64x64 px, one 16 px square, 97 frames -> 25 latent frames of 8x8) encoded
+   once with the fixed encoder -> RUN/latents.pt, with per-channel mean/std (they become the VAE
+   config's latents_mean/latents_std, so the DiT sees unit-variance latents);
+3. dit: SkyReelsV2Transformer3DModel (2 heads x 64, 4 layers, ffn 256, patch (1,2,2)) trained with
+   flow matching x_s = (1-s) x0 + s eps, target eps - x0 (UniPC's flow_prediction: x0 = x - s v),
+   timestep = 1000 s per latent frame (999 = not started), diffusion forcing levels (independent,
+   non-decreasing with not-started tails, shared, clean prefix at the addnoise level), windows of
+   WINDOW latent frames cropped from the 25 (RoPE positions 0..WINDOW-1 as the adapter numbers a
+   window), bidirectional attention within the window (num_frame_per_block 1: what the adapter
+   does with this checkpoint), 10% prompt dropout to the empty prompt, AdamW + EMA;
+4. decoder: the random decoder does not invert the random encoder (decode(encode(x)) ~9 dB), so the
+   decoder alone (decoder_base_dim 16, post_quant_conv) is trained on pixels with the encoder fixed:
+   the latents the DiT learns are unchanged by it;
+5. export: the pipeline's save_pretrained layout (float32) with the EMA transformer.
+
+Checkpoints every --ckpt-minutes (and on SIGTERM); the loss goes to RUN/loss.csv / RUN/decoder_loss.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scopevid.train import world as W
+
+SPECIALS = ["<pad>", "</s>", "<unk>"]
+WORLD = W.WorldConfig(size=64, sprite=16, speeds=(2, 3))
+CLIP_FRAMES = 97  # pixel frames per encoded clip -> 25 latent frames
+WINDOW = 15  # latent frames per training window (= base_num_frames 57 in configs/skyreels_v2_tiny.yaml)
+TEXT_LEN = 16  # max_sequence_length the config uses (the zero-padded context length matters: no mask)
+TEXT_DIM = 32
+
+
+@dataclass
+class DiTConfig:
+    heads: int = 2
+    head_dim: int = 64
+    layers: int = 4
+    ffn: int = 256
+    batch: int = 16
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    prompt_dropout: float = 0.1
+    sigma_mean: float = 0.5  # logit-normal location (high noise, where layout is decided, weighted more)
+    sigma_std: float = 1.0
+    p_shift8: float = 0.25  # share of levels drawn from the inference table's shape (uniform, flow shift 8)
+    p_independent: float = 0.3
+    p_sorted: float = 0.3
+    p_shared: float = 0.15  # rest: clean prefix (addnoise level) + a non-decreasing noisy rest
+    p_first: float = 0.3  # windows that start at the video's first latent frame
+    addnoise_max: float = 0.03  # prefix levels in [0, this] (addnoise_condition 20 -> 0.02)
+    seed: int = 0
+
+
+def vocabulary() -> list[str]:
+    return SPECIALS + [*WORLD.colours, "square", "moving", *WORLD.directions]
+
+
+def prompts() -> list[str]:
+    return [W.prompt_text(c, d) for c in WORLD.colours for d in WORLD.directions]
+
+
+# --- components ----------------------------------------------------------------------------------
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = vocabulary()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_text_encoder(seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(UMT5Config(vocab_size=len(vocabulary()), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2,
+                                       num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16)).eval()
+
+
+def build_vae(seed: int = 0, mean: list[float] | None = None, std: list[float] | None = None):
+    """Encoder: the fixture's size (base_dim 3), seeded random, fixed. Decoder: base 16 (trained)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    kw = {} if mean is None else {"latents_mean": list(mean), "latents_std": list(std)}
+    return AutoencoderKLWan(base_dim=3, decoder_base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], **kw).eval()
+
+
+def build_transformer(c: DiTConfig, seed: int):
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    return SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=c.heads, attention_head_dim=c.head_dim, in_channels=16, out_channels=16,
+        text_dim=TEXT_DIM, freq_dim=256, ffn_dim=c.ffn, num_layers=c.layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, inject_sample_info=True)
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, text: str, max_len: int = TEXT_LEN) -> torch.Tensor:
+    """[1, max_len, text_dim], zero after the prompt's tokens: the adapter's `_encode` arithmetic."""
+    tok = tokenizer([text], padding="max_length", max_length=max_len, truncation=True, add_special_tokens=True,
+                    return_attention_mask=True, return_tensors="pt")
+    states = text_encoder(tok.input_ids, tok.attention_mask).last_hidden_state
+    n = int(tok.attention_mask.gt(0).sum())
+    out = torch.zeros_like(states)
+    out[:, :n] = states[:, :n]
+    return out
+
+
+def components(run: Path, seed: int = 0) -> dict:
+    path = run / "components.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    run.mkdir(parents=True, exist_ok=True)
+    state = {"text_encoder": build_text_encoder(seed).state_dict(), "vae": build_vae(seed).state_dict(), "seed": seed}
+    torch.save(state, path)
+    return state
+
+
+def load_parts(run: Path):
+    st = components(run)
+    te = build_text_encoder(st["seed"])
+    te.load_state_dict(st["text_encoder"])
+    vae = build_vae(st["seed"])
+    vae.load_state_dict(st["vae"])
+    dec = run / "decoder.pt"
+    if dec.exists():
+        vae.load_state_dict(torch.load(dec, weights_only=True)["vae"])
+    return build_tokenizer(), te.eval(), vae.eval()
+
+
+# --- latents -------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_clips(vae, frames: torch.Tensor) -> torch.Tensor:
+    """[B, F, 3, H, W] in [-1, 1] -> raw latents [B, 16, f, h, w] (the posterior mean)."""
+    return vae.encode(frames.permute(0, 2, 1, 3, 4)).latent_dist.mean
+
+
+def make_latents(run: Path, clips: int, seed: int = 1234, chunk: int = 8) -> dict:
+    path = run / "latents.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    _, _, vae = load_parts(run)
+    rng = np.random.default_rng(seed)
+    zs, ids = [], []
+    plist = prompts()
+    t0 = time.time()
+    for i in range(0, clips, chunk):
+        cs = [W.sample_clip(rng, CLIP_FRAMES, WORLD) for _ in range(min(chunk, clips - i))]
+        zs.append(encode_clips(vae, torch.stack([c.frames for c in cs])))
+        ids += [plist.index(c.prompt) for c in cs]
+        print(f"encoded {i + len(cs)}/{clips} clips ({time.time() - t0:.0f} s)", flush=True)
+    z = torch.cat(zs)
+    mean = z.mean(dim=(0, 2, 3, 4))
+    std = z.std(dim=(0, 2, 3, 4))
+    state = {"latents": z.half(), "prompt": torch.tensor(ids), "mean": mean, "std": std, "seed": seed,
+             "seconds": time.time() - t0}
+    torch.save(state, path)
+    return state
+
+
+# --- DiT training --------------------------------------------------------------------------------
+def sample_levels(g: torch.Generator, b: int, f: int, c: DiTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame sigmas [B, F] in the diffusion-forcing mix and a loss mask [B, F] (prefix frames: 0)."""
+
+    def draw(*shape):
+        ln = torch.sigmoid(c.sigma_mean + c.sigma_std * torch.randn(*shape, generator=g))
+        u = torch.rand(*shape, generator=g)
+        s8 = 8 * u / (1 + 7 * u)
+        return torch.where(torch.rand(*shape, generator=g) < c.p_shift8, s8, ln)
+
+    kind = torch.rand(b, generator=g)
+    s = draw(b, f)
+    srt = s.sort(dim=1).values
+    tail = torch.randint(0, f, (b, 1), generator=g)  # not-started frames (t = 999) at the end, half the time
+    has_tail = (torch.rand(b, 1, generator=g) < 0.5)
+    srt = torch.where(has_tail & (torch.arange(f)[None] >= f - tail), torch.ones(()), srt)
+    shared = draw(b, 1).expand(b, f)
+    plen = torch.randint(1, f, (b, 1), generator=g)
+    is_prefix = torch.arange(f)[None] < plen
+    low = torch.rand(b, f, generator=g) * c.addnoise_max
+    prefix = torch.where(is_prefix, low, srt)
+    t1, t2, t3 = c.p_independent, c.p_independent + c.p_sorted, c.p_independent + c.p_sorted + c.p_shared
+    k = kind[:, None]
+    sig = torch.where(k < t1, s, torch.where(k < t2, srt, torch.where(k < t3, shared, prefix)))
+    mask = torch.where(k >= t3, (~is_prefix).float(), torch.ones(b, f))
+    return sig.contiguous(), mask
+
+
+def timesteps(sigma: torch.Tensor) -> torch.Tensor:
+    """sigma -> the pipeline's timestep (1000 s; the not-started level 1 is 999 as in the step matrix)."""
+    return (sigma * 1000).clamp(max=999.0)
+
+
+class DiTTrainer:
+    def __init__(self, run: Path, c: DiTConfig):
+        self.run, self.c = run, c
+        data = make_latents(run, 0) if (run / "latents.pt").exists() else None
+        if data is None:
+            raise FileNotFoundError(f"{run / 'latents.pt'}: run the latents stage first")
+        self.mean = data["mean"].view(1, 16, 1, 1, 1)
+        self.std = data["std"].view(1, 16, 1, 1, 1)
+        self.z = (data["latents"].float() - self.mean) / self.std  # normalised: what the DiT sees
+        self.pid = data["prompt"]
+        tok, te, _ = load_parts(run)
+        plist = prompts()
+        self.ctx = torch.cat([encode_prompt(tok, te, p) for p in plist] + [encode_prompt(tok, te, "")])  # [P+1, L, 32]
+        self.null = len(plist)
+        self.model = build_transformer(c, c.seed)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        rest = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                                     lr=c.lr, betas=(0.9, 0.99))
+        self.step, self.wall = 0, 0.0
+        self.gen = torch.Generator().manual_seed(c.seed + 1)
+        ck = run / "dit.pt"
+        if ck.exists():
+            st = torch.load(ck, weights_only=True)
+            self.model.load_state_dict(st["model"])
+            self.ema.load_state_dict(st["ema"])
+            self.opt.load_state_dict(st["opt"])
+            self.step, self.wall = st["step"], st["wall"]
+            self.gen.set_state(st["gen"])
+            print(f"resumed at step {self.step} ({self.wall:.0f} s)", flush=True)
+
+    def save(self) -> None:
+        st = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+              "step": self.step, "wall": self.wall, "gen": self.gen.get_state(), "config": asdict(self.c)}
+        tmp = self.run / "dit.pt.tmp"
+        torch.save(st, tmp)
+        os.replace(tmp, self.run / "dit.pt")
+
+    def batch(self):
+        c, g = self.c, self.gen
+        n, _, total = self.z.shape[:3]
+        idx = torch.randint(0, n, (c.batch,), generator=g)
+        first = torch.rand(c.batch, generator=g) < c.p_first
+        start = torch.where(first, torch.zeros(c.batch, dtype=torch.long),
+                            torch.randint(1, total - WINDOW + 1, (c.batch,), generator=g))
+        x0 = torch.stack([self.z[i, :, s:s + WINDOW] for i, s in zip(idx.tolist(), start.tolist())])  # [B, 16, F, 8, 8]
+        pid = self.pid[idx]
+        drop = torch.rand(c.batch, generator=g) < c.prompt_dropout
+        pid = torch.where(drop, torch.full_like(pid, self.null), pid)
+        return x0, self.ctx[pid]
+
+    def loss(self, model, x0, ctx) -> torch.Tensor:
+        b, _, f = x0.shape[:3]
+        sigma, mask = sample_levels(self.gen, b, f, self.c)
+        eps = torch.randn(x0.shape, generator=self.gen)
+        s = sigma[:, None, :, None, None]
+        xs = (1 - s) * x0 + s * eps
+        v = model(xs, timesteps(sigma), ctx, enable_diffusion_forcing=True, fps=[1], return_dict=False)[0]
+        err = ((v.float() - (eps - x0)) ** 2).mean(dim=(1, 3, 4))  # [B, F]
+        return (err * mask).sum() / mask.sum().clamp(min=1)
+
+    def lr_at(self, step: int) -> float:
+        return self.c.lr * min(1.0, (step + 1) / self.c.warmup)
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        x0, ctx = self.batch()
+        for gr in self.opt.param_groups:
+            gr["lr"] = self.lr_at(self.step)
+        self.model.train()
+        loss = self.loss(self.model, x0, ctx)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.c.grad_clip)
+        self.opt.step()
+        d = min(self.c.ema, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        self.wall += dt
+        return {"step": self.step, "loss": loss.item(), "grad_norm": float(gn), "lr": self.lr_at(self.step - 1),
+                "seconds": dt, "wall": self.wall}
+
+
+def _loop(minutes: float, steps: int | None, ckpt_minutes: float, step_fn, save_fn, log_path: Path, header: str) -> None:
+    stop = {"now": False}
+
+    def handler(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    new = not log_path.exists()
+    end = time.time() + 60 * minutes
+    last = time.time()
+    with open(log_path, "a") as log:
+        if new:
+            log.write(header + "\n")
+        while time.time() < end and not stop["now"]:
+            row = step_fn()
+            log.write(",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k]) for k in header.split(",")) + "\n")
+            if row["step"] % 20 == 0:
+                log.flush()
+            if steps is not None and row["step"] >= steps:
+                break
+            if time.time() - last > 60 * ckpt_minutes:
+                save_fn()
+                last = time.time()
+    save_fn()
+
+
+def train_dit(run: Path, minutes: float, steps: int | None = None, ckpt_minutes: float = 3.0, **overrides) -> None:
+    cfg_path = run / "dit_config.json"
+    c = DiTConfig(**json.loads(cfg_path.read_text())) if cfg_path.exists() else DiTConfig(**overrides)
+    cfg_path.write_text(json.dumps(asdict(c), indent=2))
+    t = DiTTrainer(run, c)
+    _loop(minutes, steps, ckpt_minutes, t.train_step, t.save, run / "loss.csv", "step,loss,grad_norm,lr,seconds,wall")
+
+
+# --- decoder -------------------------------------------------------------------------------------
+def train_decoder(run: Path, minutes: float, ckpt_minutes: float = 3.0, batch: int = 4, frames: int = 13,
+                  lr: float = 2e-3, seed: int = 7) -> None:
+    """Fit the VAE decoder (and post_quant_conv) to invert the fixed random encoder on world clips."""
+    _, _, vae = load_parts(run)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    state = {"step": 0, "wall": 0.0}
+    path = run / "decoder.pt"
+    if path.exists():
+        st = torch.load(path, weights_only=True)
+        if "opt" in st:
+            opt.load_state_dict(st["opt"])
+            state.update(step=st["step"], wall=st["wall"])
+    rng = np.random.default_rng(seed + state["step"])
+
+    def step():
+        t0 = time.perf_counter()
+        x = torch.stack([W.sample_clip(rng, frames, WORLD).frames for _ in range(batch)]).permute(0, 2, 1, 3, 4)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        vae.decoder.train()
+        y = vae.decode(z).sample
+        loss = ((y - x) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["step"] += 1
+        dt = time.perf_counter() - t0
+        state["wall"] += dt
+        return {"step": state["step"], "loss": loss.item(), "psnr": 10 * math.log10(4 / max(loss.item(), 1e-12)),
+                "seconds": dt, "wall": state["wall"]}
+
+    def save():
+        tmp = run / "decoder.pt.tmp"
+        torch.save({"vae": vae.state_dict(), "opt": opt.state_dict(), **state}, tmp)
+        os.replace(tmp, path)
+
+    _loop(minutes, None, ckpt_minutes, step, save, run / "decoder_loss.csv", "step,loss,psnr,seconds,wall")
+
+
+@torch.no_grad()
+def roundtrip_psnr(vae, clips: int = 8, frames: int = 57, seed: int = 99) -> float:
+    rng = np.random.default_rng(seed)
+    x = torch.stack([W.sample_clip(rng, frames, WORLD).frames for _ in range(clips)]).permute(0, 2, 1, 3, 4)
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return 10 * math.log10(4 / float(((y - x) ** 2).mean()))
+
+
+# --- export --------------------------------------------------------------------------------------
+def export(run: Path, dest: Path) -> Path:
+    """The diffusers pipeline layout (float32): EMA transformer, VAE with the measured latent
+    statistics (and the trained decoder when there is one), the fixed text encoder and tokenizer."""
+    from diffusers import SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+
+    data = torch.load(run / "latents.pt", weights_only=True)
+    tok, te, vae_fit = load_parts(run)
+    vae = build_vae(0, data["mean"].tolist(), data["std"].tolist())
+    vae.load_state_dict(vae_fit.state_dict())
+    c = DiTConfig(**json.loads((run / "dit_config.json").read_text()))
+    tr = build_transformer(c, c.seed)
+    tr.load_state_dict(torch.load(run / "dit.pt", weights_only=True)["ema"])
+    sched = UniPCMultistepScheduler(flow_shift=8.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    SkyReelsV2DiffusionForcingPipeline(tokenizer=tok, text_encoder=te, transformer=tr, vae=vae, scheduler=sched).save_pretrained(dest)
+    return Path(dest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m scopevid.train.skyreels", description=__doc__.split("\n")[0])
+    p.add_argument("stage", choices=["all", "latents", "dit", "decoder", "export"])
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--clips", type=int, default=600, help="world clips to encode (97 frames each)")
+    p.add_argument("--minutes", type=float, default=30.0, help="DiT training time (this invocation)")
+    p.add_argument("--steps", type=int, default=None, help="stop the DiT at this total step count")
+    p.add_argument("--decoder-minutes", type=float, default=12.0)
+    p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dest", default=None, help="export directory (default RUN/export)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    run = Path(a.out)
+    run.mkdir(parents=True, exist_ok=True)
+    if a.stage in ("all", "latents"):
+        components(run)
+        d = make_latents(run, a.clips)
+        print(f"latents {tuple(d['latents'].shape)}; mean {d['mean'].abs().mean():.4f} std {d['std'].mean():.4f}", flush=True)
+    if a.stage in ("all", "dit"):
+        train_dit(run, a.minutes, a.steps, a.ckpt_minutes)
+    if a.stage in ("all", "decoder"):
+        train_decoder(run, a.decoder_minutes, a.ckpt_minutes)
+    if a.stage in ("all", "export"):
+        dest = export(run, Path(a.dest) if a.dest else run / "export")
+        _, _, vae = load_parts(run)
+        print(f"exported {dest}; decode(encode(x)) PSNR {roundtrip_psnr(vae):.2f} dB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
