@@ -413,7 +413,7 @@ def export(run: Path, dest: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m scopevid.train.skyreels", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["all", "latents", "dit", "decoder", "export"])
+    p.add_argument("stage", choices=["all", "latents", "dit", "decoder", "export", "eval"])
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--clips", type=int, default=600, help="world clips to encode (97 frames each)")
     p.add_argument("--minutes", type=float, default=30.0, help="DiT training time (this invocation)")
@@ -422,6 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dest", default=None, help="export directory (default RUN/export)")
+    p.add_argument("--config", default="configs/skyreels_v2_tiny.yaml", help="eval: the generate config")
+    p.add_argument("--seeds", default="100,101", help="eval: generation seeds (comma-separated)")
+    p.add_argument("--prompts", type=int, default=4, help="eval: prompts per seed")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     run = Path(a.out)
@@ -438,7 +441,129 @@ def main(argv: list[str] | None = None) -> None:
         dest = export(run, Path(a.dest) if a.dest else run / "export")
         _, _, vae = load_parts(run)
         print(f"exported {dest}; decode(encode(x)) PSNR {roundtrip_psnr(vae):.2f} dB", flush=True)
+    if a.stage == "eval":
+        ck = Path(a.dest) if a.dest else run / "export"
+        seeds = [int(x) for x in a.seeds.split(",")]
+        res = {"real": real_scores(run), "trained": evaluate(run, Path(a.config), ck, seeds, a.prompts),
+               "random": evaluate(run, Path(a.config), ck, seeds, a.prompts, random_seed=0)}
+        (run / "eval.json").write_text(json.dumps(res, indent=2))
+        print(json.dumps({"real": res["real"], "trained": res["trained"]["summary"], "random": res["random"]["summary"]}, indent=2))
 
 
 if __name__ == "__main__":
     main()
+
+
+# --- quality check -------------------------------------------------------------------------------
+def _decode_frames(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Engine latents [F, C, h, w] (normalised) -> pixel frames [f, 3, H, W] in [-1, 1] (adapter decode)."""
+    from scopevid.adapters.skyreels_v2.vae import LatentNorm, StreamDecoder
+
+    dec = StreamDecoder(vae, LatentNorm(vae))
+    px = torch.cat([dec.push(z) for z in latents])  # [f, H, W, 3] in [0, 1]
+    return px.permute(0, 3, 1, 2) * 2 - 1
+
+
+def _nn_distance(bank: torch.Tensor, q: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Per query row, the RMS distance to its nearest bank row."""
+    out = []
+    for i in range(0, q.shape[0], chunk):
+        out.append(torch.cdist(q[i:i + chunk], bank).min(dim=1).values)
+    return torch.cat(out) / math.sqrt(bank.shape[1])
+
+
+def evaluate(run: Path, config: Path, ckpt: Path, seeds: list[int], n_prompts: int = 4, policy: str = "original",
+             random_seed: int | None = None) -> dict:
+    """Generate with `scopevid generate` (the SkyReels-V2 adapter) for n_prompts x seeds, then score:
+    the world's sprite detector on decoded frames (object / motion / ok, per 16-frame window), and in
+    latent space the nearest-neighbour RMS distance of each generated latent frame (after the first) to
+    the encoded real clips, against held-out real clips (the floor) and unit noise (the ceiling).
+    `random_seed` swaps in a random transformer of the same config (the random-weights reference)."""
+    import shutil
+    import tempfile
+
+    import yaml
+    from diffusers import AutoencoderKLWan, SkyReelsV2Transformer3DModel
+    from safetensors.torch import load_file
+
+    from scopevid import cli
+    from scopevid.train import detector as D
+
+    ckpt = Path(ckpt).resolve()
+    tmp = Path(tempfile.mkdtemp(prefix="skyreels_eval_"))
+    if random_seed is not None:  # the same checkpoint with re-initialised transformer weights
+        shutil.copytree(ckpt, tmp / "ckpt")
+        ckpt = tmp / "ckpt"
+        cfg = SkyReelsV2Transformer3DModel.load_config(str(ckpt / "transformer"))
+        torch.manual_seed(random_seed)
+        SkyReelsV2Transformer3DModel.from_config(cfg).save_pretrained(str(ckpt / "transformer"))
+    vae = AutoencoderKLWan.from_pretrained(str(ckpt / "vae")).eval()
+    data = torch.load(run / "latents.pt", weights_only=True)
+    z = ((data["latents"].float() - data["mean"].view(1, 16, 1, 1, 1)) / data["std"].view(1, 16, 1, 1, 1))
+    z = z[:, :, 1:].permute(0, 2, 1, 3, 4)  # non-first latent frames [N, f, C, h, w]
+    nh = max(1, min(40, z.shape[0] // 5))  # held-out real clips (the floor of the distance)
+    held = z[-nh:].reshape(-1, z[0, 0].numel())
+    bank = z[:-nh].reshape(-1, z[0, 0].numel())
+    base = yaml.safe_load(Path(config).read_text())
+    plist = prompts()
+    chosen = [plist[(i * 5) % len(plist)] for i in range(n_prompts)]  # spread over colours and directions
+    rows, walls = [], []
+    for p in chosen:
+        for s in seeds:
+            raw = copy.deepcopy(base)
+            raw["model"]["path"] = str(ckpt)
+            raw["policy_presets"] = str((Path(config).parent / raw["policy_presets"]).resolve())
+            raw.update(prompt=p, seed=s, policy=policy)
+            (tmp / "run.yaml").write_text(yaml.safe_dump(raw))
+            out = tmp / f"out_{len(rows)}"
+            t0 = time.time()
+            assert cli.main(["generate", "--config", str(tmp / "run.yaml"), "--out", str(out), "--no-progress"]) == 0
+            walls.append(time.time() - t0)
+            lat = load_file(str(out / "latents.safetensors"))["latents"].float()
+            with torch.no_grad():
+                frames = _decode_frames(vae, lat)
+            win = D.window_scores(frames, p, 16, WORLD)
+            sc = D.score_clip(frames[:16], p, WORLD)
+            nn = _nn_distance(bank, lat[1:].reshape(lat.shape[0] - 1, -1))
+            rows.append({"prompt": p, "seed": s, "first16": sc, "windows_object": float(np.mean([w["object"] for w in win])),
+                         "windows_motion": float(np.mean([w["motion"] for w in win])),
+                         "windows_ok": float(np.mean([w["ok"] for w in win])), "nn": float(nn.mean()),
+                         "temporal_rms": float((lat[2:] - lat[1:-1]).pow(2).mean().sqrt()),
+                         "colour": _colour_share(frames, p)})
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in ("windows_object", "windows_motion", "windows_ok", "nn", "temporal_rms", "colour")}
+    summary.update({f"first16_{k}": float(np.mean([r["first16"][k] for r in rows])) for k in ("object", "motion", "start", "ok")})
+    summary["nn_real_heldout"] = float(_nn_distance(bank, held[::7]).mean())
+    summary["nn_noise"] = float(_nn_distance(bank, torch.randn(200, bank.shape[1])).mean())
+    summary["temporal_rms_real"] = float((z[:, 1:] - z[:, :-1]).pow(2).mean().sqrt())
+    summary["generate_seconds"] = float(np.mean(walls))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"summary": summary, "rows": rows}
+
+
+def _colour_share(frames: torch.Tensor, prompt: str) -> float:
+    """Share of the non-background pixels (far from the background colour) that are close to the
+    prompt's colour: 1 when the only object is the prompt's colour."""
+    colour, _ = W.parse_prompt(prompt, WORLD)
+    rgb = ((frames.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+    bg = torch.tensor(WORLD.background)
+    fg = (rgb - bg).abs().amax(-1) > 0.25
+    near = (rgb - torch.tensor(W.COLOURS[colour])).abs().amax(-1) < 0.25
+    return float((near & fg).sum() / fg.sum().clamp(min=1))
+
+
+@torch.no_grad()
+def real_scores(run: Path, clips: int = 8, seed: int = 99) -> dict:
+    """The detector's ceiling through this VAE: real clips, decode(encode(x)), scored as generated ones."""
+    from scopevid.train import detector as D
+
+    _, _, vae = load_parts(run)
+    rng = np.random.default_rng(seed)
+    cs = [W.sample_clip(rng, 137, WORLD) for _ in range(clips)]
+    res = []
+    for c in cs:
+        y = vae.decode(vae.encode(c.frames.permute(1, 0, 2, 3)[None]).latent_dist.mean).sample[0].permute(1, 0, 2, 3)
+        win = D.window_scores(y.clamp(-1, 1), c.prompt, 16, WORLD)
+        res.append({"object": np.mean([w["object"] for w in win]), "motion": np.mean([w["motion"] for w in win]),
+                    "ok": np.mean([w["ok"] for w in win]), "colour": _colour_share(y, c.prompt),
+                    "raw_ok": np.mean([w["ok"] for w in D.window_scores(c.frames, c.prompt, 16, WORLD)])})
+    return {k: float(np.mean([r[k] for r in res])) for k in res[0]}
