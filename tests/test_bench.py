@@ -91,6 +91,7 @@ def test_bench_ablation_varies_one_part_of_scope_at_a_time(tiny_config, tmp_path
     assert rows["scope-fast[no-cache]"]["cache"] == 0
     only = rows["scope-fast[selective-only]"]
     assert only["cache"] == only["predict"] == 0 and only["selective"] == "causal" and only["psnr"] == 100.0
+    assert only["latent_snr"] == 100.0 and 0 < rows["scope-fast"]["latent_snr"] < 100 and rows["original"]["latent_snr"] is None
     assert rows["scope-fast[selective=off]"]["selective"] == "off" and rows["scope-fast[decay=1]"]["decay"] == 1.0
     # the signal of Eq. 4 really changes: d per iteration differs from the host feature's
     d = {f: pq.read_table(out / "steps" / f"scope-fast_feature={f}___12__5.parquet").column("d").to_pylist() for f in features}
@@ -100,6 +101,16 @@ def test_bench_ablation_varies_one_part_of_scope_at_a_time(tiny_config, tmp_path
     assert (out / "ablation.png").stat().st_size > 1000
     md = (out / "summary.md").read_text()
     assert "One mode off" in md and "Signal of Eq. 4" in md and "worst seed" in md and "`no-cache`" in md
+
+
+def test_latent_snr_by_hand():
+    import torch
+
+    from scopevid.engine.metrics import latent_snr
+
+    ref = torch.ones(2, 5)  # |ref|^2 = 10
+    assert abs(latent_snr(ref + 0.1, ref) - 20.0) < 1e-9  # |err|^2 = 0.1 -> 10 log10(100)
+    assert latent_snr(ref, ref) == 100.0
 
 
 def test_bench_ablation_refuses_a_signal_the_model_lacks_and_a_baseline_base(tiny_config, tmp_path, capsys):

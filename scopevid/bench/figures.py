@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from scopevid.bench.report import aggregate, frontier_frames  # noqa: E402
+from scopevid.bench.report import QUALITY, aggregate, frontier_frames  # noqa: E402
 from scopevid.bench.runs import _safe  # noqa: E402
 
 KIND_COLORS = {"original": "black", "scope": "tab:red", "teacache": "tab:blue", "taylorseer": "tab:green",
@@ -186,14 +186,15 @@ SWEEP_MARKERS = {"main": "o", "selective": "s", "mode": "D", "predictor": "^", "
                  "threshold": "*"}
 
 
-def ablation(rows: list[dict], out: Path) -> Path | None:
-    """One point per variant: FLOPs speedup (deterministic) against mean and worst-seed PSNR."""
+def ablation(rows: list[dict], out: Path, quality: str = "psnr") -> Path | None:
+    """One point per variant: FLOPs speedup (deterministic) against mean and worst-seed quality."""
     f = frontier_frames(rows)
-    agg = [a for a in aggregate(rows) if a["frames"] == f and a["psnr"] is not None]
+    agg = [a for a in aggregate(rows) if a["frames"] == f and a[quality] is not None]
     if not any(a["sweep"] not in ("main", "selective") for a in agg):
         return None
+    q = QUALITY[quality]
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
-    for ax, yk, yl in ((axes[0], "psnr", "PSNR (dB), mean over seeds"), (axes[1], "psnr_min", "PSNR (dB), worst seed")):
+    for ax, yk, yl in ((axes[0], quality, f"{q} (dB), mean over seeds"), (axes[1], f"{quality}_min", f"{q} (dB), worst seed")):
         for a in agg:
             x, y = a["flops_speedup"], min(a[yk], 80.0)  # lossless runs (100 dB) drawn at the top edge
             base = a["kind"] != "scope"
@@ -210,7 +211,7 @@ def ablation(rows: list[dict], out: Path) -> Path | None:
                 if k != "original" and any(a["kind"] == k for a in agg)]
     axes[0].legend(handles=handles, fontsize=7, loc="lower left")
     seeds = sorted({r["seed"] for r in rows})
-    fig.suptitle(f"SCOPE ablation, {rows[0]['model']}, {f} frames, seeds {seeds} (PSNR capped at 80 dB for drawing)")
+    fig.suptitle(f"SCOPE ablation, {rows[0]['model']}, {f} frames, seeds {seeds} ({q} capped at 80 dB for drawing)")
     fig.tight_layout()
     path = out / "ablation.png"
     fig.savefig(path, dpi=120)
@@ -218,7 +219,7 @@ def ablation(rows: list[dict], out: Path) -> Path | None:
     return path
 
 
-def all_figures(rows: list[dict], steps_dir: Path, out: Path) -> list[Path]:
+def all_figures(rows: list[dict], steps_dir: Path, out: Path, quality: str = "psnr") -> list[Path]:
     made = [frontier(rows, out), timeline(rows, steps_dir, out), length(rows, out), thresholds(rows, out), horizon(rows, out),
-            ablation(rows, out)]
+            ablation(rows, out, quality)]
     return [p for p in made if p is not None]

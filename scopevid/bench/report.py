@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 
 MEAN_KEYS = ("wall_seconds", "speedup", "cpu_seconds", "cpu_speedup", "forwards", "frame_forwards", "flops", "flops_speedup", "psnr", "ssim",
-             "lpips", "peak_memory_mb", "recompute", "cache", "predict", "fallbacks", "iterations", "engine_overhead_share")
+             "latent_snr", "lpips", "peak_memory_mb", "recompute", "cache", "predict", "fallbacks", "iterations", "engine_overhead_share")
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -26,8 +26,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
         for k in MEAN_KEYS:
             vals = [r[k] for r in rs if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
             agg[k] = sum(vals) / len(vals) if vals else None
-        psnrs = [r["psnr"] for r in rs if r.get("psnr") is not None]
-        agg["psnr_min"] = min(psnrs) if psnrs else None  # the worst seed: what a held-out check must hold
+        for k in ("psnr", "latent_snr"):  # the worst seed: what a held-out check must hold
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            agg[f"{k}_min"] = min(vals) if vals else None
         walls = [r["wall_seconds"] for r in rs]
         mu = sum(walls) / len(walls)
         agg["wall_std"] = (sum((w - mu) ** 2 for w in walls) / max(len(walls) - 1, 1)) ** 0.5 if len(walls) > 1 else 0.0
@@ -42,26 +43,33 @@ def frontier_frames(rows: list[dict]) -> int:
     return 257 if 257 in frames else frames[-1]
 
 
-def pareto_notes(agg: list[dict], frames: int) -> list[str]:
-    """For each baseline: is some SCOPE variant at least as fast and at least as good (PSNR, SSIM)?"""
+QUALITY = {"psnr": "PSNR", "latent_snr": "latent SNR"}
+
+
+def pareto_notes(agg: list[dict], frames: int, quality: str = "psnr") -> list[str]:
+    """For each baseline: is some SCOPE variant at least as fast and at least as good (quality, and SSIM
+    when quality is PSNR)? Among the presets as shipped and the main rows, not the one-factor ablations."""
     main = [a for a in agg if a["frames"] == frames and a["sweep"] in ("main", "selective")]
     scope = [a for a in main if a["kind"] == "scope"]
+    q = QUALITY[quality]
+    good = (lambda s, b: s["psnr"] >= b["psnr"] and s["ssim"] >= b["ssim"]) if quality == "psnr" else (
+        lambda s, b: s[quality] >= b[quality])
     notes = []
     for b in main:
-        if b["kind"] in ("scope", "original") or b["psnr"] is None:
+        if b["kind"] in ("scope", "original") or b[quality] is None:
             continue
         for axis, label in (("cpu_speedup", "CPU time"), ("flops_speedup", "FLOPs")):
-            dom = [s["policy"] for s in scope if s[axis] >= b[axis] and s["psnr"] >= b["psnr"] and s["ssim"] >= b["ssim"]]
+            dom = [s["policy"] for s in scope if s[axis] >= b[axis] and good(s, b)]
             if dom:
                 notes.append(f"- {b['policy']} ({label}): dominated by {', '.join(dom)}.")
             else:
                 faster = [s for s in scope if s[axis] >= b[axis]]
-                better = [s for s in scope if s["psnr"] >= b["psnr"]]
+                better = [s for s in scope if s[quality] >= b[quality]]
                 why = ("no SCOPE variant is as fast" if not faster else
                        "the SCOPE variants as fast are worse in quality" if not any(s in better for s in faster) else
                        "no single SCOPE variant is both as fast and as good")
                 notes.append(f"- **{b['policy']} ({label}): SCOPE is not Pareto-ahead** ({b[axis]:.2f}x, "
-                             f"PSNR {b['psnr']:.2f} dB): {why}.")
+                             f"{q} {b[quality]:.2f} dB): {why}.")
     return notes
 
 
@@ -73,8 +81,8 @@ def main_table(agg: list[dict], frames: int) -> list[str]:
     lines = [
         f"### {frames} frames",
         "",
-        "| Method | Time (s) | Speedup | CPU speedup | GFLOPs | FLOPs speedup | Forwards | PSNR (dB) | SSIM | LPIPS | Peak mem (MB) | Cache/Predict/Recompute | Engine overhead |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| Method | Time (s) | Speedup | CPU speedup | GFLOPs | FLOPs speedup | Forwards | PSNR (dB) | SSIM | latent SNR (dB) | LPIPS | Peak mem (MB) | Cache/Predict/Recompute | Engine overhead |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for a in agg:
         if a["frames"] != frames or a["sweep"] not in ("main", "selective"):
@@ -83,7 +91,8 @@ def main_table(agg: list[dict], frames: int) -> list[str]:
         ssim = "1 (reference)" if a["policy"] == "original" else _f(a["ssim"], "{:.4f}")
         lines.append(
             f"| {a['policy']} | {a['wall_seconds']:.1f} ± {a['wall_std']:.1f} | {a['speedup']:.2f}x | {a['cpu_speedup']:.2f}x | {a['flops'] / 1e9:.1f} | "
-            f"{a['flops_speedup']:.2f}x | {a['forwards']:.1f} | {psnr} | {ssim} | {_f(a['lpips'], '{:.4f}', 'null')} | "
+            f"{a['flops_speedup']:.2f}x | {a['forwards']:.1f} | {psnr} | {ssim} | "
+            f"{'reference' if a['policy'] == 'original' else _f(a.get('latent_snr'))} | {_f(a['lpips'], '{:.4f}', 'null')} | "
             f"{_f(a['peak_memory_mb'], '{:.0f}')} | {a['cache']:.0f}/{a['predict']:.0f}/{a['recompute']:.0f} | "
             f"{_f(a['engine_overhead_share'] * 100 if a['engine_overhead_share'] is not None else None, '{:.1f}%')} |"
         )
@@ -95,13 +104,14 @@ def sweep_table(agg: list[dict], sweep: str, title: str, frames: int) -> list[st
     if not any(a["sweep"] == sweep for a in rows):
         return []
     lines = [f"### {title} ({frames} frames)", "",
-             "| Variant | Time (s) | Speedup | CPU speedup | FLOPs speedup | PSNR (dB) | worst seed | SSIM | LPIPS | Cache/Predict/Recompute |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| Variant | Time (s) | Speedup | CPU speedup | FLOPs speedup | PSNR (dB) | worst seed | SSIM | latent SNR (dB) | worst seed | LPIPS | Cache/Predict/Recompute |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for a in rows:
         if a["policy"] == "original":
             continue
         lines.append(f"| {a['policy']} | {a['wall_seconds']:.1f} | {a['speedup']:.2f}x | {a['cpu_speedup']:.2f}x | {a['flops_speedup']:.2f}x | "
-                     f"{_f(a['psnr'])} | {_f(a.get('psnr_min'))} | {_f(a['ssim'], '{:.4f}')} | {_f(a['lpips'], '{:.4f}', 'null')} | "
+                     f"{_f(a['psnr'])} | {_f(a.get('psnr_min'))} | {_f(a['ssim'], '{:.4f}')} | {_f(a.get('latent_snr'))} | "
+                     f"{_f(a.get('latent_snr_min'))} | {_f(a['lpips'], '{:.4f}', 'null')} | "
                      f"{a['cache']:.0f}/{a['predict']:.0f}/{a['recompute']:.0f} |")
     return lines + [""]
 
@@ -125,7 +135,8 @@ def length_table(agg: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def summary_markdown(rows: list[dict], *, command: str, config: str, figures: list[str], notes: list[str] = ()) -> str:
+def summary_markdown(rows: list[dict], *, command: str, config: str, figures: list[str], notes: list[str] = (),
+                     quality: str = "psnr") -> str:
     agg = aggregate(rows)
     ff = frontier_frames(rows)
     seeds = sorted({r["seed"] for r in rows})
@@ -147,9 +158,10 @@ def summary_markdown(rows: list[dict], *, command: str, config: str, figures: li
     ]
     for f in sorted({a["frames"] for a in agg}):
         out += main_table(agg, f)
-    pn = pareto_notes(agg, ff)
+    pn = pareto_notes(agg, ff, quality)
     if pn:
-        out += [f"Pareto check at {ff} frames (SCOPE variant at least as fast and at least as good in PSNR and SSIM):", ""] + pn + [""]
+        good = "PSNR and SSIM" if quality == "psnr" else QUALITY[quality]
+        out += [f"Pareto check at {ff} frames (SCOPE preset at least as fast and at least as good in {good}):", ""] + pn + [""]
     out += length_table(agg)
     for sweep, title in (("threshold", "Threshold sensitivity (Table 2 analogue)"), ("horizon", "Skip-length H (Fig. 7 analogue)"),
                          ("predictor", "Predictor ablation"), ("selective", "Selective computation on/off"),

@@ -30,7 +30,7 @@ from scopevid.scheduler.policies import build as build_policy
 ROW_FIELDS = [
     "model", "policy", "base_policy", "kind", "sweep", "frames", "seed", "selective", "predictor", "horizon",
     "tau_c", "tau_p", "decay", "feature", "wall_seconds", "speedup", "cpu_seconds", "cpu_speedup", "forwards", "frame_forwards", "flops", "flops_speedup",
-    "psnr", "ssim", "lpips", "peak_memory_mb", "memory_kind", "recompute", "cache", "predict", "fallbacks",
+    "psnr", "ssim", "latent_snr", "lpips", "peak_memory_mb", "memory_kind", "recompute", "cache", "predict", "fallbacks",
     "iterations", "decision_digest", "threads", "loop_seconds", "forward_seconds", "feature_seconds", "engine_overhead_share",
 ]
 
@@ -214,16 +214,27 @@ def mean_lpips(score, a: FrameStore, b: FrameStore) -> float:
 # ------------------------------------------------------------------------------------ runs
 def run_row(cfg: RunConfig, adapter, variant: Variant | None, frames: int, seed: int, *, reference: FrameStore | None,
             keep_frames: Path | None, steps_dir: Path, memory: PeakMemory, lpips=None, reference_row: dict | None = None,
-            threads: int | None = None) -> tuple[dict, list]:
-    """One rollout -> (row, step records). With variant None it is the reference (Original)."""
+            threads: int | None = None, latents: Path | None = None, reference_latents: Path | None = None) -> tuple[dict, list]:
+    """One rollout -> (row, step records). With variant None it is the reference (Original).
+
+    latents: where the run's clean latents go (safetensors); with reference_latents (Original's) the
+    row gets latent_snr, and the variant's file is removed afterwards."""
     run_cfg = config_for(cfg, variant, frames, seed)
     name = "original" if variant is None else variant.name
     store = FrameStore(keep_frames) if keep_frames is not None else None
     memory.reset()
     cpu0 = time.process_time()
-    res = run_once(run_cfg, adapter, name, frames_to=store, reference=reference,
+    res = run_once(run_cfg, adapter, name, frames_to=store, reference=reference, latents_to=latents,
                    steps_log=steps_dir / f"{_safe(name)}__{frames}__{seed}.parquet")
     cpu = time.process_time() - cpu0  # this process's CPU time: robust to other processes on the machine
+    snr = None
+    if latents is not None and reference_latents is not None:
+        from safetensors.torch import load_file
+
+        from scopevid.engine.metrics import latent_snr
+
+        snr = latent_snr(load_file(str(latents))["latents"], load_file(str(reference_latents))["latents"])
+        latents.unlink()
     s = res.summary
     spec = run_cfg.policy_spec(name)
     ref = reference_row or {}
@@ -252,6 +263,7 @@ def run_row(cfg: RunConfig, adapter, variant: Variant | None, frames: int, seed:
         "flops_speedup": (ref["flops"] / s["flops"]) if ref and s["flops"] else 1.0,
         "psnr": s.get("psnr") if reference is not None else None,
         "ssim": s.get("ssim") if reference is not None else None,
+        "latent_snr": snr,
         "lpips": None,
         "peak_memory_mb": memory.peak_mb(),
         "memory_kind": memory.kind,

@@ -181,8 +181,9 @@ def execute(cfg, adapter, variants, frames: list[int], seeds: list[int], out: Pa
             ref_dir = out / "_reference"
             shutil.rmtree(ref_dir, ignore_errors=True)
             bar.set_postfix_str(f"{f} frames, seed {seed}: original")
+            ref_latents = out / "_reference_latents.safetensors"
             ref_row, _ = runs.run_row(cfg, adapter, None, f, seed, reference=None, keep_frames=ref_dir,
-                                      steps_dir=steps_dir, memory=memory, threads=threads)
+                                      steps_dir=steps_dir, memory=memory, threads=threads, latents=ref_latents)
             rows.append(ref_row)
             bar.update(1)
             reference = FrameStore(ref_dir)
@@ -190,11 +191,13 @@ def execute(cfg, adapter, variants, frames: list[int], seeds: list[int], out: Pa
                 bar.set_postfix_str(f"{f} frames, seed {seed}: {v.name}")
                 keep = out / "_run" if lpips is not None else None
                 row, _ = runs.run_row(cfg, adapter, v, f, seed, reference=reference, keep_frames=keep, steps_dir=steps_dir,
-                                      memory=memory, lpips=lpips, reference_row=ref_row, threads=threads)
+                                      memory=memory, lpips=lpips, reference_row=ref_row, threads=threads,
+                                latents=out / "_run_latents.safetensors", reference_latents=ref_latents)
                 rows.append(row)
                 bar.update(1)
                 _write(rows, out, pa, pq)  # partial results survive an interrupted bench
             shutil.rmtree(ref_dir, ignore_errors=True)
+            ref_latents.unlink(missing_ok=True)
     bar.close()
     _write(rows, out, pa, pq)
     return rows
@@ -209,9 +212,10 @@ def _report(out: Path, notes: list[str] = ()) -> int:
         raise ConfigError(f"--report-only: no {out / 'bench.parquet'}")
     rows = pq.read_table(out / "bench.parquet").to_pylist()
     meta = json.loads((out / "bench.json").read_text()) if (out / "bench.json").is_file() else {}
-    made = figures.all_figures(rows, out / "steps", out)
+    quality = meta.get("quality", "psnr")
+    made = figures.all_figures(rows, out / "steps", out, quality)
     md = report.summary_markdown(rows, command=meta.get("command", "?"), config=meta.get("config", "?"),
-                                 figures=[p.name for p in made], notes=notes or meta.get("notes", ()))
+                                 figures=[p.name for p in made], notes=notes or meta.get("notes", ()), quality=quality)
     (out / "summary.md").write_text(md)
     print(json.dumps({"rows": len(rows), "parquet": str(out / "bench.parquet"), "summary": str(out / "summary.md"),
                       "figures": [str(p) for p in made]}, indent=2))

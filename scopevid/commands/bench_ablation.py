@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", help="presets to run beside the base (default: every other preset of the config)")
     p.add_argument("--horizons", default="1,2,3,8", help="H values besides the base's (default 1,2,3,8)")
     p.add_argument("--decays", default="0.5,1", help="lambda values besides the base's (default 0.5,1)")
+    p.add_argument("--quality", default="psnr", choices=("psnr", "latent_snr"),
+                   help="what the Pareto check and the figure rank by: PSNR of the decoded frames (default), or the "
+                        "latents' SNR against Original's, for a checkpoint whose decoder keeps little of the latent")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
     p.add_argument("--no-progress", action="store_true")
@@ -70,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     variants = runs.plan_variants(cfg, adapter, others) + factors[:1] + [off] + factors[1:]
     execute(cfg, adapter, variants, frames, seeds, out, threads=args.threads, progress=not args.no_progress)
     argv = ["--config", args.config, "--base", args.base, "--seeds", ",".join(map(str, seeds)),
-            "--frames", ",".join(map(str, frames)), "--out", str(args.out)]
+            "--frames", ",".join(map(str, frames)), "--quality", args.quality, "--out", str(args.out)]
     notes = ["## What each factor changes", "", f"Every factor is one change to `{args.base}` ({_spec(base)}); "
              "the other rows are the config's presets as shipped.", ""]
     notes += [f"- `{m}`: {what}" for m, what in runs.MODES.items()]
@@ -79,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
               "- `predictor`, `H`, `decay`: Eq. 6/7 and the stability controls of section 3.5",
               "- `feature`: the signal phi of Eq. 4 (host: the adapter's host feature, the paper's)", ""]
     meta = {"command": "scopevid bench ablation " + " ".join(shlex.quote(a) for a in argv), "config": args.config,
-            "notes": notes}
+            "notes": notes, "quality": args.quality}
     (out / "bench.json").write_text(json.dumps(meta, indent=2))
     return _report(out)
 

@@ -18,6 +18,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.clamp(max=100.0)
 
 
+def latent_snr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """10 log10(|b|^2 / |a - b|^2) in dB over the whole latent video, b the reference; capped at 100 dB.
+
+    Quality where decoded frames cannot tell (a decoder that keeps little of the latent): the
+    signal-to-error ratio of the clean latents themselves."""
+    err = (a.double() - b.double()).pow(2).sum()
+    ref = b.double().pow(2).sum()
+    if float(err) == 0.0:
+        return 100.0
+    return min(100.0, float(10 * torch.log10(ref / err)))
+
+
 def _gauss(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - size // 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
