@@ -108,7 +108,7 @@ def test_latent_snr_by_hand():
 
     from scopevid.engine.metrics import latent_snr
 
-    ref = torch.ones(2, 5)  # |ref|^2 = 10
+    ref = torch.ones(2, 5, dtype=torch.float64)  # |ref|^2 = 10
     assert abs(latent_snr(ref + 0.1, ref) - 20.0) < 1e-9  # |err|^2 = 0.1 -> 10 log10(100)
     assert latent_snr(ref, ref) == 100.0
 
