@@ -122,16 +122,20 @@ def test_bench_ablation_refuses_a_signal_the_model_lacks_and_a_baseline_base(tin
     assert "varies a scope preset" in capsys.readouterr().err
 
 
-def test_calibrate_predict_family_never_caches(tiny_config, tmp_path):
-    out = tmp_path / "cal"
-    rc = cli.main(["calibrate", "--config", _config(tiny_config, tmp_path, frames=12), "--family", "predict",
-                   "--target-psnr", "60", "--frames", "12", "--seeds", "0", "--horizons", "3", "--steps", "4",
-                   "--threads", "1", "--out", str(out)])
-    assert rc == 0
-    report = json.loads((out / "calibrate.json").read_text())
-    assert all(e["tau_c"] == 0.0 and e["tau_p"] == round(e["x"], 6) for e in report["evaluations"])
-    preset = yaml.safe_load((out / "preset.yaml").read_text())["scope-calibrated"]
-    assert preset["tau_c"] == 0.0 and preset["tau_p"] == report["pick"]["tau_p"] and min(report["pick"]["psnr"]) >= 60
+def test_calibrate_predict_family_never_caches_and_can_rank_by_latent_snr(tiny_config, tmp_path):
+    cfg = _config(tiny_config, tmp_path, frames=12)
+    reports = {}
+    for metric in ("psnr", "latent_snr"):
+        out = tmp_path / metric
+        rc = cli.main(["calibrate", "--config", cfg, "--family", "predict", "--metric", metric, "--target-psnr", "60",
+                       "--frames", "12", "--seeds", "0", "--horizons", "3", "--steps", "4", "--threads", "1", "--out", str(out)])
+        assert rc == 0
+        report = reports[metric] = json.loads((out / "calibrate.json").read_text())
+        assert all(e["tau_c"] == 0.0 and e["tau_p"] == round(e["x"], 6) for e in report["evaluations"])
+        preset = yaml.safe_load((out / "preset.yaml").read_text())["scope-calibrated"]
+        assert preset["tau_c"] == 0.0 and preset["tau_p"] == report["pick"]["tau_p"] and min(report["pick"]["psnr"]) >= 60
+    first = [reports[m]["evaluations"][0] for m in ("psnr", "latent_snr")]
+    assert first[0]["x"] == first[1]["x"] and first[0]["psnr"] != first[1]["psnr"]  # the same run, scored two ways
 
 
 def test_calibrate_hits_psnr_target_on_a_held_out_seed(tiny_config, tmp_path, capsys):

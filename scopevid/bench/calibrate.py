@@ -38,7 +38,7 @@ class Evaluation:
     tau_c: float
     tau_p: float
     horizon: int
-    psnr: list[float]  # per calibration seed
+    psnr: list[float]  # quality per calibration seed: PSNR, or latent SNR with metric latent_snr (dB either way)
     flops_speedup: list[float]
     cpu_seconds: float
 
@@ -64,13 +64,15 @@ class Result:
 
 class Calibrator:
     def __init__(self, cfg: RunConfig, adapter, base: str, frames: int, seeds: list[int], workdir: Path,
-                 selective: str | None = None, family: str = "ray"):
+                 selective: str | None = None, family: str = "ray", metric: str = "psnr"):
         spec = cfg.policy_spec(base)
         if spec.get("kind") != "scope":
             raise ConfigError(f"--base: {base} is not a scope preset")
         if family not in FAMILIES:
             raise ConfigError(f"--family: {' or '.join(FAMILIES)}, got {family!r}")
-        self.family = family
+        if metric not in ("psnr", "latent_snr"):
+            raise ConfigError(f"--metric: psnr or latent_snr, got {metric!r}")
+        self.family, self.metric = family, metric
         self.cfg, self.adapter, self.base_spec = cfg, adapter, spec
         self.ratio = spec["tau_p"] / spec["tau_c"] if spec.get("tau_c") else 2.3
         self.frames, self.seeds, self.workdir = frames, seeds, Path(workdir)
@@ -94,10 +96,17 @@ class Calibrator:
             d = self.workdir / f"reference_{seed}_{self.frames}"
             shutil.rmtree(d, ignore_errors=True)
             store = FrameStore(d)
-            res = run_once(self._cfg(seed, None), self.adapter, "original", frames_to=store, keep_records=False)
+            res = run_once(self._cfg(seed, None), self.adapter, "original", frames_to=store, keep_records=False,
+                           latents_to=self._latents(seed))
             self.rollouts += 1
             self.refs[key] = (store, res.summary["flops"])
         return self.refs[key]
+
+    def _latents(self, seed: int | None) -> Path | None:
+        """Original's latents for `seed` (None: the run under evaluation), when quality is latent SNR."""
+        if self.metric != "latent_snr":
+            return None
+        return self.workdir / (f"latents_{seed}_{self.frames}.safetensors" if seed is not None else "latents_run.safetensors")
 
     def spec(self, x: float, horizon: int) -> dict:
         if self.family == "predict":
@@ -110,9 +119,18 @@ class Calibrator:
         t0 = time.process_time()
         for seed in seeds or self.seeds:
             ref, ref_flops = self.reference(seed)
-            res = run_once(self._cfg(seed, spec), self.adapter, "scope-calibrating", reference=ref, keep_records=False)
+            res = run_once(self._cfg(seed, spec), self.adapter, "scope-calibrating", reference=ref, keep_records=False,
+                           latents_to=self._latents(None))
             self.rollouts += 1
-            psnr.append(res.summary["psnr"])
+            if self.metric == "latent_snr":
+                from safetensors.torch import load_file
+
+                from scopevid.engine.metrics import latent_snr
+
+                psnr.append(latent_snr(load_file(str(self._latents(None)))["latents"],
+                                       load_file(str(self._latents(seed)))["latents"]))
+            else:
+                psnr.append(res.summary["psnr"])
             speed.append(ref_flops / res.summary["flops"])
         return Evaluation(x, spec["tau_c"], spec["tau_p"], int(horizon), psnr, speed, time.process_time() - t0)
 

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--horizons", default="2,3,5,8", help="candidate H values (default 2,3,5,8)")
     p.add_argument("--family", default="ray", choices=("ray", "predict"), help="ray: tau_p = ratio * tau_c of --base; predict: tau_c = 0 (no Cache), "
                                                    "tau_p searched (default ray)")
+    p.add_argument("--metric", default="psnr", choices=("psnr", "latent_snr"),
+                   help="quality for --target-psnr: PSNR of the decoded frames (default) or the latents' SNR against "
+                        "Original's (a checkpoint whose decoder keeps little of the latent)")
     p.add_argument("--base", default="scope-fast", help="preset giving the predictor, decay, warmup and tau_p/tau_c ratio")
     p.add_argument("--name", default="scope-calibrated", help="name of the written preset")
     p.add_argument("--steps", type=int, default=7, help="bisection points per H (default 7)")
@@ -70,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     from scopevid.bench.calibrate import Calibrator, preset_yaml
 
     target, value = ("psnr", args.target_psnr) if args.target_psnr is not None else ("speedup", args.target_speedup)
-    cal = Calibrator(cfg, adapter, args.base, args.frames, seeds, out / "_work", family=args.family)
+    cal = Calibrator(cfg, adapter, args.base, args.frames, seeds, out / "_work", family=args.family, metric=args.metric)
     result = cal.search(target, value, _ints(args.horizons), steps=args.steps)
     holdout = _ints(args.holdout)
     if result.pick is not None and holdout:
