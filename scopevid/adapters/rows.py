@@ -13,7 +13,7 @@ far above the small-matrix paths, and each row's result there does not depend on
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
