@@ -73,21 +73,29 @@ class ForwardSpec:
 Attention = Callable[..., torch.Tensor]  # (q, k, v, layer: int, spec: ForwardSpec) -> out, all [B, S, h, d]
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spec: ForwardSpec) -> torch.Tensor:
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, spec: ForwardSpec,
+                    queries: tuple[int, int] | None = None) -> torch.Tensor:
     """Attention over one process's heads for the whole sequence of `spec.frames`.
 
     Stores the K/V of `spec.store` frames, prepends the cached K/V of `spec.context` frames, and
-    applies the frame mask: padding keys are never attended; with `causal`, a query frame sees key
-    frames with index <= its own. Under Ulysses this runs between the two all-to-alls, so the KV
-    cache holds this rank's heads for every frame and no K/V ever moves between ranks.
+    applies the frame mask: with `causal`, a query frame sees key frames with index <= its own. Under
+    Ulysses this runs between the two all-to-alls, so the KV cache holds this rank's heads for every
+    frame and no K/V ever moves between ranks. `queries`: the [lo, hi) slots of `spec.frames` that q
+    holds (a ring part; default all), k/v always hold every slot.
+
+    Padding frames (index -1, at the end: the shard rule pads there) are cut from keys and queries
+    before the kernel runs, so every query row meets exactly the keys, and the kernel exactly the
+    shapes, of the unsharded forward: a kernel's softmax and P @ V reduce over the key length, and
+    masked padding keys changed their rounding, hence a sharded video's bits (issue 24).
 
     Grouped-query attention: k/v may carry fewer heads than q (a divisor); they are cached as given
     and query head h reads K/V head h // (q heads / K/V heads). With `spec.key_ranges`, query frames
     are grouped by range and each group attends exactly its key frames (no dense mask).
     """
-    b, s, h, d = q.shape
+    h = q.shape[2]
     nf = len(spec.frames)
-    tpf = s // nf  # tokens per frame
+    qlo, qhi = queries if queries is not None else (0, nf)
+    tpf = k.shape[1] // nf  # tokens per frame
     if spec.kv is not None and spec.store:
         for i, f in enumerate(spec.frames):
             if f in spec.store:
@@ -111,26 +119,32 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
         k = k.repeat_interleave(h // k.shape[2], dim=2)
         v = v.repeat_interleave(h // v.shape[2], dim=2)
     if spec.key_ranges is not None:
-        return _ranged_attention(q, k, v, spec, key_frames, tpf)
-    qf = torch.tensor(spec.frames, device=q.device).repeat_interleave(tpf)
-    kf = torch.tensor(key_frames, device=q.device).repeat_interleave(tpf)
+        return _ranged_attention(q, k, v, spec, key_frames, tpf, qlo, qhi)
+    keys = len(key_frames) - sum(1 for f in spec.frames if f < 0)  # real key frames (padding trails)
+    rows = sum(1 for f in spec.frames[qlo:qhi] if f >= 0)  # real query frames of this part
+    if rows == 0:
+        return torch.zeros_like(q)
+    qf = torch.tensor(spec.frames[qlo : qlo + rows], device=q.device).repeat_interleave(tpf)
+    kf = torch.tensor(key_frames[:keys], device=q.device).repeat_interleave(tpf)
     allowed = (kf >= 0)[None, :].expand(qf.numel(), -1)
     if spec.causal:
         allowed = allowed & (kf[None, :] <= qf[:, None])
-    # padded queries see every real key: their outputs are discarded, but a row of -inf would give NaN
-    allowed = allowed | ((qf < 0)[:, None] & (kf >= 0)[None, :])
-    out = attention_kernel(spec.kernel)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), allowed)
-    return out.transpose(1, 2)
+    qs, ks, vs = q[:, : rows * tpf], k[:, : keys * tpf], v[:, : keys * tpf]
+    out = attention_kernel(spec.kernel)(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), allowed).transpose(1, 2)
+    if rows * tpf < q.shape[1]:  # padding queries get zeros: their outputs are dropped
+        out = torch.cat([out, out.new_zeros(out.shape[0], q.shape[1] - rows * tpf, *out.shape[2:])], dim=1)
+    return out
 
 
-def _ranged_attention(q, k, v, spec: ForwardSpec, key_frames: list[int], tpf: int) -> torch.Tensor:
-    """Attention where query frame i sees the keys of frames in spec.key_ranges[i] (padding never).
-    Consecutive query frames with the same range form one SDPA call over their key tokens."""
+def _ranged_attention(q, k, v, spec: ForwardSpec, key_frames: list[int], tpf: int, qlo: int, qhi: int) -> torch.Tensor:
+    """Attention where query frame i (a slot in [qlo, qhi), q's rows) sees the keys of frames in
+    spec.key_ranges[i] (padding never). Consecutive query frames with the same range form one SDPA
+    call over their key tokens."""
     if len(spec.key_ranges) != len(spec.frames):
         raise ValueError(f"ForwardSpec.key_ranges has {len(spec.key_ranges)} entries for {len(spec.frames)} frames")
     kf = torch.tensor(key_frames, device=q.device)
     out = torch.zeros_like(q)
-    i, n = 0, len(spec.frames)
+    i, n = qlo, qhi
     while i < n:
         j = i
         while j < n and spec.key_ranges[j] == spec.key_ranges[i] and (spec.frames[j] < 0) == (spec.frames[i] < 0):
@@ -146,9 +160,10 @@ def _ranged_attention(q, k, v, spec: ForwardSpec, key_frames: list[int], tpf: in
             else:
                 tok = (sel[:, None] * tpf + torch.arange(tpf, device=q.device)[None]).reshape(-1)
                 ks, vs = k[:, tok], v[:, tok]
-            qs = q[:, i * tpf : j * tpf].transpose(1, 2)
+            rows = slice((i - qlo) * tpf, (j - qlo) * tpf)
+            qs = q[:, rows].transpose(1, 2)
             o = attention_kernel(spec.kernel)(qs, ks.transpose(1, 2), vs.transpose(1, 2), None)
-            out[:, i * tpf : j * tpf] = o.transpose(1, 2)
+            out[:, rows] = o.transpose(1, 2)
         i = j
     return out
 

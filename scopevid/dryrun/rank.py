@@ -12,6 +12,8 @@ step's float32 partial and the ring's K/V blocks, as cluster.ring does. Sums are
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from scopevid.adapters.base import ForwardSpec, local_attention
@@ -52,13 +54,10 @@ class RankView(LocalTopology):
         return torch.empty_like(q)  # the all-to-all back: this shard's tokens, every head
 
     def _ring(self, q2, k2, v2, layer: int, spec: ForwardSpec) -> torch.Tensor:
-        from scopevid.cluster.ring import partial
-
+        """What cluster.ring holds: the stored frames' K/V cached here, every part's K/V passed round
+        and joined, then one attention call of this part's query rows over the whole sequence."""
         lo, hi = self.mesh.ring_part(len(spec.frames), self.mesh.coords(self.rank).r)
-        nf = hi - lo  # frames of this rank's ring part
-        tpf = q2.shape[1] // max(nf, 1)
-        allowed = torch.ones((nf, nf), dtype=torch.bool, device=q2.device)
-        blocks = [(torch.empty_like(k2), torch.empty_like(v2)) for _ in range(2)]  # the block in use and the one arriving
+        tpf = q2.shape[1] // max(hi - lo, 1)
         if spec.kv is not None and spec.store:  # every part's K/V all-gathered, then the stored frames cached here
             gathered = [torch.empty_like(k2) for _ in range(2 * self.R)]
             for f in spec.frames:
@@ -67,9 +66,9 @@ class RankView(LocalTopology):
                     spec.kv.put(layer, f, torch.empty(shape, dtype=k2.dtype, device=k2.device),
                                 torch.empty(shape, dtype=v2.dtype, device=v2.device))
             del gathered
-        out, lse = partial(q2, k2, v2, allowed, tpf)
-        del blocks, lse
-        return out.to(q2.dtype)
+        k_all = torch.cat([torch.empty_like(k2) for _ in range(self.R)], dim=1)
+        v_all = torch.cat([torch.empty_like(v2) for _ in range(self.R)], dim=1)
+        return local_attention(q2, k_all, v_all, layer, replace(spec, store=frozenset()), queries=(lo, hi))
 
     def gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
         if self.sp == 1:

@@ -120,22 +120,26 @@ class ForwardRunner:
             seen = st.features.seen(mine)
             per = st.features.sums(mine, phi)
         st.feature_frames = list(frames)
-        values = [sum(n for n, _ in per), sum(d for _, d in per), float(seen)]
-        chunks: list[int] = []
-        if chunk is not None:  # one vector whose layout every rank derives from the replicated frames
-            chunks = sorted({f // chunk for f in frames})
-            at = {c: i for i, c in enumerate(chunks)}
-            part = [0.0] * (2 * len(chunks))
-            for f, (n, d) in zip(mine, per):
-                part[2 * at[f // chunk]] += n
-                part[2 * at[f // chunk] + 1] += d
-            values += part
+        # per-frame terms at their slot of the whole interval (zeros elsewhere): the rank-order reduction
+        # adds each slot's one nonzero term to zeros, exactly, so every layout then adds the same
+        # numbers in frame order (a per-rank subtotal would follow the shard: issue 24)
+        values = [0.0] * (2 * len(frames)) + [float(seen)]
+        for i, (n, d) in enumerate(per):
+            values[2 * (lo + i)], values[2 * (lo + i) + 1] = n, d
         red = self.topo.reduce_shards(values)
-        if red[2] <= 0:
+        if red[-1] <= 0:
             return None
-        part = red[3:]
-        by_chunk = tuple((c, part[2 * i], part[2 * i + 1]) for i, c in enumerate(chunks) if part[2 * i] > 0 or part[2 * i + 1] > 0)
-        return Discrepancy(red[0], red[1], by_chunk)
+        terms = list(zip(frames, red[0:-1:2], red[1:-1:2]))
+        num, den = sum(n for _, n, _ in terms), sum(d for _, _, d in terms)
+        by_chunk: tuple = ()
+        if chunk is not None:
+            sums: dict[int, list[float]] = {}
+            for f, n, d in terms:  # frame order within each chunk
+                s = sums.setdefault(f // chunk, [0.0, 0.0])
+                s[0] += n
+                s[1] += d
+            by_chunk = tuple((c, n, d) for c, (n, d) in sorted(sums.items()) if n > 0 or d > 0)
+        return Discrepancy(num, den, by_chunk)
 
     # --- the forward -----------------------------------------------------------------------------
     def forward(self, it: Iteration, frames: list[int], levels: Levels, hooks: ForwardHooks | None = None,

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scopevid.adapters.base import Attention, ForwardHooks, ForwardSpec, HookContext, local_attention
+from scopevid.adapters.rows import fixed_rows
 from scopevid.adapters.magi1.config import Magi1Arch
 
 FREQ_DIM = 256  # sinusoidal timestep features
@@ -65,7 +66,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         w = self.mlp[0].weight
-        return self.mlp(self.sinusoid(t).to(w.dtype))
+        return fixed_rows(self.mlp, self.sinusoid(t).to(w.dtype))  # per frame: rows.fixed_rows
 
 
 class CaptionEmbedder(nn.Module):
@@ -172,7 +173,7 @@ class AdaModulate(nn.Module):
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         """c [F, cond] -> softcapped gates [F, 2 * hidden] (cap 1: tanh)."""
-        return torch.tanh(self.proj(F.silu(c)).float())
+        return torch.tanh(fixed_rows(lambda c: self.proj(F.silu(c)), c).float())  # per frame: rows.fixed_rows
 
 
 class Layer(nn.Module):
@@ -285,7 +286,8 @@ class Magi1DiT(nn.Module):
         if arch.half_channel_vae:
             x = torch.cat([x, x], dim=1)
         w = self.x_embedder.weight  # [D, C, 1, p, p]
-        h = F.conv2d(x.to(w.dtype), w[:, :, 0], stride=arch.patch_size)  # [F, D, H/p, W/p]
+        # over fixed blocks of frames (rows.fixed_rows): the conv's kernel choice follows the batch size
+        h = fixed_rows(lambda b: F.conv2d(b, w[:, :, 0], stride=arch.patch_size), x.to(w.dtype))  # [F, D, H/p, W/p]
         return h.flatten(2).transpose(1, 2)
 
     def condition(self, t: torch.Tensor, step_size: float | None) -> torch.Tensor:

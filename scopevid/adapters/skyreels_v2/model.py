@@ -22,6 +22,7 @@ import math
 import torch
 
 from scopevid.adapters.base import Attention, ForwardHooks, ForwardSpec, HookContext
+from scopevid.adapters.rows import fixed_rows
 from scopevid.errors import CheckpointError
 
 MODULES = ("attn", "cross", "mlp")  # a block's module outputs that reuse hooks see (Wan's three)
@@ -64,8 +65,9 @@ class DFTransformer:
         wdt = next(ce.time_embedder.parameters()).dtype
         if t.dtype != wdt and wdt != torch.int8:
             t = t.to(wdt)
-        temb = ce.time_embedder(t).type_as(like)  # [1, F, D]
-        e = ce.time_proj(ce.act_fn(temb)).unflatten(-1, (6, -1))  # [1, F, 6, D]
+        # per-frame rows in fixed blocks (rows.fixed_rows): a frame's bits must not depend on the shard
+        temb = fixed_rows(ce.time_embedder, t[0])[None].type_as(like)  # [1, F, D]
+        e = fixed_rows(lambda r: ce.time_proj(ce.act_fn(r)), temb[0])[None].unflatten(-1, (6, -1))  # [1, F, 6, D]
         if self.inject_fps:
             fps = torch.tensor([fps_id], dtype=torch.long, device=e.device)
             e = e + self.m.fps_projection(self.m.fps_embedding(fps)).unflatten(1, (6, -1))  # + [1, 6, D]
@@ -103,7 +105,9 @@ class DFTransformer:
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """x [F, C, H, W] -> hidden [1, S, D], (pph, ppw)."""
         _, ph, pw = self.patch
-        h = self.m.patch_embedding(x.permute(1, 0, 2, 3)[None].to(self.dtype))  # [1, D, F, pph, ppw]
+        # the Conv3d over fixed blocks of frames (rows.fixed_rows): its kernel choice follows the frame count
+        embed = lambda b: self.m.patch_embedding(b.permute(1, 0, 2, 3)[None])[0].transpose(0, 1)  # noqa: E731  [f, D, pph, ppw]
+        h = fixed_rows(embed, x.to(self.dtype)).transpose(0, 1)[None]  # [1, D, F, pph, ppw]
         return h.flatten(2).transpose(1, 2), x.shape[-2] // ph, x.shape[-1] // pw
 
     def host_feature(self, x: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor, fps_id: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from scopevid.adapters.base import (Adapter, Attention, AttentionShape, Capabilities, Conditioning, Feature, ForwardSpec, HookPoint,
                                     NoiseSchedule, VideoFacts, local_attention)
+from scopevid.adapters.rows import fixed_rows
 from scopevid.adapters.tiny.model import TinyDiT, TinyDiTConfig
 from scopevid.errors import CheckpointError, ConfigError
 from scopevid.validation import Section, build, parse
@@ -111,9 +112,9 @@ class TinyAdapter(Adapter):
         if kind == Feature.TEMB:
             from scopevid.adapters.tiny.model import timestep_embedding
 
-            return m.time_mlp(timestep_embedding(sigma, self.cfg.dim))
+            return fixed_rows(m.time_mlp, timestep_embedding(sigma, self.cfg.dim))
         if kind == Feature.TEMB_MOD:
-            return m.blocks[0].ada(torch.nn.functional.silu(m.conditioning(sigma, cond.cond)))
+            return fixed_rows(lambda c: m.blocks[0].ada(torch.nn.functional.silu(c)), m.conditioning(sigma, cond.cond))
         if kind == Feature.EMBED:
             return m.patch_embed(m.patchify(x.to(self.dtype)))
         return super().named_feature(kind, x, sigma, cond, spec)

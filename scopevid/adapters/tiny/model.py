@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from scopevid.adapters.base import Attention, ForwardHooks, ForwardSpec, HookContext, local_attention
+from scopevid.adapters.rows import fixed_rows
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,8 @@ class Block(nn.Module):
         self.ada = nn.Linear(cfg.dim, 6 * cfg.dim)  # shift/scale/gate for attention and MLP, per frame
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """c [F, dim] -> six [F, 1, dim] tensors."""
-        return tuple(m[:, None, :] for m in self.ada(F.silu(c)).chunk(6, dim=-1))
+        """c [F, dim] -> six [F, 1, dim] tensors (per-frame rows in fixed blocks: rows.fixed_rows)."""
+        return tuple(m[:, None, :] for m in fixed_rows(lambda c: self.ada(F.silu(c)), c).chunk(6, dim=-1))
 
     def modulated_input(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The attention input norm(x) * (1 + scale) + shift: SCOPE's host feature at block 0."""
@@ -230,7 +231,7 @@ class TinyDiT(nn.Module):
         A per-frame prompt [F, dim] is accepted too (training packs several clips into one call).
         """
         p = prompt if prompt.dim() == 2 else prompt[None, :]
-        return self.time_mlp(timestep_embedding(sigma, self.cfg.dim).to(p.dtype)) + p
+        return fixed_rows(self.time_mlp, timestep_embedding(sigma, self.cfg.dim).to(p.dtype)) + p
 
     def host_feature(self, x: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """The timestep-modulated input of the first block, per frame: [F, T, dim]."""
@@ -265,7 +266,7 @@ class TinyDiT(nn.Module):
                 return h
 
             h = hooks.stack(hc, h, run_stack)
-        shift, scale = (m[:, None, :] for m in self.ada_out(F.silu(c)).chunk(2, dim=-1))
+        shift, scale = (m[:, None, :] for m in fixed_rows(lambda c: self.ada_out(F.silu(c)), c).chunk(2, dim=-1))
         return self.unpatchify(self.out(self.norm_out(h) * (1 + scale) + shift))
 
     def forward_branches(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[torch.Tensor],
@@ -280,7 +281,7 @@ class TinyDiT(nn.Module):
         rope = tuple(t.to(h.dtype) for t in rope_tables(pos, self.cfg.size // self.cfg.patch, self.cfg.head_dim, self.cfg.rope_theta))
         for i, blk in enumerate(self.blocks):
             h = blk(h, c, rope, i, specs[0], attention, specs)
-        shift, scale = (m[:, None, :] for m in self.ada_out(F.silu(c)).chunk(2, dim=-1))
+        shift, scale = (m[:, None, :] for m in fixed_rows(lambda c: self.ada_out(F.silu(c)), c).chunk(2, dim=-1))
         return list(self.unpatchify(self.out(self.norm_out(h) * (1 + scale) + shift)).chunk(b))
 
     def flops(self, frames: int, context: int = 0, blocks: int | None = None) -> float:
