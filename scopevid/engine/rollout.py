@@ -226,7 +226,7 @@ class Rollout:
         for it in self.plan.iterations():
             if it.serial < st.next_serial:
                 continue  # done before the checkpoint this rollout was restored from
-            self._safe_point(it)
+            safe_point(self.topo, it.serial)
             for o in self.observers:
                 o.before_iteration(it, st.next_emit)
             t0 = time.perf_counter()
@@ -243,20 +243,6 @@ class Rollout:
             # frames before the window and its context are final and already emitted (in order, above)
             st.evict_before(it.frames[0] if it.context_start is None else min(it.context_start, it.frames[0]))
             timings.loop += time.perf_counter() - t0
-
-    def _safe_point(self, it: Iteration) -> None:
-        """Where a noted SIGTERM / SIGINT stops the rollout (scopevid.interrupts): nothing is half done
-        here. With several ranks they agree first (one float64 sum), so they stop at the same iteration
-        and none waits in a collective for a peer that has left."""
-        name = interrupts.pending()
-        if self.topo.world == 1:
-            interrupts.check()
-            return
-        if self.topo.allreduce([1.0 if name else 0.0])[0] > 0:
-            interrupts.reset()
-            raise StopRequested(f"stopped by {name or 'a signal to another rank of the job'} before iteration "
-                                f"{it.serial} (rank {self.topo.rank} of {self.topo.world}); what was finished is kept; "
-                                "continue a --checkpoint run with --resume")
 
     def _iterate(self, it: Iteration) -> StepRecord:
         t0 = time.perf_counter()
@@ -310,7 +296,7 @@ class Rollout:
         return StepContext(serial=it.serial, index=it.index, window=it.window, num_steps=it.num_steps,
                            cache_ready=all(c >= 1 for c in counts), history=min(counts, default=0),
                            min_step=min(steps), max_step=max(steps), last=it.is_last_in_window(),
-                           chunks=self._chunk_states(it) if self.chunk is not None else ())
+                           chunks=chunk_states(it, self.chunk) if self.chunk is not None else ())
 
     def _act(self, it: Iteration, comp: list[int], active: list[int], levels: Levels, decision: Decision) -> Outcome:
         """Whole-velocity policies (SCOPE, Original): Cache reuses, Predict extrapolates (falling back
@@ -348,14 +334,7 @@ class Rollout:
             out = {f: hist.last(f) + scale * (out[f] - hist.last(f)) for f in active}
         return out
 
-    def _chunk_states(self, it: Iteration) -> tuple[ChunkState, ...]:
-        """Per chunk of the window: its furthest frame's step (0-based) and whether any frame advances."""
-        size, by_chunk = self.chunk, {}
-        for j, f in enumerate(it.frames):
-            c = by_chunk.setdefault(f // size, [it.progress[j], False])
-            c[0] = max(c[0], it.progress[j])
-            c[1] = c[1] or it.update[j]
-        return tuple(ChunkState(c, max(u - 1, 0), act) for c, (u, act) in sorted(by_chunk.items()))
+
 
 
 def decision_digest(records) -> str:
@@ -377,3 +356,28 @@ class DigestBuilder:
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()[:16]
+
+
+def safe_point(topo: Topology, serial: int) -> None:
+    """Where a noted SIGTERM / SIGINT stops the rollout (scopevid.interrupts): nothing is half done
+    here. With several ranks they agree first (one float64 sum), so they stop at the same iteration
+    and none waits in a collective for a peer that has left."""
+    name = interrupts.pending()
+    if topo.world == 1:
+        interrupts.check()
+        return
+    if topo.allreduce([1.0 if name else 0.0])[0] > 0:
+        interrupts.reset()
+        raise StopRequested(f"stopped by {name or 'a signal to another rank of the job'} before iteration "
+                            f"{serial} (rank {topo.rank} of {topo.world}); what was finished is kept; "
+                            "continue a --checkpoint run with --resume")
+
+
+def chunk_states(it: Iteration, size: int) -> tuple[ChunkState, ...]:
+    """Per chunk of the window: its furthest frame's step (0-based) and whether any frame advances."""
+    by_chunk = {}
+    for j, f in enumerate(it.frames):
+        c = by_chunk.setdefault(f // size, [it.progress[j], False])
+        c[0] = max(c[0], it.progress[j])
+        c[1] = c[1] or it.update[j]
+    return tuple(ChunkState(c, max(u - 1, 0), act) for c, (u, act) in sorted(by_chunk.items()))
