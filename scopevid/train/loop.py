@@ -253,14 +253,22 @@ class Trainer:
         loss = loss_fn(self.model, x0, tok, self.gen, cfg, self.attn)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.opt.step()
-        d = min(cfg.ema, (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
-                pe.lerp_(pm, 1 - d)
+        gnorm = optimizer_step(self.model, self.ema, self.opt, cfg.grad_clip, cfg.ema, self.step)
         self.step += 1
         dt = time.perf_counter() - t0
         self.wall += dt
         self.log.append({"step": self.step, "loss": loss.item(), "grad_norm": gnorm.item(), "lr": self.lr_at(self.step - 1), "seconds": dt, "wall": self.wall})
         return self.log[-1]["loss"]
+
+
+def optimizer_step(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer, grad_clip: float,
+                   ema_decay: float, step: int) -> torch.Tensor:
+    """Clip, step, then move the EMA weights towards the model's (decay warmed up over the first
+    steps); the gradient norm before clipping. Shared by every trainer in scopevid.train."""
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    d = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - d)
+    return gnorm

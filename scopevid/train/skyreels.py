@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from scopevid.train import world as W
+from scopevid.train.loop import optimizer_step
 
 SPECIALS = ["<pad>", "</s>", "<unk>"]
 WORLD = W.WorldConfig(size=64, sprite=16, speeds=(2, 3))
@@ -293,12 +294,7 @@ class DiTTrainer:
         loss = self.loss(self.model, x0, ctx)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.c.grad_clip)
-        self.opt.step()
-        d = min(self.c.ema, (1 + self.step) / (10 + self.step))
-        with torch.no_grad():
-            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
-                pe.lerp_(pm, 1 - d)
+        gn = optimizer_step(self.model, self.ema, self.opt, self.c.grad_clip, self.c.ema, self.step)
         self.step += 1
         dt = time.perf_counter() - t0
         self.wall += dt
