@@ -138,6 +138,18 @@ def test_calibrate_predict_family_never_caches_and_can_rank_by_latent_snr(tiny_c
     assert first[0]["x"] == first[1]["x"] and first[0]["psnr"] != first[1]["psnr"]  # the same run, scored two ways
 
 
+def test_calibrate_families_by_hand(tiny_config, tmp_path):
+    from scopevid import adapters, config
+    from scopevid.bench.calibrate import Calibrator
+
+    cfg = config.load(_config(tiny_config, tmp_path))
+    adapter = adapters.load(cfg.model, "cpu")
+    spec = {f: Calibrator(cfg, adapter, "scope-fast", 9, [0], tmp_path / f, family=f).spec(0.1, 3) for f in ("ray", "predict", "cache")}
+    assert (spec["ray"]["tau_c"], round(spec["ray"]["tau_p"], 6)) == (0.1, round(0.1 * 0.42 / 0.18, 6))
+    assert (spec["predict"]["tau_c"], spec["predict"]["tau_p"]) == (0.0, 0.1)
+    assert (spec["cache"]["tau_c"], spec["cache"]["tau_p"]) == (0.1, 0.1) and spec["cache"]["horizon"] == 3
+
+
 def test_calibrate_hits_psnr_target_on_a_held_out_seed(tiny_config, tmp_path, capsys):
     out = tmp_path / "cal"
     target = 62.0

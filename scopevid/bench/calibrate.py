@@ -2,8 +2,9 @@
 
 The paper names per-model threshold calibration as SCOPE's limitation; this removes the hand work.
 One scalar per H is searched. Family `ray`: thresholds move along the ray tau_p = ratio * tau_c of
-a base preset (the paper's pairs keep tau_p / tau_c ~ 2.2-2.5). Family `predict`: tau_c = 0 (no
-Cache) and tau_p is searched; on models whose per-step discrepancy is nearly constant Cache fires
+a base preset (the paper's pairs keep tau_p / tau_c ~ 2.2-2.5). Family `cache`: tau_p = tau_c (no
+Predict; where extrapolation across the solver's steps overshoots, as on the SkyReels-V2-layout
+checkpoint). Family `predict`: tau_c = 0 (no Cache) and tau_p is searched; on models whose per-step discrepancy is nearly constant Cache fires
 every other iteration as soon as tau_c passes it and costs most of the quality (`bench ablation`,
 docs/BENCHMARKS.md), so only Predict is left to trade. Either way: speed rises and quality falls with tau_c,
 and a bisection in log(tau_c) finds the boundary of the target for every candidate H. Targets are
@@ -29,7 +30,7 @@ from scopevid.engine.sinks import FrameStore
 from scopevid.errors import ConfigError
 
 
-FAMILIES = ("ray", "predict")
+FAMILIES = ("ray", "predict", "cache")
 
 
 @dataclass
@@ -111,6 +112,8 @@ class Calibrator:
     def spec(self, x: float, horizon: int) -> dict:
         if self.family == "predict":
             return {**self.base_spec, "tau_c": 0.0, "tau_p": round(x, 6), "horizon": int(horizon)}
+        if self.family == "cache":
+            return {**self.base_spec, "tau_c": round(x, 6), "tau_p": round(x, 6), "horizon": int(horizon)}
         return {**self.base_spec, "tau_c": round(x, 6), "tau_p": round(x * self.ratio, 6), "horizon": int(horizon)}
 
     def evaluate(self, x: float, horizon: int, seeds: list[int] | None = None) -> Evaluation:

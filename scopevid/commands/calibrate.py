@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", default="", help="seeds to check the pick on afterwards, e.g. 2")
     p.add_argument("--holdout-frames", default="", help="frame counts for the held-out check, e.g. 49,257 (default: --frames)")
     p.add_argument("--horizons", default="2,3,5,8", help="candidate H values (default 2,3,5,8)")
-    p.add_argument("--family", default="ray", choices=("ray", "predict"), help="ray: tau_p = ratio * tau_c of --base; predict: tau_c = 0 (no Cache), "
-                                                   "tau_p searched (default ray)")
+    p.add_argument("--family", default="ray", choices=("ray", "predict", "cache"),
+                   help="ray: tau_p = ratio * tau_c of --base; predict: tau_c = 0 (no Cache), tau_p searched; "
+                        "cache: tau_p = tau_c (no Predict) (default ray)")
     p.add_argument("--metric", default="psnr", choices=("psnr", "latent_snr"),
                    help="quality for --target-psnr: PSNR of the decoded frames (default) or the latents' SNR against "
                         "Original's (a checkpoint whose decoder keeps little of the latent)")
