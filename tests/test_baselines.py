@@ -343,3 +343,9 @@ def test_flowcache_last_step_kv_skips_the_clean_reforward(tiny_config, tmp_path)
     clean, last = run_once(cfg, ad, "clean").summary, run_once(cfg, ad, "last").summary
     assert last["frame_forwards"] < clean["frame_forwards"]  # no clean re-forward of finished frames
     assert last["decision_digest"] != clean["decision_digest"] or last["flops"] < clean["flops"]
+
+
+def test_scope_on_a_signal_the_model_lacks_is_refused():
+    spec = {"kind": "scope", "tau_c": 0.1, "tau_p": 0.2, "decay": 0.75, "horizon": 5, "feature": "temb"}
+    with pytest.raises(ConfigError, match="signal 'temb'.*plain.*offers host"):
+        reuse.for_policy(build(spec, "s"), _PlainAdapter(), _PLAN)

@@ -418,18 +418,18 @@ def for_policy(policy: Policy, adapter: Adapter, plan) -> Executor | None:
     """The executor a policy needs (None for whole-velocity policies: SCOPE, Original), after checking
     that the adapter declares the capabilities it relies on; a clear ConfigError otherwise."""
     caps = adapter.capabilities
-    if policy.needs_feature and policy.feature != Feature.HOST and policy.feature not in caps.features:
-        raise ConfigError(f"policy {policy.name}: needs the pre-forward signal {policy.feature.value!r}, which model "
-                          f"{adapter.name} does not offer (it offers host{''.join(', ' + f.value for f in sorted(caps.features))})")
-    if policy.reuse == Reuse.VELOCITY:
-        return None
-    ex = EXECUTORS[policy.reuse](policy, plan)
-    missing = sorted(p.value for p in ex.needs_points - caps.hook_points)
+    ex = None if policy.reuse == Reuse.VELOCITY else EXECUTORS[policy.reuse](policy, plan)
+    missing = sorted(p.value for p in ex.needs_points - caps.hook_points) if ex is not None else []
     if missing:
         raise ConfigError(
             f"policy {policy.name}: needs the model's forward hook point(s) {', '.join(missing)} "
             f"(adapters/base.py, ForwardHooks), which model {adapter.name} does not offer; use original or scope-* with it"
         )
+    if policy.needs_feature and policy.feature != Feature.HOST and policy.feature not in caps.features:
+        raise ConfigError(f"policy {policy.name}: needs the pre-forward signal {policy.feature.value!r}, which model "
+                          f"{adapter.name} does not offer (it offers host{''.join(', ' + f.value for f in sorted(caps.features))})")
+    if ex is None:
+        return None
     if policy.reuse == Reuse.CHUNKS and not caps.causal:
         raise ConfigError(
             f"policy {policy.name}: FlowCache skips chunks through a K/V cache of earlier chunks; model {adapter.name} "
