@@ -5,7 +5,7 @@
   levels, non-decreasing levels (the shape of the async schedule), one shared level (the
   chunk-causal schedule) and clean-prefix clips (a clean context followed by a noisy chunk).
 - Levels are drawn logit-normal with a positive mean: high noise, where the layout is decided, is
-  weighted more (shared/notes/training.md).
+  weighted more (docs/MODEL_CARD.md).
 - The forward is TinyDiT.forward with a frame-level block-causal ForwardSpec and
   adapters.base.local_attention: the code path of inference. Several clips are packed into one
   call: frames of clip b carry absolute indices offset_b + f (random offsets: RoPE positions),

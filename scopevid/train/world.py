@@ -1,6 +1,6 @@
 """A deterministic synthetic video world for the bundled tiny model.
 
-Kept deliberately simple (see shared/notes/training.md: two richer worlds did not train on this CPU
+Kept deliberately simple (two richer worlds did not train on this CPU
 in the time we had): ONE square sprite of one of a few saturated colours, over a fixed dark
 background, moving along one axis at a constant integer speed and bouncing off the walls. Positions
 are integer pixels, so frames are crisp (no anti-aliasing) and a detector can check them exactly.
