@@ -54,11 +54,19 @@ def _readable(out: Path) -> tuple[int, int]:
     return rows, frames
 
 
-@pytest.mark.parametrize("size", ["150k", "300k", "600k"])  # 150k: full before ffmpeg wrote a fragment
-def test_full_disk_is_one_line_keeps_output_and_resumes_byte_identical(tmp_path, small_disk, size):
-    cfg = write_tiny_config(tmp_path, frames=FRAMES, policy="scope-fast")
-    ref = _generate(cfg, tmp_path / "ref", "--checkpoint")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted --checkpoint run that every disk size's resumed video must equal."""
+    tmp = tmp_path_factory.mktemp("full_disk_ref")
+    cfg = write_tiny_config(tmp, frames=FRAMES, policy="scope-fast")
+    ref = _generate(cfg, tmp / "ref", "--checkpoint")
     assert ref.returncode == 0, ref.stderr[-2000:]
+    return cfg, tmp / "ref"
+
+
+@pytest.mark.parametrize("size", ["150k", "300k", "600k"])  # 150k: full before ffmpeg wrote a fragment
+def test_full_disk_is_one_line_keeps_output_and_resumes_byte_identical(reference, small_disk, size):
+    cfg, ref = reference
     _mount(small_disk, size)
     out = small_disk / "run"
     r = _generate(cfg, out, "--checkpoint")
@@ -72,8 +80,8 @@ def test_full_disk_is_one_line_keeps_output_and_resumes_byte_identical(tmp_path,
     _remount(small_disk, "size=64M")
     r = _generate(cfg, out, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (out / "video.mp4").read_bytes() == (tmp_path / "ref" / "video.mp4").read_bytes()
-    assert _readable(out) == _readable(tmp_path / "ref")
+    assert (out / "video.mp4").read_bytes() == (ref / "video.mp4").read_bytes()
+    assert _readable(out) == _readable(ref)
 
 
 def test_full_disk_without_checkpoint_keeps_a_readable_log_and_video(tmp_path, small_disk):
