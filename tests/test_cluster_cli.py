@@ -110,3 +110,101 @@ def test_cfg_mesh_from_the_command_line_equals_one_process(tiny_config, tmp_path
     for p, err in zip(procs, errs):
         assert p.returncode == 2 and err.strip().splitlines()[-1].startswith(
             "scopevid generate: error: parallel: dp*cfg*ring*ulysses = 1*2*1*2 does not make the job's 2 rank(s)"), err
+
+
+def _ranks(cfg_path, out, *extra, world: int = 2, ranks=None):
+    """`scopevid generate` as torchrun-style ranks (RANK/WORLD_SIZE/MASTER_* as torchrun sets them) of
+    one group; `ranks`: which of them to start (default all)."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "scopevid", "generate", "--config", str(cfg_path), "--out", str(out),
+                              "--no-progress", *extra], env=rank_env(rank, world, port, threads=1, dist_timeout_s=60),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank in (range(world) if ranks is None else ranks)]
+
+
+def _kill(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_and_resume_under_torchrun_finish_the_one_process_video(tiny_config, tmp_path):
+    """Issue 21: `--checkpoint` / `--resume` under torchrun did nothing (the ranks got no checkpointer;
+    resume then said "not empty"). Two ranks of a cfg=2 mesh stopped by SIGTERM after their first
+    checkpoint (what torchrun forwards to its workers on scancel) say so in one line, and `--resume`
+    on the same two ranks finishes the 1-process video byte for byte."""
+    import signal
+    import time
+
+    cfg_path = tiny_config(policy="scope-fast", frames=257)
+    out = tmp_path / "two"
+    procs = _ranks(cfg_path, out, "--parallel", "cfg=2", "--checkpoint")
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint" / "LATEST").is_file():
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, [p.communicate() for p in procs]
+            time.sleep(0.02)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=60)[1] for p in procs]
+    finally:
+        _kill(procs)
+    assert [p.returncode for p in procs] == [1, 1], errs
+    for err in errs:
+        assert "Traceback" not in err and "stopped by SIGTERM" in err.strip().splitlines()[-1], err[-2000:]
+    assert not (out / "summary.json").exists()
+    procs = _ranks(cfg_path, out, "--parallel", "cfg=2", "--resume")
+    try:
+        errs = [p.communicate(timeout=200)[1] for p in procs]
+    finally:
+        _kill(procs)
+    assert [p.returncode for p in procs] == [0, 0], errs
+    one = runner.generate(config_lib.load(cfg_path), tmp_path / "one", progress=False)
+    two = json.loads((out / "summary.json").read_text())
+    assert two["decision_digest"] == one["decision_digest"] and two["frames"] == 257
+    assert (out / "video.mp4").read_bytes() == (tmp_path / "one" / "video.mp4").read_bytes()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_rank_waiting_for_a_missing_peer_stops_at_once_on_a_signal(tiny_config, tmp_path, signame):
+    """Issue 21: a rank blocked in the rendezvous (its peer never came) ignored SIGTERM and SIGINT until
+    SIGKILL. Now it leaves within seconds, exit 1, one line that says where it was waiting."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    (p,) = _ranks(tiny_config(frames=8), out, ranks=[0])
+    try:
+        log = out / "logs" / "rank-0000.log"
+        deadline = time.monotonic() + 60
+        while not (log.is_file() and "joining the process group" in log.read_text()):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        time.sleep(1.0)  # inside init_process_group, waiting for rank 1
+        t0 = time.monotonic()
+        p.send_signal(getattr(signal, signame))
+        _, err = p.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        _kill([p])
+    lines = err.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert f"stopped by {signame}" in lines[0] and "waiting at the rendezvous" in lines[0], lines[0]
+    assert took < 5, took
+
+
+def test_batch_under_torchrun_is_refused_in_one_line(tiny_config, tmp_path):
+    """Issue 21: `torchrun -m scopevid batch` let every rank run the whole batch. A rank of a torchrun
+    group is refused before any work, naming the driver that runs batches on many ranks."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "red square moving right"}\n')
+    r = subprocess.run([sys.executable, "-m", "scopevid", "batch", "--config", str(tiny_config(frames=8)), "--prompts",
+                        str(prompts), "--out", str(tmp_path / "b")], env=rank_env(1, 2, free_port(), threads=1), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "runs on one process (this is rank 1 of 2)" in lines[0] and "scopevid.cluster.driver" in lines[0], lines[0]
+    assert not (tmp_path / "b").exists()

@@ -184,3 +184,45 @@ def test_job_json_says_how_a_job_ended(ray_head, tmp_path):
     assert p.returncode == 1 and line.startswith("scopevid driver: stopped: stopped by SIGTERM; Kept in "), err[-3000:]
     j = job(out)
     assert (j["status"], j["error"]) == ("stopped", None) and j["stopped"] == line.split("stopped: ", 1)[1]
+
+
+def test_a_ray_already_running_without_address_gets_a_private_one_and_a_line(tmp_path):
+    """Issue 21: with a Ray head running on this machine (Ray's own record of it where Ray looks,
+    RAY_TMPDIR/ray/ray_current_cluster) and no --address, `scopevid bench scaling` and the driver used
+    to end in a traceback (`ray.init()` joins it and refuses num_cpus). Now each starts a private Ray,
+    finishes, and says in one line where the running one is and how to use it; the head is untouched."""
+    import shutil
+    import tempfile
+
+    from scopevid.cluster.raycluster import LocalHead
+
+    base = tempfile.mkdtemp(prefix="svrun", dir="/tmp")  # short: Ray's unix sockets live under it
+    env = {**ray_env(), "RAY_TMPDIR": base}  # Ray's default layout under RAY_TMPDIR: base/ray
+    head = LocalHead(Path(base) / "ray", num_cpus=2, env=env)
+    try:
+        head.start()
+        record, deadline = Path(base) / "ray" / "ray_current_cluster", time.monotonic() + 30
+        while not record.is_file():  # `ray start` writes it after the head answers
+            assert time.monotonic() < deadline, "ray start wrote no ray_current_cluster"
+            time.sleep(0.1)
+        assert record.read_text().strip() == head.address
+        cfg = write_tiny_config(tmp_path, frames=9)
+        hint = f"a Ray cluster is already running on this machine at {head.address}"
+        r = subprocess.run([sys.executable, "-m", "scopevid", "bench", "scaling", "--config", str(cfg), "--frames", "9",
+                            "--meshes", "cfg=2", "--videos", "1", "--out", str(tmp_path / "scaling")],
+                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=200)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (r.stdout + r.stderr)[-4000:]
+        assert f"{hint}; this job starts a private one (pass --address {head.address} " in r.stderr, r.stderr[-2000:]
+        assert len(pq.read_table(tmp_path / "scaling" / "scaling.parquet")) == 2
+        d = subprocess.run([sys.executable, "-m", "scopevid.cluster.driver", "--config", str(cfg), "--world-size", "2",
+                            "--out", str(tmp_path / "job")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=200)
+        assert d.returncode == 0 and "Traceback" not in d.stdout + d.stderr, (d.stdout + d.stderr)[-4000:]
+        assert f"[scopevid driver] {hint}" in d.stdout
+        assert json.loads((tmp_path / "job" / "job.json").read_text())["status"] == "complete"
+        assert count_video_frames(tmp_path / "job" / "video.mp4") == 9
+        alive = subprocess.run([str(BIN / "ray"), "status", "--address", head.address], env=env, capture_output=True,
+                               text=True, timeout=60)
+        assert alive.returncode == 0, alive.stderr[-2000:]  # the running cluster was not joined, not stopped
+    finally:
+        head.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -114,7 +115,8 @@ def main(args: argparse.Namespace) -> int:
     reqs = [VideoRequest(index=k, prompt=cfg0.prompt, seed=cfg0.seed + k, name=f"seed{cfg0.seed + k}")
             for k in range(videos)]
     out = prepare_out_dir(args.out, args.overwrite)
-    started = rayjob.connect(args.address, cpus=max(m.world for m in meshes) * args.cpus_per_rank)
+    started = rayjob.connect(args.address, cpus=max(m.world for m in meshes) * args.cpus_per_rank,
+                             say=lambda m: print(f"scopevid bench scaling: {m}", file=sys.stderr, flush=True))
     rows = []
     try:
         for policy in policies:
