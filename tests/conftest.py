@@ -82,6 +82,14 @@ def assert_two_ranks_match_one(ref: dict, r0: dict, r1: dict, tol: float = 1e-4)
     assert r0["modes"] == ref["modes"] and r0["digest"] == ref["digest"]
 
 
+def kill_all(procs) -> None:
+    """SIGKILL and reap every process of `procs` still running (a test never leaves one behind)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 # --- a real local Ray cluster -----------------------------------------------------------------------
 def ray_env() -> dict:
     """The environment of Ray test clusters and the processes that use them: everything on 127.0.0.1

@@ -11,7 +11,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, kill_all
 from scopevid import config as config_lib
 from scopevid.cluster.groups import free_port
 from scopevid.cluster.launch import rank_env
@@ -81,17 +81,11 @@ def test_nan_on_two_ranks_is_one_line_on_each(tiny_config, tmp_path):
 def _two_ranks(cfg_path, out, extra: list[list[str]]):
     """`scopevid generate` as ranks 0 and 1 of a torchrun-style group (each with its own extra args);
     returns the processes and their stderr, killing any still running."""
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "scopevid", "generate", "--config", str(cfg_path), "--out", str(out),
-                               "--no-progress", *args], env=rank_env(rank, 2, port, threads=1, dist_timeout_s=60),
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank, args in enumerate(extra)]
+    procs = _ranks(cfg_path, out, per_rank=extra)
     try:
         return procs, [p.communicate(timeout=100)[1] for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        kill_all(procs)
 
 
 @pytest.mark.timeout(200)
@@ -112,21 +106,16 @@ def test_cfg_mesh_from_the_command_line_equals_one_process(tiny_config, tmp_path
             "scopevid generate: error: parallel: dp*cfg*ring*ulysses = 1*2*1*2 does not make the job's 2 rank(s)"), err
 
 
-def _ranks(cfg_path, out, *extra, world: int = 2, ranks=None):
+def _ranks(cfg_path, out, *extra, world: int = 2, ranks=None, per_rank: list[list[str]] | None = None):
     """`scopevid generate` as torchrun-style ranks (RANK/WORLD_SIZE/MASTER_* as torchrun sets them) of
-    one group; `ranks`: which of them to start (default all)."""
+    one group; `ranks`: which of them to start (default all); `per_rank`: each rank's own extra args."""
     port = free_port()
+    ranks = list(range(world) if ranks is None else ranks)
+    per_rank = per_rank or [[]] * len(ranks)
     return [subprocess.Popen([sys.executable, "-m", "scopevid", "generate", "--config", str(cfg_path), "--out", str(out),
-                              "--no-progress", *extra], env=rank_env(rank, world, port, threads=1, dist_timeout_s=60),
+                              "--no-progress", *extra, *own], env=rank_env(rank, world, port, threads=1, dist_timeout_s=60),
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for rank in (range(world) if ranks is None else ranks)]
-
-
-def _kill(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+            for rank, own in zip(ranks, per_rank, strict=True)]
 
 
 @pytest.mark.timeout(300)
@@ -150,7 +139,7 @@ def test_checkpoint_and_resume_under_torchrun_finish_the_one_process_video(tiny_
             p.send_signal(signal.SIGTERM)
         errs = [p.communicate(timeout=60)[1] for p in procs]
     finally:
-        _kill(procs)
+        kill_all(procs)
     assert [p.returncode for p in procs] == [1, 1], errs
     for err in errs:
         assert "Traceback" not in err and "stopped by SIGTERM" in err.strip().splitlines()[-1], err[-2000:]
@@ -159,7 +148,7 @@ def test_checkpoint_and_resume_under_torchrun_finish_the_one_process_video(tiny_
     try:
         errs = [p.communicate(timeout=200)[1] for p in procs]
     finally:
-        _kill(procs)
+        kill_all(procs)
     assert [p.returncode for p in procs] == [0, 0], errs
     one = runner.generate(config_lib.load(cfg_path), tmp_path / "one", progress=False)
     two = json.loads((out / "summary.json").read_text())
@@ -189,7 +178,7 @@ def test_a_rank_waiting_for_a_missing_peer_stops_at_once_on_a_signal(tiny_config
         _, err = p.communicate(timeout=30)
         took = time.monotonic() - t0
     finally:
-        _kill([p])
+        kill_all([p])
     lines = err.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert f"stopped by {signame}" in lines[0] and "waiting at the rendezvous" in lines[0], lines[0]

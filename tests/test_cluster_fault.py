@@ -17,7 +17,7 @@ import imageio.v2 as imageio
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, write_tiny_config
+from conftest import ROOT, kill_all, write_tiny_config
 from scopevid.cluster.groups import free_port
 from scopevid.cluster.launch import rank_env
 
@@ -52,13 +52,6 @@ def _wait_for(path, procs, limit: float = 120.0) -> None:
         time.sleep(0.01)
 
 
-def _cleanup(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("how", ["kill", "stall"])
 def test_dead_or_stalled_rank_ends_the_job_cleanly(tmp_path, how):
@@ -79,7 +72,7 @@ def test_dead_or_stalled_rank_ends_the_job_cleanly(tmp_path, how):
             pytest.fail(f"survivor still running {timeout_s + 60:.0f} s after the peer was {how}ed")
         took = time.monotonic() - t_fault
     finally:
-        _cleanup(procs)  # SIGKILL also ends a stopped process
+        kill_all(procs)  # SIGKILL also ends a stopped process
 
     assert survivor.returncode != 0
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
